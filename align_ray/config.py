@@ -1,0 +1,66 @@
+"""One typed config per stage, shared by Python, YAML (``--config``) and CLI flags.
+
+Precedence: dataclass defaults < YAML file < explicitly given CLI flags.  Unknown YAML keys are
+an error (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Best-effort conversion of YAML scalars/lists to the annotated field type."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if value is None:
+        return None
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0]) if len(inner) == 1 else value
+    if origin in (list, tuple):
+        seq = value if isinstance(value, (list, tuple)) else [value]
+        item = args[0] if args else Any
+        out = [_coerce(v, item) for v in seq]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        return dict(value)
+    if tp in (int, float, str) and not isinstance(value, bool):
+        return tp(value)
+    if tp is bool and isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], *, source: str = "config") -> T:
+    """Build ``cls`` from a mapping, rejecting unknown keys with a clear message."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+    return cls(**{k: _coerce(v, hints[k]) for k, v in data.items()})
+
+
+def load(cls: type[T], yaml_path: str | None = None, **overrides: Any) -> T:
+    """Defaults < YAML < overrides (overrides whose value is None are ignored)."""
+    data: dict[str, Any] = {}
+    if yaml_path:
+        text = Path(yaml_path).read_text()
+        loaded = yaml.safe_load(text) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{yaml_path}: expected a mapping of option: value")
+        data.update(loaded)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return from_dict(cls, data, source=yaml_path or "config")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

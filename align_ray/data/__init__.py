@@ -1,0 +1,1 @@
+"""Stage 1: URL lists -> downloaded, resized, hashed image/alt-text samples (Ray Data)."""

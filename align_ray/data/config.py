@@ -1,0 +1,61 @@
+"""DataConfig: every knob of the download stage (``align-ray data``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+RESIZE_MODES = ("center_crop", "keep_ratio", "keep_ratio_largest", "border", "no")
+
+
+@dataclass
+class DataConfig:
+    input: str = ""
+    output: str = ""
+    # input columns (img2dataset's defaults); extra_cols are carried through to the output
+    url_col: str = "url"
+    text_col: str = "caption"
+    extra_cols: list[str] = field(default_factory=list)
+    # image processing
+    image_size: int = 256
+    resize_mode: str = "center_crop"
+    resize_only_if_bigger: bool = False
+    border_color: list[int] = field(default_factory=lambda: [255, 255, 255])
+    jpeg_quality: int = 95
+    max_pixels: int = 89_478_485          # Pillow's MAX_IMAGE_PIXELS; checked from the header
+    # output
+    shard_size: int = 1000                # rows of input per shard (the unit of work and resume)
+    write_parquet: bool = True
+    write_webdataset: bool = True
+    # distribution
+    processes: int = 0                    # download actors; 0 = one per CPU of the cluster
+    threads: int = 64                     # in-flight downloads per actor
+    decode_threads: int = 2               # decode/resize threads per actor (cv2 releases the GIL)
+    shards_per_actor: int = 2             # shards an actor works on at once (hides stragglers)
+    # network
+    timeout_connect: float = 5.0
+    timeout_read: float = 10.0            # between two reads, and before the headers
+    timeout_total: float = 20.0           # whole URL (all redirect hops, headers and body)
+    max_bytes: int = 20 * 1024 * 1024     # body cap, after Content-Encoding is undone
+    retries: int = 2                      # extra attempts, only for retryable failures
+    retry_backoff: float = 0.5            # seconds, doubled each attempt
+    max_retry_after: float = 10.0         # longest Retry-After honoured; beyond it, give up
+    max_redirects: int = 5
+    user_agent: str = "align-ray/0.1 (+https://github.com/align-ray/align-ray; ALIGN dataset builder)"
+    robots_disallow: list[str] = field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
+    verify_tls: bool = True
+    # SSRF guard
+    allow_cidr: list[str] = field(default_factory=list)
+    allow_private_network: bool = False
+    resolve: dict[str, str] = field(default_factory=dict)  # host -> IP, like `curl --resolve`
+    # run control
+    retry_failed: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if self.image_size <= 0 or self.shard_size <= 0 or self.threads <= 0:
+            raise ValueError("image_size, shard_size and threads must be positive")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError("jpeg_quality must be in 1..100")

@@ -1,0 +1,145 @@
+"""Input URL lists -> a keyed manifest the download shards read from.
+
+Inputs: parquet, csv, tsv or jsonl (optionally compressed: .gz/.bz2/.zst), given as a file, a
+folder or a glob, local or ``s3://``.  Files are taken in sorted order; row ``r`` of file ``f``
+gets the key ``f"{f:05d}{r:09d}"``, so a rerun over the same input produces the same keys.
+
+Each input file is copied once (one Ray task per file) into ``_manifest/FFFFF.parquet`` holding
+only key, url, text and the extra columns, in row groups of ``shard_size`` rows: row group ``g``
+of file ``f`` is shard ``FFFFF_GGGGG``.  Shards then read their rows in O(shard) from any node.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.json as pjson
+import pyarrow.parquet as pq
+
+from align_ray import storage
+from align_ray.data.config import DataConfig
+from align_ray.data.errors import InputError
+from align_ray.data.writer import Layout
+
+_COMPRESSED = (".gz", ".bz2", ".zst", ".lz4")
+_FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl",
+            ".json": "jsonl", ".ndjson": "jsonl"}
+
+
+def input_format(path: str) -> str:
+    name = path.lower()
+    for ext in _COMPRESSED:
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+    fmt = _FORMATS.get(posixpath.splitext(name)[1])
+    if fmt is None:
+        raise InputError(f"{path}: unknown input format; expected one of "
+                         f"{sorted(_FORMATS)} (optionally {'/'.join(_COMPRESSED)})")
+    return fmt
+
+
+def list_inputs(uri: str) -> list[str]:
+    fs, path = storage.filesystem(uri)
+    files = storage.list_files(fs, path)
+    if not files:
+        raise InputError(f"no input files found at {uri!r}")
+    for f in files:
+        input_format(f)
+    return files
+
+
+def _read_table(uri_of_fs: str, path: str) -> pa.Table:
+    fs, _ = storage.filesystem(uri_of_fs)
+    fmt = input_format(path)
+    try:
+        if fmt == "parquet":
+            return pq.read_table(path, filesystem=fs)
+        with fs.open_input_stream(path, compression="detect") as f:
+            raw = f.read()
+        if not raw.strip():
+            raise InputError(f"{path}: the file is empty")
+        raw.decode("utf-8")  # a clear error instead of pyarrow's per-column message
+        if fmt == "jsonl":
+            return pjson.read_json(io.BytesIO(raw))
+        parse = pcsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",",
+                                  quote_char=False if fmt == "tsv" else '"')
+        return pcsv.read_csv(io.BytesIO(raw), parse_options=parse,
+                             convert_options=pcsv.ConvertOptions(strings_can_be_null=True))
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not valid UTF-8 text (byte {e.start}: {e.reason}); "
+                         "re-encode the file as UTF-8") from None
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+        raise InputError(f"{path}: cannot read as {fmt}: {e}") from None
+
+
+def _as_strings(table: pa.Table, col: str, path: str) -> pa.Array:
+    arr = table.column(col)
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        return arr.cast(pa.string())
+    if pa.types.is_null(arr.type):
+        return pa.nulls(len(arr), pa.string())
+    try:
+        return arr.cast(pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise InputError(f"{path}: column {col!r} must hold text, got {arr.type}: {e}") from None
+
+
+def build_manifest(input_uri: str, path: str, file_idx: int, cfg: DataConfig,
+                   out_path: str) -> dict:
+    """Read one input file, validate it, write its keyed manifest; returns its plan entry."""
+    table = _read_table(input_uri, path)
+    cols = table.column_names
+    for col, flag in [(cfg.url_col, "--url-col"), (cfg.text_col, "--text-col")] + [
+            (c, "extra_cols") for c in cfg.extra_cols]:
+        if col not in cols:
+            raise InputError(f"{path}: no column {col!r} (columns: {', '.join(cols) or 'none'});"
+                             f" name the right one with {flag}")
+    if table.num_rows == 0:
+        raise InputError(f"{path}: the file has a header but no rows")
+    keys = pa.array([f"{file_idx:05d}{r:09d}" for r in range(table.num_rows)], pa.string())
+    manifest = pa.table({"key": keys, "url": _as_strings(table, cfg.url_col, path),
+                         "text": _as_strings(table, cfg.text_col, path),
+                         **{c: table.column(c) for c in cfg.extra_cols}})
+    fs, _ = storage.filesystem(cfg.output)
+    sink = io.BytesIO()
+    pq.write_table(manifest, sink, row_group_size=cfg.shard_size)
+    storage.write_bytes(fs, out_path, sink.getvalue())
+    shards = -(-table.num_rows // cfg.shard_size)
+    return {"path": path, "rows": table.num_rows, "shards": shards}
+
+
+def plan_key(cfg: DataConfig, files: list[str]) -> dict:
+    """What a manifest depends on; a rerun must match it to resume."""
+    return {"inputs": files, "url_col": cfg.url_col, "text_col": cfg.text_col,
+            "extra_cols": list(cfg.extra_cols), "shard_size": cfg.shard_size}
+
+
+def load_plan(layout: Layout) -> dict | None:
+    path = layout.path("_manifest", "plan.json")
+    if not storage.exists(layout.fs, path):
+        return None
+    return json.loads(storage.read_bytes(layout.fs, path))
+
+
+def save_plan(layout: Layout, plan: dict) -> None:
+    storage.write_bytes(layout.fs, layout.path("_manifest", "plan.json"),
+                        json.dumps(plan, indent=1).encode())
+
+
+def manifest_path(layout: Layout, file_idx: int) -> str:
+    return layout.path("_manifest", f"{file_idx:05d}.parquet")
+
+
+def shard_ids(plan: dict) -> list[tuple[str, int, int]]:
+    """(shard id, file index, row group) for every shard of the plan."""
+    return [(f"{i:05d}_{g:05d}", i, g)
+            for i, entry in enumerate(plan["files"]) for g in range(entry["shards"])]
+
+
+def read_shard_rows(layout: Layout, file_idx: int, row_group: int) -> pa.Table:
+    with layout.fs.open_input_file(manifest_path(layout, file_idx)) as f:
+        return pq.ParquetFile(f).read_row_group(row_group)

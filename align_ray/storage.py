@@ -1,0 +1,88 @@
+"""Local paths and ``s3://`` URIs behind one pyarrow filesystem API.
+
+S3 endpoints other than AWS (MinIO, SeaweedFS, moto...) come from ``AWS_ENDPOINT_URL_S3`` or
+``AWS_ENDPOINT_URL``; credentials and region from the usual AWS environment/config chain.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import posixpath
+import uuid
+
+import pyarrow.fs as pafs
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path-within-it) for a local path or ``s3://bucket/key`` URI."""
+    if uri.startswith("s3://"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        kwargs: dict = {}
+        if endpoint:
+            scheme, _, rest = endpoint.partition("://")
+            kwargs.update(endpoint_override=rest or scheme, scheme=scheme if rest else "https")
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            kwargs["region"] = region
+        return pafs.S3FileSystem(**kwargs), uri[len("s3://"):].rstrip("/")
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def is_local(fs: pafs.FileSystem) -> bool:
+    return isinstance(fs, pafs.LocalFileSystem)
+
+
+def join(*parts: str) -> str:
+    return posixpath.join(*parts)
+
+
+def exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def list_files(fs: pafs.FileSystem, path: str) -> list[str]:
+    """Files of a folder (recursive), a glob pattern, or the single file ``path``; sorted."""
+    if any(c in path for c in "*?["):
+        base = path
+        while any(c in base for c in "*?["):
+            base = posixpath.dirname(base)
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        return sorted(i.path for i in infos
+                      if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path))
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return [path]
+    if info.type == pafs.FileType.Directory:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        return sorted(i.path for i in infos if i.type == pafs.FileType.File
+                      and not posixpath.basename(i.path).startswith((".", "_")))
+    return []
+
+
+def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write a whole file so that readers never see half of it (tmp + rename on local disks;
+    object stores publish a PUT atomically)."""
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    if is_local(fs):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, path)
+    else:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+
+def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def delete_quietly(fs: pafs.FileSystem, path: str) -> bool:
+    """Delete a file that may already be gone; returns whether it existed."""
+    try:
+        fs.delete_file(path)
+        return True
+    except FileNotFoundError:
+        return False
