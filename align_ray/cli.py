@@ -51,7 +51,7 @@ def _run_data(args: argparse.Namespace) -> int:
         cfg = config_lib.load(DataConfig, args.config, **fields)
         if not cfg.input or not cfg.output:
             raise ValueError("--input and --output are required (flags or config)")
-        pipeline.reader.list_inputs(cfg.input)  # fail fast, before starting Ray
+        pipeline.reader.validate_first(cfg)  # fail fast, before starting Ray
         ray_env.init(args.ray_address)
         stats = pipeline.run(cfg)
     except (InputError, ValueError, FileNotFoundError) as e:

@@ -52,14 +52,16 @@ def list_inputs(uri: str) -> list[str]:
     return files
 
 
-def _read_table(uri_of_fs: str, path: str) -> pa.Table:
+def _read_table(uri_of_fs: str, path: str, head_only: bool = False) -> pa.Table:
     fs, _ = storage.filesystem(uri_of_fs)
     fmt = input_format(path)
     try:
         if fmt == "parquet":
             return pq.read_table(path, filesystem=fs)
         with fs.open_input_stream(path, compression="detect") as f:
-            raw = f.read()
+            raw = f.read(1 << 16) if head_only else f.read()
+        if head_only and len(raw) == 1 << 16:  # keep whole lines only
+            raw = raw[: raw.rfind(b"\n") + 1] or raw
         if not raw.strip():
             raise InputError(f"{path}: the file is empty")
         raw.decode("utf-8")  # a clear error instead of pyarrow's per-column message
@@ -74,6 +76,29 @@ def _read_table(uri_of_fs: str, path: str) -> pa.Table:
                          "re-encode the file as UTF-8") from None
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
         raise InputError(f"{path}: cannot read as {fmt}: {e}") from None
+
+
+def check_columns(cols: list[str], cfg: DataConfig, path: str) -> None:
+    for col, flag in [(cfg.url_col, "--url-col"), (cfg.text_col, "--text-col")] + [
+            (c, "extra_cols") for c in cfg.extra_cols]:
+        if col not in cols:
+            raise InputError(f"{path}: no column {col!r} (columns: {', '.join(cols) or 'none'});"
+                             f" name the right one with {flag}")
+
+
+def validate_first(cfg: DataConfig) -> list[str]:
+    """Cheap check on the driver before Ray starts: inputs exist, the first file's columns.
+    (Every file is fully validated again by its manifest task.)"""
+    files = list_inputs(cfg.input)
+    fs, _ = storage.filesystem(cfg.input)
+    path = files[0]
+    if input_format(path) == "parquet":
+        with fs.open_input_file(path) as f:
+            cols = pq.ParquetFile(f).schema_arrow.names
+    else:
+        cols = _read_table(cfg.input, path, head_only=True).column_names
+    check_columns(cols, cfg, path)
+    return files
 
 
 def _as_strings(table: pa.Table, col: str, path: str) -> pa.Array:
@@ -92,12 +117,7 @@ def build_manifest(input_uri: str, path: str, file_idx: int, cfg: DataConfig,
                    out_path: str) -> dict:
     """Read one input file, validate it, write its keyed manifest; returns its plan entry."""
     table = _read_table(input_uri, path)
-    cols = table.column_names
-    for col, flag in [(cfg.url_col, "--url-col"), (cfg.text_col, "--text-col")] + [
-            (c, "extra_cols") for c in cfg.extra_cols]:
-        if col not in cols:
-            raise InputError(f"{path}: no column {col!r} (columns: {', '.join(cols) or 'none'});"
-                             f" name the right one with {flag}")
+    check_columns(table.column_names, cfg, path)
     if table.num_rows == 0:
         raise InputError(f"{path}: the file has a header but no rows")
     keys = pa.array([f"{file_idx:05d}{r:09d}" for r in range(table.num_rows)], pa.string())
