@@ -56,8 +56,10 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def web():
     """The built-in noisy web on 127.0.0.1 (a real threaded HTTP server)."""
+    from align_ray.web.faults import png_bomb_bytes
     from align_ray.web.server import NoisyWeb
 
+    png_bomb_bytes()  # built once (~2.5 s) up front, so its first request is not a slow one
     with NoisyWeb(seed=0) as server:
         yield server
 

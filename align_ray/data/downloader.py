@@ -73,10 +73,8 @@ class ShardDownloader:
         dropped = Counter(result.dropped["reason"])
         if info is None:
             info = {"shard": shard, "input_rows": rows.num_rows, "output_rows": 0, "parts": []}
-        else:  # retry pass: recovered rows move from the old dropped file to the new parts
+        else:  # retry pass: the new dropped file (carried + still failing rows) replaces the old
             old_dropped = info["dropped_file"]
-            kept = {k: v for k, v in info["dropped"].items() if k not in RETRYABLE}
-            dropped = Counter(kept) + dropped
             info["retry_round"] = info.get("retry_round", 0) + 1
         info.update(output_rows=info["output_rows"] + len(result.samples["key"]),
                     parts=info["parts"] + parts, dropped=dict(dropped),

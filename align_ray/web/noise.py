@@ -61,7 +61,8 @@ _TRANSLATIONS: dict[str, dict[str, Any]] = {
                    "orange": "orange", "pink": "rose", "white": "blanc", "black": "noir"},
         "positions": {"left": "à gauche", "right": "à droite", "top": "en haut", "bottom": "en bas",
                       "center": "au centre"},
-        "templates": ("{n} {shape} de couleur {color} sur fond {bg}", "photo de {n} {shape} de couleur {color} {where}"),
+        "templates": ("{n} {shape} de couleur {color} sur fond {bg}",
+                      "photo de {n} {shape} de couleur {color} {where}"),
     },
     "es": {
         "shapes": {"circle": ("círculo", "círculos"), "square": ("cuadrado", "cuadrados"),
@@ -72,7 +73,8 @@ _TRANSLATIONS: dict[str, dict[str, Any]] = {
                    "orange": "naranja", "pink": "rosa", "white": "blanco", "black": "negro"},
         "positions": {"left": "a la izquierda", "right": "a la derecha", "top": "arriba", "bottom": "abajo",
                       "center": "en el centro"},
-        "templates": ("{n} {shape} de color {color} sobre fondo {bg}", "foto de {n} {shape} de color {color} {where}"),
+        "templates": ("{n} {shape} de color {color} sobre fondo {bg}",
+                      "foto de {n} {shape} de color {color} {where}"),
     },
     "ja": {
         "shapes": {"circle": ("円", "円"), "square": ("四角形", "四角形"), "triangle": ("三角形", "三角形"),

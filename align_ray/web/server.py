@@ -14,7 +14,6 @@ stops promptly even while fault handlers are dripping bytes into open connection
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import random
@@ -24,107 +23,23 @@ import socket
 import socketserver
 import sys
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from PIL import Image
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
 
 from align_ray.web.faults import FAULT_NAMES, FAULTS, FaultContext
 from align_ray.web.noise import plan_pairs
-from align_ray.web.synth import derive_seed, image_size, jpeg_bytes, render, sample_spec
+from align_ray.web.store import DEFAULT_QUALITY, ImageStore
+from align_ray.web.synth import derive_seed
 
 MAX_SIDE = 4096
-DEFAULT_QUALITY = 90
 URL_LIST_COLUMNS = ("url", "caption", "noise", "fault")
-
-
-class ImageStore:
-    """Encoded JPEGs per sample id: a pinned pool (``pool_size``) or a byte-bounded LRU cache."""
-
-    def __init__(self, seed: int, photo_like: bool, size_range: tuple[int, int],
-                 pool_size: int | None, cache_bytes: int = 256 << 20) -> None:
-        self.seed, self.photo_like, self.size_range, self.pool_size = seed, photo_like, size_range, pool_size
-        self._cache: OrderedDict[tuple[int, int, int, int], bytes] = OrderedDict()
-        self._cache_bytes, self._cache_limit = 0, cache_bytes
-        self._pool: dict[int, bytes] = {}
-        self._lock = threading.Lock()
-
-    def key(self, idx: int) -> int:
-        """The sample whose picture ``idx`` shows (``idx % pool_size`` with a pool)."""
-        return idx % self.pool_size if self.pool_size else idx
-
-    def spec(self, idx: int) -> dict[str, Any]:
-        """Attributes and caption of the picture served for ``idx``."""
-        return sample_spec(self.key(idx), self.seed)
-
-    def size(self, idx: int) -> tuple[int, int]:
-        """Native ``(width, height)`` of the picture served for ``idx``."""
-        return image_size(self.key(idx), self.seed, self.size_range)
-
-    def warm_pool(self) -> None:
-        """Render and pin the whole pool up front (threaded: PIL releases the GIL while encoding)."""
-        if not self.pool_size:
-            return
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as executor:
-            self._pool = dict(zip(range(self.pool_size), executor.map(self._render, range(self.pool_size))))
-
-    def jpeg(self, idx: int, width: int | None = None, height: int | None = None,
-             quality: int = DEFAULT_QUALITY) -> bytes:
-        """The JPEG for ``idx``; a requested size or quality re-encodes the native picture."""
-        key = self.key(idx)
-        native_w, native_h = self.size(idx)
-        if width and not height:
-            height = max(1, round(native_h * width / native_w))
-        elif height and not width:
-            width = max(1, round(native_w * height / native_h))
-        width, height = width or native_w, height or native_h
-        if (width, height, quality) == (native_w, native_h, DEFAULT_QUALITY):
-            return self._native(key)
-        cache_key = (key, width, height, quality)
-        cached = self._cached(cache_key)
-        if cached is None:
-            picture = Image.open(io.BytesIO(self._native(key)))
-            cached = jpeg_bytes(picture.resize((width, height), Image.Resampling.LANCZOS), quality)
-            self._remember(cache_key, cached)
-        return cached
-
-    def _native(self, key: int) -> bytes:
-        """The picture of sample ``key`` at its native size and default quality."""
-        if key in self._pool:
-            return self._pool[key]
-        cache_key = (key, 0, 0, DEFAULT_QUALITY)
-        cached = self._cached(cache_key)
-        if cached is None:
-            cached = self._render(key)
-            self._remember(cache_key, cached)
-        return cached
-
-    def _render(self, key: int) -> bytes:
-        """Render and encode sample ``key`` (pure; may run concurrently)."""
-        width, height = image_size(key, self.seed, self.size_range)
-        return jpeg_bytes(render(sample_spec(key, self.seed), width, height, photo_like=self.photo_like))
-
-    def _cached(self, cache_key: tuple[int, int, int, int]) -> bytes | None:
-        """LRU lookup, refreshing the entry's recency."""
-        with self._lock:
-            if cache_key in self._cache:
-                self._cache.move_to_end(cache_key)
-                return self._cache[cache_key]
-            return None
-
-    def _remember(self, cache_key: tuple[int, int, int, int], data: bytes) -> None:
-        """LRU insert, evicting the oldest entries beyond the byte budget."""
-        with self._lock:
-            if cache_key not in self._cache:
-                self._cache[cache_key] = data
-                self._cache_bytes += len(data)
-            while self._cache_bytes > self._cache_limit and len(self._cache) > 1:
-                self._cache_bytes -= len(self._cache.popitem(last=False)[1])
 
 
 def image_params(query: dict[str, str]) -> tuple[int | None, int | None, int] | None:
@@ -196,10 +111,12 @@ class _Handler(BaseHTTPRequestHandler):
     _FAULT = re.compile(r"/fault/([^/]+)/(\d+)")
 
     def setup(self) -> None:
+        """Register the connection so NoisyWeb.stop can cut it."""
         super().setup()
         self.server.track(self.connection, True)
 
     def finish(self) -> None:
+        """Forget the connection, even when flushing to a vanished client fails."""
         try:
             super().finish()
         finally:
@@ -209,6 +126,7 @@ class _Handler(BaseHTTPRequestHandler):
         """Silence the per-request access log."""
 
     def do_GET(self) -> None:
+        """Dispatch on the path; unknown paths and fault names are 404."""
         url = urlsplit(self.path)
         query = dict(parse_qsl(url.query))
         if img := self._IMG.fullmatch(url.path):
@@ -221,6 +139,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(404, b"not found\n", "text/plain")
 
     def _reply(self, status: int, body: bytes, content_type: str) -> None:
+        """A complete response with Content-Length (keeps the connection reusable)."""
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -236,6 +155,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(200, self.server.store.jpeg(idx, *params), "image/jpeg")
 
     def _fault(self, name: str, fault_id: int, query: dict[str, str]) -> None:
+        """Hand the request to the fault handler; its valid image is sample ``fault_id``'s."""
         store = self.server.store
         FAULTS[name](FaultContext(
             http=self, name=name, fault_id=fault_id, query=query,
@@ -302,20 +222,16 @@ class NoisyWeb:
         rows = []
         for i in range(n):
             if i in fault_at:
-                url, caption, kind = f"{self.base_url}/fault/{fault_at[i]}/{i}", self.store.spec(i)["caption"], "fault"
+                path, caption, kind = f"/fault/{fault_at[i]}/{i}", self.store.spec(i)["caption"], "fault"
             else:
                 pair = next(pairs)
-                url, caption, kind = self.base_url + pair.path, pair.caption, pair.noise
-            rows.append({"url": url, "caption": caption, "noise": kind, "fault": fault_at.get(i)})
+                path, caption, kind = pair.path, pair.caption, pair.noise
+            rows.append({"url": self.base_url + path, "caption": caption, "noise": kind, "fault": fault_at.get(i)})
         return rows
 
     @staticmethod
     def write_url_list(path: str | os.PathLike[str], rows: Sequence[dict[str, Any]]) -> Path:
         """Write ``rows`` as .parquet, .csv, .tsv or .jsonl (by extension); returns the path."""
-        import pyarrow as pa
-        import pyarrow.csv as pa_csv
-        import pyarrow.parquet as pq
-
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
         suffix = out.suffix.lower()
@@ -344,7 +260,12 @@ def fault_slots(n: int, fault_fraction: float, seed: int) -> dict[int, str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="align-ray demo-web", description=__doc__.split("\n\n")[0])
+    """Options of ``align-ray demo-web``."""
+    parser = argparse.ArgumentParser(
+        prog="align-ray demo-web",
+        description="Serve synthetic image/alt-text pairs with ALIGN-style noise and faults on a local port, "
+        "and write their URL list.",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765, help="0 picks a free port")
     parser.add_argument("--rows", type=int, default=2000, help="URL-list rows to write")
@@ -352,7 +273,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--faults", action="store_true", help="mix in every transport/decoding fault")
     parser.add_argument("--noise", action=argparse.BooleanOptionalAction, default=True,
                         help="ALIGN-style alt-text and image noise")
-    parser.add_argument("--photo-like", action="store_true", help="textured ~100-200 KB JPEGs")
+    parser.add_argument("--photo-like", action="store_true", help="textured JPEGs (~100-200 KB at 640-1024 px)")
+    parser.add_argument("--image-size-range", type=int, nargs=2, default=(128, 512), metavar=("MIN", "MAX"),
+                        help="native image sides are drawn uniformly from this range")
     parser.add_argument("--pool-size", type=int, default=None, help="serve only this many distinct images")
     parser.add_argument("--seed", type=int, default=0)
     return parser
@@ -364,7 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    with NoisyWeb(args.host, args.port, args.seed, args.photo_like, pool_size=args.pool_size) as web:
+    web = NoisyWeb(args.host, args.port, args.seed, args.photo_like, tuple(args.image_size_range), args.pool_size)
+    with web:
         rows = web.url_rows(args.rows, noise=args.noise, faults=args.faults)
         path = web.write_url_list(args.output, rows)
         print(f"serving {web.base_url}\nwrote {len(rows)} URLs to {path}\nCtrl-C to stop", flush=True)

@@ -21,7 +21,7 @@ from urllib.parse import urljoin, urlsplit
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageChops, ImageOps, ImageStat, UnidentifiedImageError
 
 from align_ray.web import EXPECTED_OUTCOME, FAULT_NAMES, NOISE_KINDS, NoisyWeb
 from align_ray.web.faults import TOO_LARGE_BYTES
@@ -317,7 +317,10 @@ def test_awkward_but_valid_encodings(web: NoisyWeb) -> None:
 def test_exif_rotated(web: NoisyWeb) -> None:
     _, img = fault_image(web, "exif_rotated")
     assert img.size == (320, 200) and img.getexif()[0x0112] == 6
-    assert ImageOps.exif_transpose(img).size == (200, 320)
+    upright = ImageOps.exif_transpose(img)
+    expected = open_image(fetch(f"{web.base_url}/img/6.jpg")[2]).resize((200, 320))
+    assert upright.size == (200, 320)
+    assert sum(ImageStat.Stat(ImageChops.difference(upright, expected)).mean) / 3 < 5  # displays upright
 
 
 def test_gzip_and_chunked_transfer(web: NoisyWeb) -> None:
@@ -402,7 +405,8 @@ def test_stop_is_prompt_with_slow_connections_open() -> None:
 def test_demo_web_entry_point(tmp_path: Path) -> None:
     output = tmp_path / "urls.jsonl"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "align_ray.web", "--port", "0", "--rows", "50", "--faults", "--output", str(output)],
+        [sys.executable, "-m", "align_ray.web", "--port", "0", "--rows", "50", "--faults", "--photo-like",
+         "--image-size-range", "64", "96", "--pool-size", "8", "--output", str(output)],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
@@ -410,7 +414,10 @@ def test_demo_web_entry_point(tmp_path: Path) -> None:
         assert first_line.startswith("serving http://127.0.0.1:")
         base_url = first_line.split()[1]
         assert fetch(base_url + "/healthz")[0] == 200
-        assert len(output.read_text("utf-8").splitlines()) == 50
+        rows = [json.loads(line) for line in output.read_text("utf-8").splitlines()]
+        assert len(rows) == 50 and {r["fault"] for r in rows} - {None} == set(FAULT_NAMES)
+        image = open_image(fetch(next(r["url"] for r in rows if r["noise"] == "clean"))[2])
+        assert all(64 <= side <= 96 for side in image.size)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=5) == 0
     finally:
