@@ -68,10 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     _data_parser(sub)
     sub.add_parser("demo-web", add_help=False,
                    help="serve the built-in noisy web on 127.0.0.1 and write its URL list")
+    sub.add_parser("demo", add_help=False,
+                   help="run the data stage on the built-in noisy web (local demo)")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["demo-web"]:
         from align_ray.web.server import main as web_main
         return web_main(argv[1:]) or 0
+    if argv[:1] == ["demo"]:
+        from align_ray.demo import main as demo_main
+        return demo_main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "data":
         return _run_data(args)
