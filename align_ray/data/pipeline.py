@@ -111,9 +111,15 @@ def run(cfg: DataConfig) -> dict:
         workers = cfg.processes or max(1, int(ray.cluster_resources().get("CPU", 1)))
         workers = min(workers, len(todo))
         ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+        spa = max(1, cfg.shards_per_actor)
+        # a fixed pool; each actor gets at most `spa` shards at a time (so no actor hoards the
+        # queue while another idles) and really runs them concurrently (threads; the work is
+        # in asyncio, OpenCV and I/O, which release the GIL)
+        pool = ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=spa,
+                                          max_concurrent_calls_per_actor=spa,
+                                          enable_true_multi_threading=True)
         out = ds.map_batches(ShardDownloader, fn_constructor_kwargs={"cfg": cfg}, batch_size=1,
-                             concurrency=workers, num_cpus=1,
-                             max_concurrency=max(1, cfg.shards_per_actor))
+                             compute=pool, num_cpus=1)
         for row in out.iter_rows():
             info = json.loads(row["stats"])
             markers[info["shard"]] = info

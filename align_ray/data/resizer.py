@@ -25,7 +25,6 @@ from align_ray.data.errors import Drop
 from align_ray.data.hashing import phash
 
 cv2.setNumThreads(1)
-Image.MAX_IMAGE_PIXELS = None  # we enforce cfg.max_pixels ourselves, from the header
 
 _REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2,
             4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
@@ -125,27 +124,32 @@ def _decode_pil(im: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(rgb[:, :, ::-1])
 
 
-def _resize(img: np.ndarray, cfg: DataConfig) -> np.ndarray:
+def _scale(img: np.ndarray, cfg: DataConfig) -> np.ndarray:
+    """Resize keeping the aspect ratio so the deciding side matches the target."""
+    h, w = img.shape[:2]
+    scale, mode = _target_dims(w, h, cfg)
+    if mode == "no" or abs(scale - 1.0) < 1e-9:
+        return img
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    # the DCT-scaled decode already did the power-of-two part of a downscale, so what is left
+    # is < 2x, where bilinear does not alias and costs a sixth of INTER_AREA
+    interp = cv2.INTER_AREA if scale < 0.5 else cv2.INTER_LINEAR if scale < 1 else cv2.INTER_LANCZOS4
+    return cv2.resize(img, (nw, nh), interpolation=interp)
+
+
+def _frame(img: np.ndarray, cfg: DataConfig) -> np.ndarray:
+    """Center crop or pad (border) to the square target, per the resize mode."""
     s = cfg.image_size
     h, w = img.shape[:2]
     if cfg.resize_mode == "center_crop":
-        side = min(w, h)  # crop the central square first: less to resize, same result
+        side = min(s, h, w)  # square; smaller than s only with resize_only_if_bigger
         y, x = (h - side) // 2, (w - side) // 2
-        img, h, w = img[y:y + side, x:x + side], side, side
-    scale, mode = _target_dims(w, h, cfg)
-    if mode != "no" and abs(scale - 1.0) > 1e-9:
-        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        # the DCT-scaled decode already did the power-of-two part of a downscale, so what is
-        # left is < 2x, where bilinear does not alias and costs a sixth of INTER_AREA
-        interp = (cv2.INTER_AREA if scale < 0.5 else
-                  cv2.INTER_LINEAR if scale < 1 else cv2.INTER_LANCZOS4)
-        img = cv2.resize(img, (nw, nh), interpolation=interp)
-    h, w = img.shape[:2]
-    if mode == "border" and (h < s or w < s):
+        return img[y:y + side, x:x + side]
+    if cfg.resize_mode == "border" and (h < s or w < s):
         top, left = (s - h) // 2, (s - w) // 2
         color = list(reversed(cfg.border_color))  # RGB -> BGR
-        img = cv2.copyMakeBorder(img, top, s - h - top, left, s - w - left,
-                                 cv2.BORDER_CONSTANT, value=color)
+        return cv2.copyMakeBorder(img, max(0, top), max(0, s - h - top), max(0, left),
+                                  max(0, s - w - left), cv2.BORDER_CONSTANT, value=color)
     return img
 
 
@@ -167,11 +171,14 @@ def process_image(data: bytes, cfg: DataConfig) -> Processed:
                 img = _decode_pil(im)
     except Drop:
         raise
+    except Image.DecompressionBombError as e:  # Pillow's own limit (2x its MAX_IMAGE_PIXELS)
+        raise Drop("too_many_pixels", str(e), retryable=False) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         raise Drop("decode_error", f"{fmt}: {e}", retryable=False) from None
     ow, oh = (h, w) if orientation in _ORIENT_SWAPS else (w, h)
-    ph = phash(img)
-    out = _resize(img, cfg)
+    scaled = _scale(img, cfg)
+    ph = phash(scaled)  # the whole picture (before any crop), at thumbnail cost
+    out = _frame(scaled, cfg)
     ok, enc = cv2.imencode(".jpg", out, [cv2.IMWRITE_JPEG_QUALITY, cfg.jpeg_quality])
     if not ok:
         raise Drop("encode_error", "JPEG encode failed", retryable=False)

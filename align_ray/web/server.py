@@ -58,6 +58,7 @@ class _Server(ThreadingHTTPServer):
 
     daemon_threads = True
     block_on_close = False  # stop() shuts the sockets instead of waiting for handlers
+    request_queue_size = 1024  # Python's default of 5 drops handshakes under 64+ clients
 
     def __init__(self, address: tuple[str, int], store: ImageStore) -> None:
         self.store = store

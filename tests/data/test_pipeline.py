@@ -158,3 +158,14 @@ def test_s3_input_and_output(ray_cluster, web, s3, tmp_path):
     assert sorted(table.column("url").to_pylist()) == sorted(r["url"] for r in rows)
     listed = s3.list_objects_v2(Bucket="crawl", Prefix="out/webdataset/")["Contents"]
     assert len(listed) == 2
+
+
+def test_bad_file_inside_a_folder_names_the_file(ray_cluster, tmp_path):
+    from align_ray.data.errors import InputError
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.csv").write_text("url,caption\nhttp://127.0.0.1:9/x.jpg,fine\n")
+    (tmp_path / "in" / "b.csv").write_bytes(b"url,caption\nhttp://127.0.0.1:9/y.jpg,caf\xe9\n")
+    with pytest.raises(InputError, match=r"b\.csv: not valid UTF-8"):
+        run(tmp_path / "in", tmp_path / "out")
+    assert not (tmp_path / "out" / "stats.json").exists()
