@@ -63,8 +63,8 @@ def list_files(fs: pafs.FileSystem, path: str) -> list[str]:
 def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     """Write a whole file so that readers never see half of it (tmp + rename on local disks;
     object stores publish a PUT atomically)."""
-    fs.create_dir(posixpath.dirname(path), recursive=True)
     if is_local(fs):
+        fs.create_dir(posixpath.dirname(path), recursive=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         with fs.open_output_stream(tmp) as f:
             f.write(data)

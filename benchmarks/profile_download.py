@@ -11,8 +11,8 @@ server's CPU.  ``--py-spy`` also samples the process with py-spy (``pip install 
 prints the hottest leaf frames.
 
 The actor code itself is not modified: the profiler wraps module-level functions of
-``align_ray.data`` (``downloader._decode``, ``resizer._decode_jpeg``/``phash``/``_resize``,
-``downloader.write_part``) with timers that call the originals.
+``align_ray.data`` (``downloader._decode``, ``resizer._decode_jpeg``/``phash``/``_scale``/
+``_frame``, ``downloader.write_part``) with timers that call the originals.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_download as bench  # noqa: E402  (web server launcher, environment)
+from _bench_common import WebServer, prepare_env  # noqa: E402
 
 
 class Timers:
@@ -90,14 +90,13 @@ def main() -> int:
     p.add_argument("--decode-threads", type=int, default=2)
     p.add_argument("--pool-size", type=int, default=128)
     p.add_argument("--image-size-range", type=int, nargs=2, default=(640, 1024))
-    p.add_argument("--server-backlog", type=int, default=1024)
     p.add_argument("--py-spy", action="store_true", help="also sample with py-spy")
     args = p.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="profile-download-"))
-    bench.prepare_env(workdir)
-    web = bench.WebServer(workdir / "urls.parquet", args.rows, args.pool_size,
-                          tuple(args.image_size_range), args.server_backlog, 0)
+    prepare_env(workdir)
+    web = WebServer(workdir / "urls.parquet", args.rows, args.pool_size,
+                    tuple(args.image_size_range))
     spy = None
     try:
         web.start()
@@ -113,8 +112,9 @@ def main() -> int:
         timers = Timers()
         resizer._decode_jpeg = timers.wrap("jpeg_decode (cv2.imdecode, DCT-scaled)",
                                            resizer._decode_jpeg)
-        resizer.phash = timers.wrap("phash", resizer.phash)
-        resizer._resize = timers.wrap("crop + resize", resizer._resize)
+        resizer.phash = timers.wrap("phash (on the scaled picture)", resizer.phash)
+        resizer._scale = timers.wrap("resize", resizer._scale)
+        resizer._frame = timers.wrap("crop", resizer._frame)
         process_image = timers.wrap("process_image (total)", resizer.process_image)
         sha = timers.wrap("sha256", sha256_hex)
         downloader._decode = lambda body, c: (process_image(body, c), sha(body))
@@ -175,7 +175,8 @@ def main() -> int:
     print("\nCPU ms per image:")
     print(f"  {'decode threads (process_image + sha256)':<46} {decode_cpu * per:6.2f}")
     known = 0.0
-    for name in ("jpeg_decode (cv2.imdecode, DCT-scaled)", "phash", "crop + resize"):
+    for name in ("jpeg_decode (cv2.imdecode, DCT-scaled)", "phash (on the scaled picture)",
+                 "resize", "crop"):
         known += timers.cpu[name]
         print(f"    {name:<44} {timers.cpu[name] * per:6.2f}")
     rest = timers.cpu["process_image (total)"] - known

@@ -67,8 +67,8 @@ def _read_table(uri_of_fs: str, path: str, head_only: bool = False) -> pa.Table:
         raw.decode("utf-8")  # a clear error instead of pyarrow's per-column message
         if fmt == "jsonl":
             return pjson.read_json(io.BytesIO(raw))
-        parse = pcsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",",
-                                  quote_char=False if fmt == "tsv" else '"')
+        # quoted fields are honoured in TSV too, as pandas/img2dataset do
+        parse = pcsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",")
         return pcsv.read_csv(io.BytesIO(raw), parse_options=parse,
                              convert_options=pcsv.ConvertOptions(strings_can_be_null=True))
     except UnicodeDecodeError as e:
