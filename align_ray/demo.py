@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = web.url_rows(args.rows, noise=True, faults=True, fault_fraction=args.fault_fraction)
         urls = web.write_url_list(out / "urls.parquet", rows)
         print(f"noisy web on {web.base_url}: {len(rows)} URLs -> {urls}", flush=True)
-        cfg = DataConfig(input=str(urls), output=str(out / "data"), overwrite=True,
+        cfg = DataConfig(input=str(urls), output=str(out / "data"), overwrite=True, shard_size=200,
                          extra_cols=["noise", "fault"], allow_cidr=["127.0.0.0/8"],
                          resolve={"internal.test": "10.0.0.1"},
                          timeout_read=5, timeout_total=10, retries=1)

@@ -152,6 +152,29 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(stat[11]) + int(stat[12])) / _TICK
 
 
+def _cmdlines() -> dict[int, str]:
+    out = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                out[int(entry.name)] = Path(f"/proc/{entry.name}/cmdline").read_bytes().replace(
+                    b"\0", b" ").decode(errors="replace").strip()
+            except OSError:
+                continue
+    return out
+
+
+def wait_while_running(pattern: str, poll: float = 10.0) -> None:
+    """Block while a process whose command line holds ``pattern`` (e.g. a test run) exists."""
+    said = False
+    while pattern and any(pattern in cmd for pid, cmd in _cmdlines().items()
+                          if pid != os.getpid()):
+        if not said:
+            print(f"  (waiting: a '{pattern}' process is running)", flush=True)
+            said = True
+        time.sleep(poll)
+
+
 def settle(limit: float = 15.0, quiet: float = 0.15) -> None:
     """Wait (up to ``limit`` s) until the machine is nearly idle between two runs."""
     deadline = time.time() + limit
@@ -235,6 +258,10 @@ class CpuSampler:
             group = self._group(pid)
             out[group] = out.get(group, 0.0) + cpu - self.first.get(pid, 0.0)
         return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v > 0.005}
+
+    def matching(self, pattern: str) -> list[str]:
+        """Command lines seen during the run that hold ``pattern`` (a foreign load)."""
+        return sorted({cmd[:100] for _, cmd in self.info.values() if pattern and pattern in cmd})
 
     def top_other(self, n: int = 5) -> list[tuple[float, str]]:
         rows = [(round(cpu - self.first.get(pid, 0.0), 2), self.info.get(pid, (0, ""))[1][:100])

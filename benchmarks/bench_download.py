@@ -40,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import (REPO, CpuSampler, WebServer, machine, machine_busy_seconds,  # noqa: E402
-                           prepare_env, settle, versions)
+                           prepare_env, settle, versions, wait_while_running)
 from _bench_tools import (Cluster, img2dataset_cmd, ours_config, parse_overrides,  # noqa: E402
                           run_img2dataset, run_ours_cli, run_ours_stage)
 
@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size-range", type=int, nargs=2, default=(640, 1024),
                    metavar=("MIN", "MAX"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wait-for", default="pytest", metavar="PATTERN",
+                   help="before each run, wait while a process whose command line holds PATTERN "
+                        "runs (default: pytest; '' = never); runs it overlaps are flagged")
     p.add_argument("--no-warmup", action="store_true",
                    help="skip the untimed 200-URL run of each tool before the first round")
     p.add_argument("--img2dataset", default=str(REPO / ".venv-img2dataset" / "bin" / "img2dataset"))
@@ -131,8 +134,11 @@ def main(argv: list[str] | None = None) -> int:
             order = tools[rnd % len(tools):] + tools[:rnd % len(tools)]
             for tool in order:
                 out = workdir / f"r{rnd}-{tool}"
+                wait_while_running(args.wait_for)
                 if tool == "ours-stage" and not cluster.is_up():
                     once(tool, small, workdir / f"warmup-r{rnd}")  # brings the cluster up
+                elif tool != "ours-stage":
+                    cluster.down()  # before the clock: the commands start a cluster of their own
                 settle()
                 busy0, srv0 = machine_busy_seconds(), web.cpu_seconds()
                 with CpuSampler(web.proc.pid) as cpu:
@@ -140,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                 res.update(busy_core_s=round(machine_busy_seconds() - busy0, 2),
                            server_cpu_s=round(web.cpu_seconds() - srv0, 2),
                            cpu_s_by_group=cpu.by_group(), cpu_s_other_top=cpu.top_other(),
+                           disturbed_by=cpu.matching(args.wait_for),
                            round=rnd, tool=tool, rows=args.rows, wall_s=round(res["wall_s"], 3),
                            images_per_s=round(res["ok"] / res["wall_s"], 1))
                 results.append(res)
@@ -148,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"busy {res['busy_core_s']:.1f} core-s (server {res['server_cpu_s']:.1f})"
                       + ("" if res["ok"] == args.rows else
                          f"  FAILURES: {fmt_failures(res['failures'])}")
-                      + ("" if res["sha256_column"] else "  NO sha256 COLUMN"), flush=True)
+                      + ("" if res["sha256_column"] else "  NO sha256 COLUMN")
+                      + (f"  DISTURBED by {res['disturbed_by']}" if res["disturbed_by"] else ""),
+                      flush=True)
                 if not args.keep:
                     shutil.rmtree(out, ignore_errors=True)
     finally:
@@ -165,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"work dir kept: {workdir}")
     else:
         shutil.rmtree(workdir, ignore_errors=True)
-    return 0 if all(r["ok"] >= 0.99 * r["rows"] for r in results) else 1
+    return 0 if all(r["ok"] >= 0.99 * r["rows"] and not r["disturbed_by"] for r in results) else 1
 
 
 def fmt_failures(failures: dict) -> str:
@@ -238,7 +247,8 @@ def print_report(report: dict) -> None:
         par, first = shard_overlap(r["shards"])
         print(f"  {r['round']:>5}  {r['tool']:<12} {r['ok']:>5}/{r['rows']:<5} "
               f"{r['wall_s']:>8.2f} {r['images_per_s']:>9.1f} "
-              f"{1000 * r['busy_core_s'] / max(r['ok'], 1):>14.2f} {par:>4} {first:>5.1f}")
+              f"{1000 * r['busy_core_s'] / max(r['ok'], 1):>14.2f} {par:>4} {first:>5.1f}"
+              + ("  DISTURBED" if r.get("disturbed_by") else ""))
     print("\nmedians:")
     for tool, m in report["medians"].items():
         print(f"  {tool:<12} {m['images_per_s']:>8.1f} images/s  ({m['wall_s']:.2f}s wall, "

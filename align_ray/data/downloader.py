@@ -18,7 +18,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from align_ray.data import reader
 from align_ray.data.config import DataConfig
@@ -89,11 +90,11 @@ class ShardDownloader:
 
     def _retryable_rows(self, info: dict) -> tuple[pa.Table, pa.Table]:
         """(rows to re-attempt, rows that stay dropped) of a finished shard."""
-        table = reader.pq.read_table(self.layout.path(info["dropped_file"]),
+        table = pq.read_table(self.layout.path(info["dropped_file"]),
                                      filesystem=self.layout.fs)
         mask = pa.array([r in RETRYABLE for r in table.column("reason").to_pylist()], pa.bool_())
         retry = table.filter(mask).drop_columns(["reason", "detail", "retryable"])
-        return retry, table.filter(pa.compute.invert(mask))
+        return retry, table.filter(pc.invert(mask))
 
     async def _download_all(self, rows: pa.Table,
                             carry: pa.Table | None) -> tuple[ShardResult, int]:
