@@ -241,7 +241,9 @@ class CpuSampler:
         if "MapWorker" in cmd and "ShardDownloader" in cmd:
             return "ours_download_actors"
         seen, cur = set(), pid
-        while cur in self.info and cur not in seen:  # img2dataset and its (spawned) workers
+        # img2dataset and its (spawned) workers; stop at the driver, whose own command line
+        # may name img2dataset (--tools, --img2dataset)
+        while cur in self.info and cur not in seen and cur != self.me:
             seen.add(cur)
             if "img2dataset" in self.info[cur][1]:
                 return "img2dataset"
