@@ -102,3 +102,18 @@ def test_cli_exits_nonzero_with_message_before_starting_ray(tmp_path):
                           timeout=120)
     assert proc.returncode == 2
     assert "no column 'url'" in proc.stderr and "--url-col" in proc.stderr
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "bad.csv: the file is empty"),
+    (b"url,caption\nhttp://x/1,caf\xe9\n", "bad.csv: not valid UTF-8"),
+    (b"link,caption\nhttp://x/1,a\n", "bad.csv: no column 'url'"),
+])
+def test_cli_malformed_input_exit_code_and_message(tmp_path, capsys, content, message):
+    from align_ray.cli import main
+
+    src = tmp_path / "bad.csv"
+    src.write_bytes(content)
+    assert main(["data", "--input", str(src), "--output", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing was started or written
