@@ -1,2 +1,3 @@
-"""Stage 2: ALIGN's frequency filtering (work in progress: the per-row rules are here; the
-global, distributed rules and the `align-ray filter` command are not yet)."""
+"""Stage 2: ALIGN's frequency filtering (work in progress: the per-pair rules and the
+distributed distinct counts are here; applying the global rules with per-row reasons, the
+rare-token vocabulary, eval-set near-duplicates, the report and `align-ray filter` are not yet)."""
