@@ -1,3 +1,6 @@
-"""Stage 2: ALIGN's frequency filtering (work in progress: the per-pair rules and the
-distributed distinct counts are here; applying the global rules with per-row reasons, the
-rare-token vocabulary, eval-set near-duplicates, the report and `align-ray filter` are not yet)."""
+"""Stage 2: ALIGN's frequency filtering of a download-stage output (``align-ray filter``).
+
+rules.py (per-pair rules, tokenisation) · counts.py (distinct counts) · vocab.py (rare tokens) ·
+evalset.py (eval-set near-duplicates) · plan.py (the global Ray Data plan -> one verdict per
+row) · writer.py (per-shard output) · report.py · safety.py (optional hook) · pipeline.py.
+"""

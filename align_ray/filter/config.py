@@ -1,0 +1,66 @@
+"""FilterConfig: every knob of ALIGN's frequency filtering (``align-ray filter``).
+
+Defaults are the paper's (ALIGN, Jia et al. 2021, §3).  Interpretation choices, written down:
+
+* All global counts are taken over the *raw* corpus = every row the download stage produced,
+  before any rule drops anything (the paper computes its statistics "from the raw dataset").
+* "Image" = exact sha256 of the downloaded bytes (``image_identity: sha256``); ``phash`` makes
+  near-identical re-encodings the same image for the texts-per-image count and the duplicates.
+* Rare tokens: the vocabulary is the ``vocab_size`` most frequent unigrams + bigrams of the raw
+  corpus (ties at the cut are excluded, never broken arbitrarily), and only grams seen at least
+  ``min_token_count`` times are in it.  A text is dropped when one of its *unigrams* is outside
+  the vocabulary (``check_bigrams: true`` also checks its bigrams; on small corpora most bigrams
+  are seen once, which would drop nearly everything).
+* Exact duplicates (same image, same normalised text) collapse to the row with the smallest key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+RULES = ("image_too_small", "aspect_ratio", "too_few_tokens", "too_many_tokens",
+         "eval_near_duplicate", "image_too_many_texts", "text_too_many_images", "rare_token",
+         "exact_duplicate", "unsafe")
+
+
+@dataclass
+class FilterConfig:
+    input: str = ""                       # a download-stage output folder (local or s3://)
+    output: str = ""                      # same layout as the download stage
+    # per-pair rules (on original image dimensions)
+    min_side: int = 200                   # keep if shorter side > min_side
+    max_aspect: float = 3.0               # keep if long side / short side < max_aspect
+    min_tokens: int = 3                   # keep if min_tokens <= unigrams <= max_tokens
+    max_tokens: int = 20
+    # global rules
+    image_identity: str = "sha256"        # or "phash"
+    max_texts_per_image: int = 1000       # drop images with more distinct alt-texts
+    max_images_per_text: int = 10         # drop alt-texts shared by more distinct images
+    vocab_size: int = 100_000_000         # ALIGN: top 100 M unigrams + bigrams
+    min_token_count: int = 2              # a gram seen fewer times is never in the vocabulary
+    check_bigrams: bool = False
+    dedup: bool = True                    # collapse exact duplicates
+    eval_sets: list[str] = field(default_factory=list)   # parquet files/folders with images
+    eval_image_col: str = ""              # "" = first of jpg / image / img present
+    eval_max_distance: int = 8            # pHash Hamming distance counted as a near-duplicate
+    disabled_rules: list[str] = field(default_factory=list)  # names from RULES
+    # optional per-row safety hook "package.module:function" (off by default; see safety.py)
+    safety_hook: str = ""
+    # execution
+    num_partitions: int = 0               # shuffle partitions; 0 = from the data size
+    max_aggregators: int = 0              # hash-shuffle aggregator actors; 0 = from the CPUs
+    write_parquet: bool = True
+    write_webdataset: bool = True
+    report: bool = True
+    report_top: int = 20
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.image_identity not in ("sha256", "phash"):
+            raise ValueError(f"image_identity must be sha256 or phash, not {self.image_identity!r}")
+        unknown = sorted(set(self.disabled_rules) - set(RULES))
+        if unknown:
+            raise ValueError(f"disabled_rules: unknown rule(s) {unknown}; rules: {list(RULES)}")
+
+    def enabled(self, rule: str) -> bool:
+        return rule not in self.disabled_rules

@@ -1,0 +1,177 @@
+"""``align-ray filter``: download-stage output -> ALIGN's frequency rules -> same layout.
+
+    DIR2/parquet|webdataset/SHARD.*     the surviving rows, per download-stage shard
+    DIR2/dropped/SHARD.parquet          rows this stage dropped: reason (the rule), detail
+    DIR2/dropped/download-SHARD.parquet the download stage's dropped rows, carried over
+    DIR2/stats.json                     input_rows == output_rows + sum(dropped), both stages
+    DIR2/report.json + *.png            counts per rule, top dropped texts, top images, histograms
+
+The global plan (plan.py) has to see the whole corpus, so the stage is all-or-nothing: a rerun
+of a completed output returns its stats; an incomplete one is redone from scratch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import Counter
+
+import pyarrow as pa
+import ray
+import ray.data
+
+from align_ray import storage
+from align_ray.data.errors import InputError
+from align_ray.data.pipeline import _markers
+from align_ray.data.writer import Layout
+from align_ray.filter import plan as plan_lib
+from align_ray.filter import report as report_lib
+from align_ray.filter.config import FilterConfig
+from align_ray.filter.evalset import load_hashes
+from align_ray.filter.safety import load_hook
+from align_ray.filter.writer import ShardWriter
+
+log = logging.getLogger("align_ray.filter")
+
+
+def _stage1(cfg: FilterConfig) -> tuple[Layout, dict, list[dict]]:
+    src = Layout(cfg.input)
+    stats_path = src.path("stats.json")
+    if not storage.exists(src.fs, stats_path):
+        raise InputError(f"{cfg.input} is not a download-stage output (no stats.json); "
+                         "run `align-ray data` first")
+    stats = json.loads(storage.read_bytes(src.fs, stats_path))
+    if not stats.get("complete"):
+        raise InputError(f"{cfg.input}: the download stage is not complete "
+                         "(rerun `align-ray data` with the same arguments to finish it)")
+    shards = [m for _, m in sorted(_markers(src).items())]
+    if any(m["output_rows"] and not any(p.startswith("parquet/") for p in m["parts"])
+           for m in shards):
+        raise InputError(f"{cfg.input}: the download stage wrote no parquet "
+                         "(write_parquet: false); the filter reads parquet")
+    return src, stats, shards
+
+
+def _with_shard(batch: pa.Table, index: dict[str, int]) -> pa.Table:
+    names = [p.rsplit("/", 1)[-1].split(".", 1)[0] for p in batch.column("path").to_pylist()]
+    return batch.drop_columns(["path"]).append_column(
+        "shard", pa.array([index[n] for n in names], pa.int32()))
+
+
+def read_rows(src: Layout, shards: list[dict]) -> ray.data.Dataset:
+    """The metadata columns of every downloaded row, tagged with its shard's index."""
+    files = [src.path(p) for m in shards for p in m["parts"] if p.startswith("parquet/")]
+    if not files:
+        raise InputError(f"{src.uri}: the download stage produced no rows")
+    index = {m["shard"]: i for i, m in enumerate(shards)}
+    ds = ray.data.read_parquet(files, filesystem=src.fs, columns=plan_lib.META_COLS,
+                               include_paths=True)
+    return ds.map_batches(_with_shard, fn_kwargs={"index": index}, batch_format="pyarrow",
+                          batch_size=None)
+
+
+def _write_group(verdicts: pa.Table, cfg: FilterConfig, shards: list[dict]) -> pa.Table:
+    return ShardWriter(cfg, shards)(verdicts)
+
+
+@ray.remote(num_cpus=0.5)
+def _copy_dropped(items: list[dict], src_uri: str, dst_uri: str) -> int:
+    """Carry the download stage's dropped-row files over (a few hundred per task)."""
+    src, dst = Layout(src_uri), Layout(dst_uri)
+    for item in items:
+        data = storage.read_bytes(src.fs, src.path(item["dropped_file"]))
+        storage.write_bytes(dst.fs, dst.dropped(f"download-{item['shard']}"), data)
+    return len(items)
+
+
+def partitions(cfg: FilterConfig, rows: int) -> tuple[int, int]:
+    """(shuffle partitions, aggregator actors per shuffle).
+
+    Each hash-shuffle operator starts its own aggregator actors (a process each, ~1-2 CPU-s to
+    start), and the plan has about a dozen shuffles, so actors are sized to the data, not to
+    the cluster: one per ~4 M metadata rows (~200 MB of hashes and counts), at most one per
+    CPU; partitions ~1 M rows each, at least one per aggregator.  1.8 B rows on 1,600 CPUs:
+    450 aggregators, 1,800 partitions of ~50 MB."""
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    aggs = cfg.max_aggregators or max(1, min(cpus, math.ceil(rows / 4_000_000)))
+    p = cfg.num_partitions or max(aggs, math.ceil(rows / 1_000_000))
+    return p, aggs
+
+
+def run(cfg: FilterConfig) -> dict:
+    """Run the filter stage; returns the stats also written to DIR2/stats.json."""
+    t0 = time.time()
+    if not cfg.input or not cfg.output:
+        raise ValueError("filter: input and output are required")
+    src, stats1, shards = _stage1(cfg)
+    dst = Layout(cfg.output)
+    done = dst.path("stats.json")
+    if storage.exists(dst.fs, done) and not cfg.overwrite:
+        old = json.loads(storage.read_bytes(dst.fs, done))
+        if old.get("complete") and old.get("input") == cfg.input:
+            log.info("filter: %s is complete; nothing to do (--overwrite redoes it)", cfg.output)
+            return old
+    if storage.exists(dst.fs, dst.root):
+        dst.fs.delete_dir_contents(dst.root, missing_dir_ok=True)
+    if cfg.safety_hook:
+        load_hook(cfg.safety_hook)  # fail fast on a typo, before any work
+    eval_hashes = load_hashes(cfg.eval_sets, cfg.eval_image_col)
+    npart, aggs = partitions(cfg, stats1["output_rows"])
+    ctx = ray.data.DataContext.get_current()
+    ctx.max_hash_shuffle_aggregators = aggs
+    plan = plan_lib.build(read_rows(src, shards), cfg, eval_hashes, npart)
+    plan.verdicts = plan.verdicts.materialize()
+    written = plan.verdicts.groupby("shard", num_partitions=npart).map_groups(
+        _write_group, fn_kwargs={"cfg": cfg, "shards": shards}, batch_format="pyarrow")
+    dropped: Counter = Counter()
+    kept, filtered_in, hist_after = 0, 0, None
+    for row in written.iter_rows():
+        info = json.loads(row["stats"])
+        kept += info["output_rows"]
+        filtered_in += info["input_rows"]
+        dropped.update(info["dropped"])
+        hist_after = report_lib.merge_hist(hist_after, info["hist_after"])
+    with_drops = [{"shard": m["shard"], "dropped_file": m["dropped_file"]} for m in shards
+                  if m.get("dropped_file")]
+    ray.get([_copy_dropped.remote(with_drops[i:i + 500], cfg.input, cfg.output)
+             for i in range(0, len(with_drops), 500)])
+    total_dropped = Counter(stats1["dropped"]) + dropped
+    if filtered_in != stats1["output_rows"]:
+        raise RuntimeError(f"filter read {filtered_in} rows but the download stage wrote "
+                           f"{stats1['output_rows']}")
+    stats = {
+        "input_rows": stats1["input_rows"], "output_rows": kept,
+        "dropped": dict(sorted(total_dropped.items(), key=lambda kv: -kv[1])),
+        "complete": True, "input": cfg.input,
+        "stages": {"data": {k: stats1[k] for k in ("input_rows", "output_rows", "dropped")},
+                   "filter": {"input_rows": filtered_in, "output_rows": kept,
+                              "dropped": dict(sorted(dropped.items(), key=lambda kv: -kv[1]))}},
+        "vocab": plan.vocab, "partitions": npart, "aggregators": aggs,
+        "config": {k: v for k, v in vars(cfg).items() if k not in ("input", "output")},
+    }
+    assert stats["input_rows"] == kept + sum(total_dropped.values()), "row accounting broken"
+    if cfg.report:
+        rep = {**stats["stages"]["filter"], "vocab": plan.vocab,
+               "hist_before": report_lib.histograms_before(plan.rows),
+               "hist_after": hist_after or report_lib.histograms(pa.table(
+                   {"text": pa.array([], pa.string()), "original_width": pa.array([], pa.int32()),
+                    "original_height": pa.array([], pa.int32())})),
+               "top_dropped_texts": report_lib.top_dropped_texts(plan.verdicts, plan.rows,
+                                                                 cfg.report_top, npart),
+               "top_images": report_lib.top_images(plan.images, plan.rows, cfg.report_top)}
+        storage.write_bytes(dst.fs, dst.path("report.json"), report_lib.dumps(rep))
+        rep["plots"] = report_lib.plot(rep, cfg.output)
+        stats["report"] = report_lib.text_summary(rep)
+    stats["seconds"] = round(time.time() - t0, 3)
+    storage.write_bytes(dst.fs, done, json.dumps(stats, indent=1, ensure_ascii=False).encode())
+    return stats
+
+
+def summary_line(stats: dict) -> str:
+    f = stats["stages"]["filter"]
+    top = ", ".join(f"{r} {c}" for r, c in list(f["dropped"].items())[:6])
+    return (f"align-ray filter: {f['output_rows']}/{f['input_rows']} downloaded rows kept "
+            f"[{top}]; overall {stats['output_rows']}/{stats['input_rows']} input rows, "
+            f"{stats.get('seconds', 0):.1f}s")

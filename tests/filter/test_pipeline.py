@@ -1,0 +1,139 @@
+"""The whole filter stage on a real local Ray cluster: a crafted corpus with hand-computed
+answers for every rule, then the noisy web end to end through ``align-ray data --filter``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from align_ray.filter import pipeline
+from align_ray.filter.config import RULES, FilterConfig
+from align_ray.filter.evalset import image_phash
+from tests.data.test_fetcher import FAST
+from tests.data.test_resizer import encode, picture
+from tests.filter import crafted
+
+
+def read_dir(out: Path, sub: str, pattern: str = "*.parquet") -> pa.Table:
+    files = sorted((out / sub).glob(pattern))
+    return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
+
+
+@pytest.fixture(scope="module")
+def crafted_run(ray_cluster, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("crafted")
+    eval_png = encode(picture(500, 400, seed=1), "PNG")
+    pq.write_table(pa.table({"image": [eval_png]}), tmp / "eval.parquet")
+    corpus = crafted.build(image_phash(eval_png))
+    stats1 = crafted.write_stage1(corpus, tmp / "stage1")
+    os.environ["ALIGN_RAY_BLOCKLIST"] = "nsfw"
+    cfg = FilterConfig(input=str(tmp / "stage1"), output=str(tmp / "out"),
+                       eval_sets=[str(tmp / "eval.parquet")],
+                       safety_hook="align_ray.filter.safety:keyword_hook")
+    return corpus, stats1, cfg, pipeline.run(cfg)
+
+
+def test_every_rule_gives_the_hand_computed_survivors(crafted_run):
+    corpus, stats1, cfg, stats = crafted_run
+    out = Path(cfg.output)
+    kept = read_dir(out, "parquet")
+    assert sorted(kept.column("key").to_pylist()) == sorted(
+        k for k, r in corpus.expected.items() if r is None)
+    dropped = read_dir(out, "dropped", "0*.parquet")
+    got = dict(zip(dropped.column("key").to_pylist(), dropped.column("reason").to_pylist()))
+    assert got == {k: r for k, r in corpus.expected.items() if r is not None}
+    assert stats["stages"]["filter"]["dropped"] == crafted.expected_counts(corpus)
+    assert all(dropped.column("detail").to_pylist())          # every drop says why
+    assert kept.column("jpg").null_count == 0 and "jpg" not in dropped.column_names
+
+
+def test_accounting_holds_across_both_stages(crafted_run):
+    corpus, stats1, cfg, stats = crafted_run
+    out = Path(cfg.output)
+    assert stats["input_rows"] == stats1["input_rows"]
+    assert stats["input_rows"] == stats["output_rows"] + sum(stats["dropped"].values())
+    assert stats["dropped"]["http_404"] == stats1["dropped"]["http_404"]
+    on_disk = json.loads((out / "stats.json").read_text())
+    assert on_disk["output_rows"] == stats["output_rows"] and on_disk["complete"]
+    carried = read_dir(out, "dropped", "download-*.parquet")
+    filtered = read_dir(out, "dropped", "0*.parquet")
+    assert carried.num_rows + filtered.num_rows + read_dir(out, "parquet").num_rows == \
+        stats["input_rows"]
+    n_tar = 0
+    for tar in (out / "webdataset").glob("*.tar"):
+        with tarfile.open(tar) as t:
+            n_tar += sum(1 for m in t.getmembers() if m.name.endswith(".jpg"))
+    assert n_tar == stats["output_rows"]
+
+
+def test_report_names_the_skewed_text_and_writes_plots(crafted_run):
+    corpus, _, cfg, stats = crafted_run
+    out = Path(cfg.output)
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["top_dropped_texts"][0] == {"text": crafted.S1, "dropped_rows": 3000}
+    assert rep["top_dropped_texts"][1] == {"text": crafted.S2, "dropped_rows": 1500}
+    assert rep["top_images"][0]["rows"] == 1001 and rep["top_images"][0]["distinct_texts"] == 1001
+    assert sum(rep["hist_before"]["tokens"]) == len(corpus.rows)
+    assert sum(rep["hist_after"]["tokens"]) == stats["output_rows"]
+    for png in ("rules.png", "tokens.png", "image_size.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert "text_too_many_images" in stats["report"]
+    assert rep["vocab"]["cut"] == 2
+
+
+def test_rerun_of_a_complete_output_is_a_no_op(crafted_run):
+    _, _, cfg, stats = crafted_run
+    again = pipeline.run(cfg)
+    assert again["seconds"] == stats["seconds"]
+
+
+def test_incomplete_download_stage_is_refused(tmp_path):
+    (tmp_path / "s1").mkdir()
+    (tmp_path / "s1" / "stats.json").write_text(json.dumps({"complete": False}))
+    with pytest.raises(Exception, match="not complete"):
+        pipeline.run(FilterConfig(input=str(tmp_path / "s1"), output=str(tmp_path / "o")))
+    with pytest.raises(Exception, match="no stats.json"):
+        pipeline.run(FilterConfig(input=str(tmp_path / "nope"), output=str(tmp_path / "o")))
+
+
+def test_noisy_web_end_to_end_through_the_cli(ray_cluster, web, tmp_path):
+    """`align-ray data --filter` on the built-in noisy web: every input row accounted for."""
+    rows = web.url_rows(300, noise=True, faults=True, fault_fraction=0.1)
+    src = web.write_url_list(tmp_path / "urls.parquet", rows)
+    out = tmp_path / "web"
+    flags = ["--allow-cidr", "127.0.0.0/8", "--image-size", "64", "--shard-size", "100",
+             "--url-col", "url", "--text-col", "caption"]
+    fast = tmp_path / "fast.yaml"
+    fast.write_text("".join(f"{k}: {v}\n" for k, v in FAST.items()
+                            if k not in ("allow_cidr", "image_size")))
+    fcfg = tmp_path / "filter.yaml"
+    fcfg.write_text("min_side: 40\n")      # the noisy web's pictures are small
+    proc = subprocess.run(
+        [sys.executable, "-m", "align_ray.cli", "data", "--input", str(src), "--output", str(out),
+         "--config", str(fast), *flags, "--filter", "--filter-config", str(fcfg),
+         "--ray-address", ray_cluster.get_runtime_context().gcs_address],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "align-ray filter:" in proc.stdout
+    fout = Path(f"{out}_filtered")
+    stats = json.loads((fout / "stats.json").read_text())
+    assert stats["input_rows"] == 300 == stats["output_rows"] + sum(stats["dropped"].values())
+    keys = set(read_dir(fout, "parquet").column("key").to_pylist())
+    dropped = read_dir(fout, "dropped")
+    assert keys.isdisjoint(dropped.column("key").to_pylist())
+    assert len(keys) + dropped.num_rows == 300
+    reasons = Counter(dropped.column("reason").to_pylist())
+    assert reasons == Counter(stats["dropped"])
+    filtered = stats["stages"]["filter"]
+    assert set(filtered["dropped"]) <= set(RULES) and sum(filtered["dropped"].values()) > 0
+    assert filtered["input_rows"] == stats["stages"]["data"]["output_rows"]
+    assert 0 < stats["output_rows"] < filtered["input_rows"]
