@@ -32,11 +32,31 @@ def _coerce(value: Any, tp: Any) -> Any:
         return tuple(out) if origin is tuple else out
     if origin is dict:
         return dict(value)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type) and isinstance(value, dict):
+        return _nested(tp, value)
     if tp in (int, float, str) and not isinstance(value, bool):
         return tp(value)
     if tp is bool and isinstance(value, str):
         return value.strip().lower() in ("1", "true", "yes", "on")
     return value
+
+
+def _nested(tp: type, value: dict[str, Any]) -> Any:
+    """A nested dataclass from a mapping.  ``preset: NAME`` (optional) starts from the class's
+    classmethod ``NAME(**rest)`` (e.g. ``ModelConfig.tiny``); otherwise from the field defaults."""
+    data = dict(value)
+    preset = data.pop("preset", None)
+    if preset is None:
+        return from_dict(tp, data, source=tp.__name__)
+    factory = getattr(tp, str(preset), None)
+    if not callable(factory) or str(preset).startswith("_"):
+        raise ValueError(f"{tp.__name__}: unknown preset {preset!r}")
+    hints = typing.get_type_hints(tp)
+    names = {f.name for f in dataclasses.fields(tp)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{tp.__name__}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+    return factory(**{k: _coerce(v, hints[k]) for k, v in data.items()})
 
 
 def from_dict(cls: type[T], data: dict[str, Any], *, source: str = "config") -> T:

@@ -1,0 +1,83 @@
+"""decode_rgb (modes, bombs, garbage) and the train/eval transforms."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from align_ray.model import MEAN, STD, decode_rgb, eval_transform, train_transform
+
+
+def _bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_decode_real_png(dev_rows):
+    img = decode_rgb(dev_rows["image"][0])
+    assert img.mode == "RGB" and img.size == (64, 64)
+
+
+def test_modes_are_converted_to_rgb():
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))  # fully transparent red
+    rgba.putpixel((0, 0), (0, 0, 255, 255))
+    out = decode_rgb(_bytes(rgba))
+    assert out.mode == "RGB" and out.getpixel((1, 1)) == (255, 255, 255) and out.getpixel((0, 0)) == (0, 0, 255)
+    pal = Image.new("P", (4, 4), 0)
+    pal.putpalette([0, 255, 0] + [0, 0, 0] * 255)
+    assert decode_rgb(_bytes(pal)).getpixel((0, 0)) == (0, 255, 0)
+    pal.info["transparency"] = 0
+    assert decode_rgb(_bytes(pal, transparency=0)).getpixel((0, 0)) == (255, 255, 255)
+    assert decode_rgb(_bytes(Image.new("L", (4, 4), 77))).getpixel((2, 2)) == (77, 77, 77)
+    assert decode_rgb(_bytes(Image.new("LA", (4, 4), (0, 0)))).getpixel((0, 0)) == (255, 255, 255)
+    assert decode_rgb(_bytes(Image.new("CMYK", (4, 4), (0, 0, 0, 0)), "JPEG")).mode == "RGB"
+    i16 = Image.fromarray(np.full((4, 4), 1000, np.uint16))
+    assert decode_rgb(_bytes(i16)).mode == "RGB"
+    assert decode_rgb(_bytes(Image.new("1", (4, 4), 1))).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_garbage_truncated_and_empty_raise_value_error(dev_rows):
+    for bad in (b"", b"not an image at all", dev_rows["image"][0][:60], b"\x89PNG\r\n\x1a\n" + b"\0" * 40):
+        with pytest.raises(ValueError):
+            decode_rgb(bad)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_decompression_bomb_rejected_before_decoding():
+    bomb = _bytes(Image.new("1", (12000, 12000)))  # 144 Mpx, ~20 KB compressed
+    assert len(bomb) < 100_000
+    with pytest.raises(ValueError, match="max_pixels|Decompression|exceeds"):
+        decode_rgb(bomb)
+    small = _bytes(Image.new("RGB", (100, 100)))
+    with pytest.raises(ValueError, match="max_pixels"):
+        decode_rgb(small, max_pixels=5000)
+    assert decode_rgb(small, max_pixels=10_000).size == (100, 100)
+
+
+def test_eval_transform_resizes_centre_crops_and_normalises():
+    img = Image.new("RGB", (120, 80), (255, 255, 255))
+    img.paste((0, 0, 0), (0, 0, 20, 80))  # black band on the left: cropped away by the centre crop
+    x = eval_transform(64)(img)
+    assert x.shape == (3, 64, 64) and x.dtype == np.float32
+    white = (1.0 - np.asarray(MEAN)) / np.asarray(STD)
+    assert np.allclose(x[:, :, 2:], white[:, None, None], atol=1e-2)
+    same = eval_transform(64)(Image.new("RGB", (64, 64), (124, 116, 104)))
+    assert np.abs(same).max() < 0.02  # ~ImageNet mean colour -> ~0
+
+
+def test_train_transform_random_crop_and_flip_reproducible():
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (90, 70, 3), dtype=np.uint8))
+    a = [train_transform(32, seed=1)(img) for _ in range(2)]
+    assert a[0].shape == (3, 32, 32) and a[0].dtype == np.float32
+    assert np.array_equal(a[0], a[1])  # same seed, same crop
+    t = train_transform(32, seed=2)
+    outs = [t(img) for _ in range(4)]
+    assert not all(np.array_equal(outs[0], o) for o in outs[1:])
+    flip_only = train_transform(32, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=1.0, seed=0)
+    sq = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    assert np.allclose(flip_only(sq), eval_transform(32)(sq)[:, :, ::-1], atol=1e-5)
