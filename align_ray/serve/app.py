@@ -1,0 +1,101 @@
+"""Building and running the Serve application.
+
+``app_builder(args)`` is the import path a Serve config file names
+(``import_path: align_ray.serve.app:app_builder``, ``args: {model: DIR, index: INDEX_DIR, ...}``,
+any :class:`~align_ray.serve.config.ServeConfig` field).  ``align-ray serve`` calls :func:`run`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+from ray.serve.config import HTTPOptions
+from ray.serve.schema import LoggingConfig
+
+from align_ray.serve.config import EncoderConfig, ServeConfig
+from align_ray.serve.encoders import ImageEncoder, TextEncoder
+from align_ray.serve.router import Router
+
+log = logging.getLogger(__name__)
+
+
+def _abs(path: str | None) -> str | None:
+    if not path or "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _encoder_options(enc: EncoderConfig) -> dict[str, Any]:
+    return dict(autoscaling_config=enc.autoscaling_config(), ray_actor_options=enc.ray_actor_options(),
+                max_ongoing_requests=enc.max_ongoing_requests, user_config=enc.user_config())
+
+
+def check_paths(cfg: ServeConfig) -> None:
+    """Fail fast (before Ray starts) on a missing model or index directory."""
+    from align_ray.serve.store import read_manifest
+
+    if not cfg.model:
+        raise ValueError("model is required (a save_pretrained directory)")
+    if "://" not in cfg.model and not os.path.exists(os.path.join(cfg.model, "config.json")):
+        raise FileNotFoundError(f"{cfg.model}: not a saved model (no config.json)")
+    if cfg.index:
+        meta = read_manifest(cfg.index)
+        model_cfg = os.path.join(cfg.model, "config.json")
+        if os.path.exists(model_cfg):
+            dim = json.load(open(model_cfg)).get("model_config", {}).get("embed_dim")
+            if dim is not None and int(dim) != int(meta["dim"]):
+                raise ValueError(f"index {cfg.index} has dim {meta['dim']}, model {cfg.model} has {dim}")
+
+
+def build_app(cfg: ServeConfig) -> Application:
+    """``Router.bind(ImageEncoder.bind(...), TextEncoder.bind(...), cfg)`` with each encoder's own
+    autoscaling, resources and batching."""
+    cfg.model, cfg.index = _abs(cfg.model), _abs(cfg.index)
+    img = ImageEncoder.options(**_encoder_options(cfg.image_encoder)).bind(
+        cfg.model, cfg.image_encoder.device, cfg.limits.max_pixels)
+    txt = TextEncoder.options(**_encoder_options(cfg.text_encoder)).bind(
+        cfg.model, cfg.text_encoder.device)
+    router = Router.options(num_replicas=cfg.router.num_replicas,
+                            ray_actor_options={"num_cpus": cfg.router.num_cpus},
+                            max_ongoing_requests=cfg.router.max_ongoing_requests)
+    return router.bind(img, txt, cfg)
+
+
+def app_builder(args: dict) -> Application:
+    """Serve application builder: ``args`` are :class:`ServeConfig` fields (nested as dicts)."""
+    return build_app(ServeConfig.from_dict(dict(args or {})))
+
+
+def start(cfg: ServeConfig, access_log: bool = False, log_level: str = "WARNING") -> str:
+    """Start Serve's HTTP proxy on ``cfg.host:cfg.port`` (Ray must be initialised) and deploy the
+    app; returns its base URL once every deployment is running."""
+    serve.start(http_options=HTTPOptions(host=cfg.host, port=cfg.port))
+    serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False,
+              logging_config=LoggingConfig(enable_access_log=access_log, log_level=log_level))
+    return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+
+
+def run(cfg: ServeConfig, ray_address: str | None = None) -> int:
+    """``align-ray serve``: deploy, print the URL, block until SIGINT/SIGTERM, shut Serve down."""
+    from align_ray import ray_env
+
+    check_paths(cfg)
+    ray_env.init(ray_address)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        url = start(cfg, access_log=True, log_level="INFO")
+        print(f"align-ray serve: {url}/  (API: {url}/v1/..., health: {url}/healthz); Ctrl-C stops",
+              flush=True)
+        stop.wait()
+    finally:
+        serve.shutdown()
+    return 0

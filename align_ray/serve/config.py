@@ -1,0 +1,181 @@
+"""``ServeConfig``: one typed config for ``align-ray serve``, the Serve app builder and the YAML.
+
+Nested sections (``image_encoder``, ``text_encoder``, ``router``, ``limits``) are plain dicts in
+YAML / app-builder ``args``; unknown keys are an error at every level.  A Serve config file's
+``deployments:`` entries (``autoscaling_config``, ``ray_actor_options``, ``max_ongoing_requests``,
+``user_config``) override what is built from here, whole, as Serve documents.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from align_ray import config as config_lib
+
+
+@dataclass
+class EncoderConfig:
+    """One encoder deployment: its own autoscaling, resources and dynamic batching.
+
+    ``max_ongoing_requests`` must be >= ``max_batch_size`` (a replica cannot batch requests it
+    was never sent) and > ``target_ongoing_requests`` (else the autoscaler never sees a queue).
+    ``num_gpus`` > 0 runs the model on CUDA; fractions share one GPU between replicas.
+    """
+
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 8.0
+    initial_replicas: int | None = None
+    upscale_delay_s: float = 3.0
+    downscale_delay_s: float = 60.0
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    max_batch_size: int = 32
+    batch_wait_timeout_s: float = 0.005
+    max_ongoing_requests: int = 64
+    forward_batch_size: int = 64   # items per model forward; a batch of requests is cut into these
+
+    def validate(self, name: str) -> None:
+        if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
+            raise ValueError(f"{name}: need 0 <= min_replicas <= max_replicas, max_replicas >= 1")
+        if self.max_batch_size < 1 or self.forward_batch_size < 1:
+            raise ValueError(f"{name}: max_batch_size and forward_batch_size must be >= 1")
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"{name}: max_ongoing_requests ({self.max_ongoing_requests}) must be "
+                             f">= max_batch_size ({self.max_batch_size}) so batches can form")
+        if not 0 < self.target_ongoing_requests <= self.max_ongoing_requests:
+            raise ValueError(f"{name}: need 0 < target_ongoing_requests <= max_ongoing_requests")
+        if self.num_cpus < 0 or self.num_gpus < 0 or self.batch_wait_timeout_s < 0:
+            raise ValueError(f"{name}: num_cpus, num_gpus, batch_wait_timeout_s must be >= 0")
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.num_gpus > 0 else "cpu"
+
+    def autoscaling_config(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(min_replicas=self.min_replicas, max_replicas=self.max_replicas,
+                                   target_ongoing_requests=self.target_ongoing_requests,
+                                   upscale_delay_s=self.upscale_delay_s,
+                                   downscale_delay_s=self.downscale_delay_s)
+        if self.initial_replicas is not None:
+            out["initial_replicas"] = self.initial_replicas
+        return out
+
+    def ray_actor_options(self) -> dict[str, Any]:
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+
+    def user_config(self) -> dict[str, Any]:
+        """Tunable at run time (``reconfigure``), e.g. from a Serve config file."""
+        return {"max_batch_size": self.max_batch_size,
+                "batch_wait_timeout_s": self.batch_wait_timeout_s,
+                "forward_batch_size": self.forward_batch_size}
+
+
+@dataclass
+class RouterConfig:
+    num_replicas: int = 1
+    num_cpus: float = 0.5
+    max_ongoing_requests: int = 256
+
+
+@dataclass
+class Limits:
+    """Request caps; anything beyond them is a 4xx with a message, before any model runs."""
+
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_texts: int = 64
+    max_text_chars: int = 1000
+    max_images: int = 16
+    max_image_bytes: int = 4 * 1024 * 1024
+    max_pixels: int = 25_000_000      # decompression-bomb guard, checked from the header
+    max_k: int = 1000
+    max_labels: int = 64
+    max_templates: int = 8
+
+
+@dataclass
+class ServeConfig:
+    """``model``: a ``save_pretrained`` dir; ``index``: an ``align-ray index`` output dir (or None:
+    the embed/classify endpoints work, search answers 404).  ``backend``: ``exact`` (normalised dot
+    product) or ``faiss`` (``faiss_factory``, e.g. ``Flat``, ``HNSW32``, ``IVF1024,Flat``)."""
+
+    model: str = ""
+    index: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    app_name: str = "align"
+    route_prefix: str = "/"
+    backend: str = "exact"
+    faiss_factory: str = "HNSW32"
+    dedup_hamming: int = 6            # image hits within this pHash distance are duplicates
+    page_k: int = 12
+    image_encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    text_encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        self.image_encoder.validate("image_encoder")
+        self.text_encoder.validate("text_encoder")
+        if self.backend not in ("exact", "faiss"):
+            raise ValueError(f"backend must be 'exact' or 'faiss', got {self.backend!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ServeConfig":
+        return _from_dict(cls, dict(data or {}), "serve config")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _from_dict(cls: type, data: dict[str, Any], source: str) -> Any:
+    """Like :func:`align_ray.config.from_dict`, recursing into nested dataclass sections."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if isinstance(value, tp):
+                kwargs[name] = value
+            elif isinstance(value, dict):
+                kwargs[name] = _from_dict(tp, dict(value), f"{source}.{name}")
+            else:
+                raise ValueError(f"{source}.{name}: expected a mapping, got {type(value).__name__}")
+        else:
+            kwargs[name] = config_lib._coerce(value, tp)
+    return cls(**kwargs)
+
+
+@dataclass
+class IndexConfig:
+    """``align-ray index``: embed a corpus with Ray Data batch inference into an index dir.
+
+    ``data``: a data-stage output dir (its ``parquet/`` is read), or any parquet file / dir / glob
+    (local or s3://) with image-bytes and text columns.  ``image_col`` None = ``jpg`` if present,
+    else ``image``.  ``concurrency`` encoder actors, each ``num_cpus``/``num_gpus``.
+    """
+
+    model: str = ""
+    data: str = ""
+    output: str = ""
+    image_col: str | None = None
+    text_col: str = "text"
+    batch_size: int = 64
+    concurrency: int = 2
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    thumbnails: bool = True
+    thumb_size: int = 256
+    limit: int | None = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.concurrency < 1:
+            raise ValueError("batch_size and concurrency must be >= 1")

@@ -1,0 +1,205 @@
+"""``align-ray index``: Ray Data batch inference over a corpus -> an index directory.
+
+``read_parquet`` -> ``map_batches(_EmbedBatch, concurrency=N)`` (an actor pool, each actor loads the
+model once) -> ``write_parquet`` shards (embeddings as fixed-size float32 lists + metadata + small
+JPEG thumbnails) -> the driver streams the shards, in order, into ``{image,text}_embeddings.npy``,
+``metadata.parquet`` and ``thumbs.parquet`` (layout: :mod:`align_ray.serve.store`).
+
+Rows whose image does not decode are dropped (counted in ``index.json``).  pHash / text hash come
+from the corpus when it has them (the data stage writes both), else they are computed here with
+the data stage's own functions, so dedup works on any parquet.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from align_ray import storage
+from align_ray.serve import store
+from align_ray.serve.config import IndexConfig
+
+log = logging.getLogger(__name__)
+META_COLUMNS = ("key", "url", "phash", "text_hash", "sha256", "width", "height")
+
+
+def resolve_input(cfg: IndexConfig) -> tuple[list[str], Any, str, list[str]]:
+    """(files, filesystem, image column, extra metadata columns) of ``cfg.data``."""
+    fs, path = storage.filesystem(cfg.data)
+    sub = storage.join(path, "parquet")
+    if storage.exists(fs, sub) and fs.get_file_info(sub).type.name == "Directory":
+        path = sub
+    files = [f for f in storage.list_files(fs, path) if f.endswith(".parquet")]
+    if not files:
+        raise FileNotFoundError(f"{cfg.data}: no parquet files found")
+    schema = pq.read_schema(files[0], filesystem=fs)
+    names = set(schema.names)
+    image_col = cfg.image_col or ("jpg" if "jpg" in names else "image")
+    for col in (image_col, cfg.text_col):
+        if col not in names:
+            raise ValueError(f"{files[0]}: no column {col!r} (columns: {sorted(names)}); "
+                             "set image_col / text_col")
+    extra = [c for c in META_COLUMNS if c in names and c not in (image_col, cfg.text_col)]
+    return files, fs, image_col, extra
+
+
+class _EmbedBatch:
+    """Actor-pool UDF: one Embedder per actor; batch in -> embeddings + metadata out."""
+
+    def __init__(self, model_dir: str, image_col: str, text_col: str, extra: list[str],
+                 thumb_size: int, device: str):
+        from align_ray.model.pretrained import Embedder
+
+        self.embedder = Embedder.load(model_dir, device=device)
+        self.image_col, self.text_col, self.extra = image_col, text_col, extra
+        self.thumb_size = thumb_size
+
+    def _decode(self, data: bytes | None, draft: int):
+        from align_ray.model.transforms import decode_rgb
+
+        try:
+            return decode_rgb(data or b"", draft=draft)
+        except ValueError:
+            return None
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from align_ray.data import hashing
+
+        size = self.embedder.image_size
+        raw = batch.column(self.image_col).to_pylist()
+        # decoded exactly as ImageEncoder decodes a query, so the same bytes embed the same
+        pils = [self._decode(b, size) for b in raw]
+        keep = [j for j, p in enumerate(pils) if p is not None]
+        texts = [t or "" for t in batch.column(self.text_col).take(pa.array(keep, pa.int64())).to_pylist()]
+        pils = [pils[j] for j in keep]
+        img_emb = self.embedder.embed_images(pils)
+        txt_emb = self.embedder.embed_texts(texts)
+        if self.thumb_size > size:  # JPEG drafts at the model size are too small for a thumbnail
+            pils = [self._decode(raw[j], self.thumb_size) for j in keep]
+        cols: dict[str, Any] = {"text": pa.array(texts, pa.string())}
+        for c in self.extra:
+            cols[c] = batch.column(c).take(pa.array(keep, pa.int64()))
+        if "phash" not in cols:
+            cols["phash"] = pa.array([_phash(p, hashing) for p in pils], pa.uint64())
+        if "text_hash" not in cols:
+            cols["text_hash"] = pa.array([hashing.text_hash(t) for t in texts], pa.uint64())
+        if self.thumb_size:
+            cols["thumb"] = pa.array([_thumb(p, self.thumb_size) for p in pils], pa.binary())
+        cols["image_emb"] = _fixed_list(img_emb.reshape(len(keep), self.embedder.dim))
+        cols["text_emb"] = _fixed_list(txt_emb.reshape(len(keep), self.embedder.dim))
+        return pa.table(cols)
+
+
+def _phash(im, hashing) -> int:
+    return hashing.phash(np.asarray(im.convert("L")))
+
+
+def _thumb(im, size: int) -> bytes:
+    im = im.copy()
+    im.thumbnail((size, size))
+    out = io.BytesIO()
+    im.save(out, format="JPEG", quality=85)
+    return out.getvalue()
+
+
+def _fixed_list(x: np.ndarray) -> pa.FixedSizeListArray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
+
+
+def build(cfg: IndexConfig) -> dict[str, Any]:
+    """Run the Ray Data job and assemble the index dir; returns the manifest (``index.json``)."""
+    import ray.data
+
+    if not cfg.model or not cfg.data or not cfg.output:
+        raise ValueError("model, data and output are required")
+    files, fs, image_col, extra = resolve_input(cfg)
+    out = os.path.abspath(cfg.output)
+    if os.path.exists(os.path.join(out, store.META_FILE)) and not cfg.overwrite:
+        raise FileExistsError(f"{out} already holds an index (set overwrite)")
+    shards = os.path.join(out, "shards")
+    shutil.rmtree(shards, ignore_errors=True)
+    os.makedirs(out, exist_ok=True)
+    t0 = time.time()
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True   # ids follow corpus order
+    ds = ray.data.read_parquet(files, filesystem=fs, columns=[image_col, cfg.text_col, *extra])
+    if len(files) < 2 * cfg.concurrency:   # few files: cut them into batch-sized blocks, so
+        ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)  # every actor gets work
+    if cfg.limit:
+        ds = ds.limit(cfg.limit)
+    rows_in = sum(pq.ParquetFile(fs.open_input_file(f)).metadata.num_rows for f in files)
+    rows_in = min(rows_in, cfg.limit) if cfg.limit else rows_in
+    ds = ds.map_batches(
+        _EmbedBatch, batch_format="pyarrow", batch_size=cfg.batch_size,
+        concurrency=cfg.concurrency, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+        fn_constructor_kwargs=dict(model_dir=os.path.abspath(cfg.model), image_col=image_col,
+                                   text_col=cfg.text_col, extra=extra,
+                                   thumb_size=cfg.thumb_size if cfg.thumbnails else 0,
+                                   device="cuda" if cfg.num_gpus > 0 else "cpu"))
+    ds.write_parquet(shards)
+    manifest = assemble(out, shards, model=cfg.model, source=cfg.data, rows_in=rows_in)
+    manifest["seconds"] = round(time.time() - t0, 2)
+    _write_manifest(out, manifest)
+    log.info("index: %d rows (%d dropped) -> %s in %.1f s", manifest["count"],
+             manifest["dropped"], out, manifest["seconds"])
+    return manifest
+
+
+def assemble(out: str, shards: str, *, model: str, source: str, rows_in: int) -> dict[str, Any]:
+    """Stream the shard files (in name order) into the npy / parquet files of an index dir."""
+    files = sorted(os.path.join(shards, f) for f in os.listdir(shards) if f.endswith(".parquet"))
+    counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
+    n = sum(counts)
+    if n == 0:
+        raise ValueError(f"{source}: no row could be indexed (no decodable image)")
+    dim = pq.read_schema(files[0]).field("image_emb").type.list_size
+    embs = {m: np.lib.format.open_memmap(os.path.join(out, store.embeddings_file(m) + ".tmp"),
+                                         mode="w+", dtype=np.float32, shape=(n, dim))
+            for m in store.MODALITIES}
+    meta_w = thumb_w = None
+    start = 0
+    for f in files:
+        t = pq.read_table(f)
+        if t.num_rows == 0:
+            continue
+        stop = start + t.num_rows
+        for m in store.MODALITIES:
+            col = t.column(f"{m}_emb").combine_chunks()
+            embs[m][start:stop] = col.values.to_numpy().reshape(-1, dim)
+        ids = pa.array(np.arange(start, stop, dtype=np.int64))
+        meta = t.drop_columns([c for c in ("image_emb", "text_emb", "thumb") if c in t.column_names])
+        meta = meta.add_column(0, "id", ids)
+        meta_w = meta_w or pq.ParquetWriter(os.path.join(out, "metadata.parquet"), meta.schema)
+        meta_w.write_table(meta)
+        if "thumb" in t.column_names:
+            th = pa.table({"id": ids, "thumb": t.column("thumb")})
+            thumb_w = thumb_w or pq.ParquetWriter(os.path.join(out, "thumbs.parquet"), th.schema)
+            thumb_w.write_table(th)
+        start = stop
+    for w in (meta_w, thumb_w):
+        if w is not None:
+            w.close()
+    for m in list(embs):
+        embs.pop(m).flush()
+        os.replace(os.path.join(out, store.embeddings_file(m) + ".tmp"),
+                   os.path.join(out, store.embeddings_file(m)))
+    return {"format": store.FORMAT, "count": n, "dim": dim, "modalities": list(store.MODALITIES),
+            "dropped": rows_in - n, "model": os.path.abspath(model), "source": source,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _write_manifest(out: str, manifest: dict[str, Any]) -> None:
+    tmp = os.path.join(out, store.META_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=2)
+    os.replace(tmp, os.path.join(out, store.META_FILE))

@@ -1,0 +1,251 @@
+"""``Router``: the FastAPI ingress.  It validates requests, calls the two encoder deployments
+through their ``DeploymentHandle``s and searches the index it holds.
+
+Every client mistake is a 4xx with ``{"detail": message}``: request models are strict
+(:mod:`align_ray.serve.schemas`), caps come from ``Limits``, a body over ``max_body_bytes`` is
+refused while it streams in, and the handlers below turn validation-type exceptions into 4xx.
+Anything else is a real bug: logged with its traceback and answered 500.
+
+(No ``from __future__ import annotations`` here: FastAPI must see the request-model classes,
+not strings, in the endpoint signatures Serve's class-based ingress hands it.)
+"""
+
+import asyncio
+import logging
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from align_ray.serve import page, schemas
+from align_ray.serve.batcher import NaturalBatcher
+from align_ray.serve.config import Limits, ServeConfig
+from align_ray.serve.schemas import APIError, ClassifyRequest, EmbedImageRequest, EmbedTextRequest, SearchRequest
+
+log = logging.getLogger("ray.serve")
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+api = FastAPI(title="align-ray", description="ALIGN dual-encoder embedding, search and "
+              "zero-shot classification", version="1")
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body over ``limits.max_body_bytes`` (by Content-Length, or
+    counted while it streams in when the length is not declared)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limits: Limits = getattr(api.state, "limits", None) or Limits()
+        cap = limits.max_body_bytes
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            try:
+                too_big = int(declared) > cap
+            except ValueError:
+                return await _send_json(scope, send, 400, "invalid Content-Length header")
+            if too_big:
+                return await _send_json(scope, send, 413, f"request body over {cap} bytes")
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > cap:
+                    raise HTTPException(413, f"request body over {cap} bytes")
+            return message
+
+        return await self.app(scope, counted, send)
+
+
+async def _send_json(scope, send, status: int, detail: str) -> None:
+    async def no_body():
+        return {"type": "http.disconnect"}
+
+    await JSONResponse({"detail": detail}, status_code=status)(scope, no_body, send)
+
+
+api.add_middleware(BodyLimit)
+
+
+@api.exception_handler(APIError)
+async def _api_error(request: Request, exc: APIError):
+    return JSONResponse({"detail": exc.message}, status_code=exc.status)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError):
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return JSONResponse({"detail": "malformed JSON body"}, status_code=400)
+    parts = []
+    for e in errors[:5]:
+        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{loc}: {e.get('msg', 'invalid')}")
+    return JSONResponse({"detail": "; ".join(parts)}, status_code=422)
+
+
+@api.exception_handler(ValueError)      # also UnicodeDecodeError, JSON and base64 errors
+@api.exception_handler(RecursionError)  # absurdly nested input
+async def _bad_value(request: Request, exc: Exception):
+    log.warning("align-ray: %s answered 400 (%s: %s)", request.url.path, type(exc).__name__, exc,
+                exc_info=exc)
+    return JSONResponse({"detail": f"invalid request: {exc}"[:500]}, status_code=400)
+
+
+@api.exception_handler(Exception)       # a real bug: logged with its traceback, JSON 500
+async def _bug(request: Request, exc: Exception):
+    log.error("align-ray: %s failed", request.url.path, exc_info=exc)
+    return JSONResponse({"detail": "internal error"}, status_code=500)
+
+
+def _err(status: int, message: str) -> APIError:
+    return APIError(status, message)
+
+
+@serve.deployment(name="Router", health_check_period_s=10, graceful_shutdown_wait_loop_s=2,
+                  graceful_shutdown_timeout_s=20)
+@serve.ingress(api)
+class Router:
+    def __init__(self, image_encoder: DeploymentHandle, text_encoder: DeploymentHandle,
+                 cfg: ServeConfig):
+        from align_ray.serve.store import IndexStore
+
+        self.img = image_encoder
+        self.txt = text_encoder
+        self.cfg = cfg
+        self.limits = cfg.limits
+        api.state.limits = cfg.limits
+        self.store = (IndexStore(cfg.index, cfg.backend, cfg.faiss_factory, cfg.dedup_hamming)
+                      if cfg.index else None)
+        self.searches = NaturalBatcher(self.store.search_many) if self.store else None
+        self._info: dict[str, Any] | None = None
+
+    async def _model_info(self) -> dict[str, Any]:
+        if self._info is None:
+            self._info = await self.txt.info.remote()
+        return self._info
+
+    async def _embed_texts(self, texts: list[str]) -> np.ndarray:
+        out = await self.txt.embed.remote(texts)
+        if isinstance(out, dict):
+            raise _err(400, out["error"])
+        return out
+
+    async def _embed_images(self, images: list[bytes]) -> np.ndarray:
+        out = await self.img.embed.remote(images)
+        if isinstance(out, dict):
+            raise _err(400, out["error"])
+        return out
+
+    @staticmethod
+    def _embedding_response(emb: np.ndarray) -> JSONResponse:
+        return JSONResponse({"embeddings": emb.tolist(), "dim": int(emb.shape[1])})
+
+    @api.post("/v1/embed/text")
+    async def embed_text(self, req: EmbedTextRequest) -> JSONResponse:
+        schemas.check_texts(req.texts, self.limits)
+        return self._embedding_response(await self._embed_texts(req.texts))
+
+    @api.post("/v1/embed/image")
+    async def embed_image(self, req: EmbedImageRequest) -> JSONResponse:
+        if not req.images:
+            raise _err(422, "'images' must not be empty")
+        if len(req.images) > self.limits.max_images:
+            raise _err(413, f"too many images: {len(req.images)} > {self.limits.max_images}")
+        data = [schemas.decode_image(b, self.limits, f"images[{i}]") for i, b in enumerate(req.images)]
+        return self._embedding_response(await self._embed_images(data))
+
+    @api.post("/v1/search")
+    async def search(self, req: SearchRequest, request: Request) -> JSONResponse:
+        schemas.check_k(req.k, self.limits)
+        target = req.target
+        if self.store is None:
+            raise _err(404, "no index is loaded (start the server with --index)")
+        if target not in self.store.modalities:
+            raise _err(404, f"the loaded index has no {target} embeddings")
+        if req.text is not None:
+            schemas.check_text(req.text, self.limits)
+            query = (await self._embed_texts([req.text]))[0]
+        elif req.image is not None:
+            query = (await self._embed_images([schemas.decode_image(req.image, self.limits)]))[0]
+        else:
+            schemas.check_embedding(req.embedding, self.store.dim)
+            query = np.asarray(req.embedding, np.float32)
+        hits = await self.searches.submit((query, target, req.k, req.dedup))
+        root = request.scope.get("root_path", "").rstrip("/")
+        if self.store.has_thumbnails:
+            for h in hits:
+                h["image_url"] = f"{root}/v1/image/{h['id']}"
+        for h in hits:
+            h["modality"] = target
+        return JSONResponse({"results": hits})
+
+    @api.post("/v1/classify")
+    async def classify(self, req: ClassifyRequest) -> JSONResponse:
+        lim = self.limits
+        schemas.check_texts(req.labels, lim, "labels", lim.max_labels)
+        templates = list(req.templates) if req.templates is not None else list(DEFAULT_TEMPLATES)
+        if not templates or len(templates) > lim.max_templates:
+            raise _err(422, f"'templates' must hold 1..{lim.max_templates} entries")
+        for i, t in enumerate(templates):
+            if t.count("{}") != 1:
+                raise _err(422, f"templates[{i}] must contain '{{}}' exactly once (the label goes there)")
+            schemas.check_text(t.replace("{}", "x"), lim, f"templates[{i}]")
+        prompts = [t.replace("{}", label) for label in req.labels for t in templates]
+        for p in prompts:
+            schemas.check_text(p, lim, "label with template")
+        image = schemas.decode_image(req.image, lim)
+        img_emb_ref = self.img.embed.remote([image])       # both encoders work concurrently
+        txt = await self._embed_texts(prompts)
+        img = await img_emb_ref
+        if isinstance(img, dict):
+            raise _err(400, img["error"])
+        label_emb = txt.reshape(len(req.labels), len(templates), -1).mean(axis=1)
+        label_emb /= np.maximum(np.linalg.norm(label_emb, axis=1, keepdims=True), 1e-12)
+        sims = label_emb @ img[0]
+        temperature = (await self._model_info()).get("temperature") or 0.01
+        logits = sims / temperature
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        order = np.argsort(-probs, kind="stable")
+        return JSONResponse({"labels": [req.labels[i] for i in order],
+                             "scores": [float(probs[i]) for i in order],
+                             "similarities": [float(sims[i]) for i in order]})
+
+    @api.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        status: dict[str, Any] = {"status": "ok"}
+        for name, handle in (("image_encoder", self.img), ("text_encoder", self.txt)):
+            try:
+                status[name] = await asyncio.wait_for(handle.ping.remote(), timeout=10)
+            except Exception as e:  # noqa: BLE001 - reported, not raised
+                status[name] = f"unavailable: {type(e).__name__}"
+                status["status"] = "degraded"
+        status["index"] = ({"count": len(self.store), "dim": self.store.dim,
+                            "modalities": list(self.store.modalities), "backend": self.cfg.backend,
+                            "search_batches": self.searches.batches,
+                            "searches": self.searches.items} if self.store else None)
+        return JSONResponse(status, status_code=200 if status["status"] == "ok" else 503)
+
+    @api.get("/v1/image/{item_id}")
+    async def image(self, item_id: int) -> Response:
+        data = self.store.thumbnail(item_id) if self.store else None
+        if data is None:
+            raise _err(404, f"no image with id {item_id}")
+        return Response(data, media_type="image/jpeg",
+                        headers={"Cache-Control": "public, max-age=86400"})
+
+    @api.get("/", response_class=HTMLResponse)
+    async def index_page(self, request: Request) -> HTMLResponse:
+        info = (f"{len(self.store)} indexed pairs, {self.cfg.backend} search" if self.store
+                else "no index loaded: search is unavailable")
+        return HTMLResponse(page.render(info, self.cfg.page_k, request.scope.get("root_path", "")))

@@ -1,0 +1,134 @@
+"""Top-k search over L2-normalised embeddings: exact (default) or faiss, one API.
+
+Exact search is a float32 matrix product in row chunks with a per-chunk ``argpartition``, so memory
+stays at ``queries x chunk`` scores whatever the corpus size; scores are inner products of unit
+vectors (cosine).  The faiss backend (``faiss-cpu``, optional) builds ``index_factory(dim, spec,
+METRIC_INNER_PRODUCT)``: ``Flat`` is exact, ``HNSW32`` / ``IVF..`` are approximate.
+
+:func:`dedup_hits` drops near-identical hits (images within a pHash Hamming distance, texts with
+the same normalised-text hash), keeping the best-scored of each group.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+BACKENDS = ("exact", "faiss")
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalisation to float32; zero rows stay zero."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def topk_exact(emb: np.ndarray, queries: np.ndarray, k: int,
+               chunk_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(scores [B,k], ids [B,k]) by descending inner product; ``k`` is capped at len(emb)."""
+    n = emb.shape[0]
+    q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, emb.shape[1])
+    k = min(k, n)
+    b = q.shape[0]
+    if k <= 0:
+        return np.zeros((b, 0), np.float32), np.zeros((b, 0), np.int64)
+    if chunk_rows is None:  # ~64 MB of scores per chunk, at least 64k rows
+        chunk_rows = max(65536, (16 << 20) // max(b, 1))
+    cand_s, cand_i = [], []
+    for start in range(0, n, chunk_rows):
+        block = emb[start:start + chunk_rows]
+        scores = q @ block.T                                       # [B, C]
+        kk = min(k, scores.shape[1])
+        part = np.argpartition(scores, scores.shape[1] - kk, axis=1)[:, -kk:]
+        cand_s.append(np.take_along_axis(scores, part, axis=1))
+        cand_i.append(part + start)
+    s = np.concatenate(cand_s, axis=1)
+    i = np.concatenate(cand_i, axis=1)
+    if s.shape[1] > k:
+        part = np.argpartition(s, s.shape[1] - k, axis=1)[:, -k:]
+        s, i = np.take_along_axis(s, part, axis=1), np.take_along_axis(i, part, axis=1)
+    order = np.argsort(-s, axis=1, kind="stable")
+    return np.take_along_axis(s, order, axis=1), np.take_along_axis(i, order, axis=1).astype(np.int64)
+
+
+class VectorIndex:
+    """Search over one modality's embeddings ``[N, D]`` (rows are unit vectors)."""
+
+    def __init__(self, emb: np.ndarray, backend: str = "exact", faiss_factory: str = "Flat",
+                 hnsw_ef_search: int = 128, ivf_nprobe: int = 16):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        self.emb = np.ascontiguousarray(emb, dtype=np.float32)
+        if self.emb.ndim != 2:
+            raise ValueError(f"embeddings must be 2-D, got shape {self.emb.shape}")
+        self.backend = backend
+        self._faiss = None
+        if backend == "faiss":
+            self._faiss = _build_faiss(self.emb, faiss_factory, hnsw_ef_search, ivf_nprobe)
+
+    def __len__(self) -> int:
+        return self.emb.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.emb.shape[1]
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Unit-normalises ``queries`` ([D] or [B,D]); returns (scores [B,k'], ids [B,k'])
+        sorted by descending score, ``k' = min(k, N)``."""
+        q = normalize(np.atleast_2d(queries))
+        if q.shape[1] != self.dim:
+            raise ValueError(f"query dimension {q.shape[1]} != index dimension {self.dim}")
+        if self._faiss is None:
+            return topk_exact(self.emb, q, k)
+        k = min(k, len(self))
+        scores, ids = self._faiss.search(q, k)
+        return scores.astype(np.float32), ids.astype(np.int64)
+
+
+def _build_faiss(emb: np.ndarray, spec: str, ef_search: int, nprobe: int):
+    try:
+        import faiss
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise RuntimeError("backend 'faiss' needs the faiss-cpu (or faiss-gpu) package") from e
+    index = faiss.index_factory(emb.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        index.train(emb)
+    index.add(emb)
+    if hasattr(index, "hnsw"):
+        index.hnsw.efSearch = max(ef_search, 16)
+    try:
+        faiss.extract_index_ivf(index).nprobe = nprobe
+    except (RuntimeError, AttributeError):
+        pass
+    return index
+
+
+def hamming64(a: np.ndarray, b: int) -> np.ndarray:
+    """Bit distance between each uint64 in ``a`` and ``b``."""
+    x = np.bitwise_xor(np.asarray(a, dtype=np.uint64), np.uint64(b))
+    return np.unpackbits(x.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
+
+
+def dedup_hits(ids: np.ndarray, *, phash: np.ndarray | None = None,
+               text_hash: np.ndarray | None = None, max_hamming: int = 6) -> np.ndarray:
+    """Positions in ``ids`` (already sorted best-first) to keep: a hit is dropped when its pHash
+    is within ``max_hamming`` bits of a kept hit's (if ``phash`` is given, indexed by id) or its
+    text hash equals a kept hit's (if ``text_hash`` is given)."""
+    keep: list[int] = []
+    kept_ph: list[int] = []
+    seen_text: set[int] = set()
+    for pos, i in enumerate(np.asarray(ids, dtype=np.int64)):
+        if text_hash is not None:
+            th = int(text_hash[i])
+            if th in seen_text:
+                continue
+        if phash is not None and kept_ph:
+            if int(hamming64(np.array(kept_ph, dtype=np.uint64), int(phash[i])).min()) <= max_hamming:
+                continue
+        keep.append(pos)
+        if text_hash is not None:
+            seen_text.add(int(text_hash[i]))
+        if phash is not None:
+            kept_ph.append(int(phash[i]))
+    return np.array(keep, dtype=np.int64)

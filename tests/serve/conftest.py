@@ -1,0 +1,142 @@
+"""Fixtures for the serve tests: a tiny saved model, a small corpus with planted duplicates and
+one broken image, its index (built with Ray Data), and ONE Serve app for the whole package
+(started on a free 127.0.0.1 port, access log off, 0.5 CPU per replica; shut down at the end)."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import free_port
+
+EMOJI = "/work/shared/data/emoji_noto_dev.parquet"
+N_BASE = 40            # distinct emoji pairs in the corpus
+DUP_IMAGES = (3, 5)    # these rows' images reappear (re-encoded) with another caption
+DUP_TEXTS = (7, 9)     # these rows' captions reappear on another image
+
+
+def _png(seed: int) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 255, size=(64, 64, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(arr).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _reencode(data: bytes) -> bytes:
+    from align_ray.model.transforms import decode_rgb
+
+    out = io.BytesIO()
+    decode_rgb(data).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def _corpus_rows() -> list[dict]:
+    if os.path.exists(EMOJI):
+        t = pq.read_table(EMOJI, columns=["image", "text"]).slice(0, N_BASE).to_pylist()
+    else:  # a fallback with the same shape, for machines without the shared data set
+        t = [{"image": _png(i), "text": f"synthetic picture number {i}"} for i in range(N_BASE)]
+    rows = [{"image": r["image"], "text": r["text"], "url": f"http://example.invalid/{i}.png"}
+            for i, r in enumerate(t)]
+    for j, src in enumerate(DUP_IMAGES):
+        rows.append({"image": _reencode(rows[src]["image"]), "text": f"another caption {j} for a copy",
+                     "url": f"http://example.invalid/dup-image-{j}.jpg"})
+    for j, src in enumerate(DUP_TEXTS):
+        rows.append({"image": _png(1000 + j), "text": rows[src]["text"].upper() + "  ",
+                     "url": f"http://example.invalid/dup-text-{j}.png"})
+    rows.append({"image": b"this is not an image", "text": "broken row",
+                 "url": "http://example.invalid/broken"})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> dict:
+    rows = _corpus_rows()
+    d = tmp_path_factory.mktemp("corpus")
+    path = d / "pairs.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=16)
+    return {"path": str(path), "rows": rows}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, corpus) -> str:
+    """A random-init tiny dual encoder (64 px, 2-layer BERT, dim 128) saved with save_pretrained.
+
+    A random tower maps every input to almost the same feature vector (all cosines ~0.9999), which
+    would make every retrieval check a coin toss.  So the two projections are standardised on the
+    corpus (W /= feature std, b = -W @ feature mean): still an untrained model, but its embeddings
+    spread out (cosines -0.6..0.7) and each image is its own unique nearest neighbour.
+    """
+    import torch
+
+    from align_ray.model import DualEncoder, Embedder, ModelConfig, save_pretrained, train_wordpiece
+    from align_ray.model.tokenizer import tokenize
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.tiny(vocab_size=2000)
+    rows = corpus["rows"][:N_BASE]
+    texts = [r["text"] for r in rows]
+    tok = train_wordpiece(texts + ["a photo of a dog", "a cat", "red", "blue"],
+                          vocab_size=cfg.vocab_size, max_length=cfg.max_length)
+    model = DualEncoder(cfg, len(tok)).eval()
+    pixels = torch.as_tensor(Embedder(model, tok, model.cfg).preprocess([r["image"] for r in rows]))
+    with torch.no_grad():
+        feats_img = model.image_tower(pixels)
+        feats_txt = model.text_tower(**tokenize(tok, texts, cfg.max_length)).last_hidden_state[:, 0]
+        for proj, feats in ((model.image_proj, feats_img), (model.text_proj, feats_txt)):
+            proj.weight.div_(feats.std(0).clamp_min(1e-6))
+            proj.bias.copy_(-(proj.weight @ feats.mean(0)))
+    out = tmp_path_factory.mktemp("model") / "model"
+    save_pretrained(model, tok, cfg, out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def embedder(tiny_model):
+    from align_ray.model import Embedder
+
+    return Embedder.load(tiny_model)
+
+
+@pytest.fixture(scope="session")
+def index_dir(ray_cluster, tiny_model, corpus, tmp_path_factory) -> str:
+    from align_ray.serve import index
+    from align_ray.serve.config import IndexConfig
+
+    out = tmp_path_factory.mktemp("index") / "idx"
+    index.build(IndexConfig(model=tiny_model, data=corpus["path"], output=str(out), batch_size=16,
+                            concurrency=1, num_cpus=0.5, thumb_size=64))
+    return str(out)
+
+
+TEST_LIMITS = dict(max_body_bytes=1 << 20, max_image_bytes=256 << 10, max_texts=16,
+                   max_text_chars=200, max_images=4, max_pixels=4_000_000, max_k=100,
+                   max_labels=8, max_templates=3)
+
+
+@pytest.fixture(scope="package")
+def serve_app(ray_cluster, tiny_model, index_dir):
+    """One running app for the package: yields (AlignClient, ServeConfig)."""
+    from ray import serve
+
+    from align_ray.client import AlignClient
+    from align_ray.serve import app
+    from align_ray.serve.config import ServeConfig
+
+    enc = dict(min_replicas=1, max_replicas=1, num_cpus=0.5, max_batch_size=8,
+               batch_wait_timeout_s=0.01, max_ongoing_requests=16, target_ongoing_requests=4)
+    cfg = ServeConfig.from_dict(dict(model=tiny_model, index=index_dir, port=free_port(),
+                                     image_encoder=enc, text_encoder=enc, limits=TEST_LIMITS,
+                                     app_name="align-test"))
+    url = app.start(cfg)
+    try:
+        yield AlignClient(url, timeout=60), cfg
+    finally:
+        serve.shutdown()

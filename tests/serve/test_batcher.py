@@ -1,0 +1,52 @@
+"""NaturalBatcher: queries that arrive while a batch runs are searched together, in order."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from align_ray.serve.batcher import NaturalBatcher
+
+
+def test_batches_form_while_busy_and_results_route_back():
+    calls: list[list[int]] = []
+    gate = threading.Event()
+
+    def fn(items):
+        calls.append(list(items))
+        if len(calls) == 1:
+            gate.wait(5)                    # hold the first batch while the rest arrive
+        return [i * 10 for i in items]
+
+    async def main():
+        b = NaturalBatcher(fn, max_batch=4)
+        first = asyncio.create_task(b.submit(0))
+        await asyncio.sleep(0.05)
+        rest = [asyncio.create_task(b.submit(i)) for i in range(1, 7)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        return await first, await asyncio.gather(*rest), b
+
+    first, rest, b = asyncio.run(main())
+    assert first == 0 and rest == [10, 20, 30, 40, 50, 60]
+    assert calls == [[0], [1, 2, 3, 4], [5, 6]]
+    assert (b.batches, b.items) == (3, 7)
+
+
+def test_errors_reach_every_caller_and_the_batcher_recovers():
+    def fn(items):
+        if "bad" in items:
+            raise KeyError("bad")
+        time.sleep(0.01)
+        return items
+
+    async def main():
+        b = NaturalBatcher(fn)
+        with pytest.raises(KeyError):
+            await b.submit("bad")
+        return await b.submit("good")
+
+    assert asyncio.run(main()) == "good"

@@ -1,0 +1,129 @@
+"""The index build (Ray Data batch inference) and the IndexStore the Router searches."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from align_ray.serve.config import IndexConfig
+from align_ray.serve.index import resolve_input
+from align_ray.serve.search import hamming64
+from align_ray.serve.store import IndexStore
+from tests.serve.conftest import DUP_IMAGES, DUP_TEXTS, N_BASE
+
+
+def test_index_layout_order_and_dropped_row(index_dir, corpus):
+    manifest = json.load(open(os.path.join(index_dir, "index.json")))
+    good = corpus["rows"][:-1]                        # the last row's image is not an image
+    assert manifest["count"] == len(good) and manifest["dropped"] == 1 and manifest["dim"] == 128
+    meta = pq.read_table(os.path.join(index_dir, "metadata.parquet"))
+    assert meta.column("id").to_pylist() == list(range(len(good)))
+    assert meta.column("text").to_pylist() == [r["text"] for r in good]   # corpus order kept
+    assert meta.column("url").to_pylist() == [r["url"] for r in good]
+    assert pa.types.is_uint64(meta.schema.field("phash").type)
+    thumbs = pq.read_table(os.path.join(index_dir, "thumbs.parquet"))
+    assert all(t[:3] == b"\xff\xd8\xff" for t in thumbs.column("thumb").to_pylist())
+
+
+def test_index_embeddings_match_the_model(index_dir, corpus, embedder):
+    good = corpus["rows"][:-1]
+    img = np.load(os.path.join(index_dir, "image_embeddings.npy"))
+    txt = np.load(os.path.join(index_dir, "text_embeddings.npy"))
+    np.testing.assert_allclose(img, embedder.embed_images([r["image"] for r in good]), atol=1e-4)
+    np.testing.assert_allclose(txt, embedder.embed_texts([r["text"] for r in good]), atol=1e-4)
+
+
+def test_planted_duplicates_carry_matching_hashes(index_dir):
+    meta = pq.read_table(os.path.join(index_dir, "metadata.parquet"))
+    phash = meta.column("phash").to_numpy()
+    text_hash = meta.column("text_hash").to_numpy()
+    for j, src in enumerate(DUP_IMAGES):
+        assert hamming64(phash[[src]], int(phash[N_BASE + j]))[0] <= 6
+    for j, src in enumerate(DUP_TEXTS):   # upper-cased + trailing spaces: same normalised text
+        assert text_hash[src] == text_hash[N_BASE + len(DUP_IMAGES) + j]
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW32"])
+def test_store_exact_and_faiss_agree(index_dir, factory):
+    pytest.importorskip("faiss")
+    exact = IndexStore(index_dir)
+    approx = IndexStore(index_dir, backend="faiss", faiss_factory=factory)
+    q = np.load(os.path.join(index_dir, "text_embeddings.npy"))[:10]
+    for modality in ("image", "text"):
+        for v in q:
+            a, b = exact.search(v, modality, 5), approx.search(v, modality, 5)
+            np.testing.assert_allclose([h["score"] for h in a], [h["score"] for h in b], atol=1e-5)
+            for x, y in zip(a, b):   # same ids, except that equal scores (duplicate texts) may swap
+                assert x["id"] == y["id"] or abs(x["score"] - y["score"]) < 1e-5
+
+
+def test_search_many_equals_one_by_one(index_dir):
+    store = IndexStore(index_dir)
+    img = np.load(os.path.join(index_dir, "image_embeddings.npy"))
+    queries = [(img[i], m, k, d) for i, (m, k, d) in enumerate(
+        [("image", 3, False), ("text", 5, True), ("image", 7, True), ("text", 1, False)])]
+    together = store.search_many(queries)
+    for q, hits in zip(queries, together):
+        alone = store.search(*q)
+        assert [h["id"] for h in hits] == [h["id"] for h in alone]
+        assert len(hits) == q[2]
+
+
+def test_store_dedup_keeps_k_and_drops_copies(index_dir):
+    store = IndexStore(index_dir)
+    img = np.load(os.path.join(index_dir, "image_embeddings.npy"))
+    src = DUP_IMAGES[0]
+    plain = [h["id"] for h in store.search(img[src], "image", 5)]
+    assert plain[:2] == [src, N_BASE]                     # the image, then its re-encoded copy
+    dedup = [h["id"] for h in store.search(img[src], "image", 5, dedup=True)]
+    assert len(dedup) == 5 and dedup[0] == src and N_BASE not in dedup
+    txt = np.load(os.path.join(index_dir, "text_embeddings.npy"))
+    tsrc, tcopy = DUP_TEXTS[0], N_BASE + len(DUP_IMAGES)
+    dedup = [h["id"] for h in store.search(txt[tsrc], "text", 5, dedup=True)]
+    assert len(dedup) == 5 and not {tsrc, tcopy} <= set(dedup)
+    every = [h["id"] for h in store.search(txt[tsrc], "text", len(store), dedup=True)]
+    assert len(every) == len(store) - len(DUP_TEXTS)     # exactly the equal-text copies go
+
+
+def test_store_loads_from_s3(index_dir, s3):
+    from align_ray import storage
+
+    s3.create_bucket(Bucket="serve-index")
+    fs, base = storage.filesystem("s3://serve-index/idx")
+    for name in os.listdir(index_dir):
+        if os.path.isfile(os.path.join(index_dir, name)):
+            storage.write_bytes(fs, storage.join(base, name), open(os.path.join(index_dir, name), "rb").read())
+    remote, local = IndexStore("s3://serve-index/idx"), IndexStore(index_dir)
+    q = np.load(os.path.join(index_dir, "image_embeddings.npy"))[5]
+    assert remote.search(q, "image", 4) == local.search(q, "image", 4)
+    assert remote.thumbnail(5) == local.thumbnail(5)
+
+
+def test_resolve_input_stage_layout_and_errors(tmp_path):
+    stage = tmp_path / "stage" / "parquet"
+    stage.mkdir(parents=True)
+    pq.write_table(pa.table({"key": ["0"], "url": ["u"], "text": ["t"], "jpg": [b"x"],
+                             "phash": pa.array([1], pa.uint64()),
+                             "text_hash": pa.array([2], pa.uint64())}), stage / "s0.parquet")
+    files, _, image_col, extra = resolve_input(IndexConfig(data=str(tmp_path / "stage")))
+    assert files[0].endswith("s0.parquet") and image_col == "jpg"
+    assert extra == ["key", "url", "phash", "text_hash"]
+    with pytest.raises(ValueError, match="caption"):
+        resolve_input(IndexConfig(data=str(tmp_path / "stage"), text_col="caption"))
+    with pytest.raises(FileNotFoundError):
+        resolve_input(IndexConfig(data=str(tmp_path / "nothing")))
+
+
+def test_cli_index_errors_exit_2_before_ray(tmp_path, capsys):
+    from align_ray.cli import main
+
+    assert main(["index", "--model", "m", "--data", str(tmp_path), "--output", "o"]) == 2
+    assert "no parquet files" in capsys.readouterr().err
+    assert main(["index", "--data", str(tmp_path)]) == 2
+    assert main(["serve", "--model", str(tmp_path)]) == 2
+    assert "not a saved model" in capsys.readouterr().err
