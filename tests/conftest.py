@@ -38,6 +38,21 @@ os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}", AWS_ACCESS_KEY
 REPO = Path(__file__).resolve().parents[1]
 
 
+def shared_dir() -> Path:
+    """The read-only shared folder (dev data set, KubeRay CRDs): $ALIGN_RAY_SHARED, or a
+    ``shared/`` inside or next to the checkout, or the workplace's /work/shared."""
+    env = os.environ.get("ALIGN_RAY_SHARED")
+    for cand in ([Path(env)] if env else []) + [REPO / "shared", REPO.parent / "shared",
+                                                Path("/work/shared")]:
+        if (cand / "data").is_dir() or (cand / "kuberay").is_dir():
+            return cand
+    return REPO.parent / "shared"
+
+
+SHARED = shared_dir()
+DEV_SET = SHARED / "data" / "emoji_noto_dev.parquet"
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One real local Ray cluster for the whole session."""

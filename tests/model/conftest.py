@@ -8,8 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from align_ray.model import train_wordpiece
+from tests.conftest import DEV_SET
 
-DEV = Path("/work/shared/data/emoji_noto_dev.parquet")
+DEV = DEV_SET
 
 
 @pytest.fixture(scope="session")

@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import DEV_SET, free_port
 
-EMOJI = "/work/shared/data/emoji_noto_dev.parquet"
+EMOJI = str(DEV_SET)
 N_BASE = 40            # distinct emoji pairs in the corpus
 DUP_IMAGES = (3, 5)    # these rows' images reappear (re-encoded) with another caption
 DUP_TEXTS = (7, 9)     # these rows' captions reappear on another image
