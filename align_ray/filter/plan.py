@@ -136,7 +136,7 @@ def build(rows: ray.data.Dataset, cfg: FilterConfig, eval_hashes: np.ndarray,
                          batch_format="pyarrow", batch_size=None).materialize()
     pairs = counts_lib.pair_table(m, "img_id", "text_hash", npart, key="key_id").materialize()
     images = _renamed(counts_lib.per_key(pairs, "img_id", npart),
-                      {"n": "n_texts", "rows": "image_rows"})
+                      {"n": "n_texts", "rows": "image_rows"}).materialize()  # + the report
     texts = _renamed(counts_lib.per_key(pairs, "text_hash", npart),
                      {"n": "n_images", "rows": "text_rows"})
     info: dict = {}

@@ -1,0 +1,140 @@
+"""``TrainConfig``: one typed config for ``align-ray train`` (defaults < YAML < CLI flags).
+
+Model presets: the default ``model`` is :meth:`ModelConfig.tiny` (efficientnet_b0 at 64 px, 2-layer
+128-wide BERT, **temperature_init 0.07**, CLIP's) because it learns in a few hundred steps (tests,
+demo, CPU runs).  ALIGN-faithful long runs use ``model: {preset: align}`` in the YAML (EfficientNet,
+BERT-base-sized text tower, **temperature_init 1.0**) with ``optimizer: lamb, lr: 1e-3``.  A ``model:`` mapping without ``preset`` is
+applied on ``ModelConfig``'s own defaults (224 px, temperature 1.0); ``preset: tiny`` plus keys
+overrides the tiny preset, e.g.::
+
+    model: {preset: tiny, image_size: 96, temperature_init: 1.0}
+
+``loss`` / ``label_smoothing`` here are the source of truth and are copied into ``model`` (whose
+``loss`` decides whether the model owns the SigLIP ``logit_bias``).
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from dataclasses import dataclass, field
+
+from align_ray.model.config import ModelConfig
+
+OPTIMIZERS = ("lamb", "adamw")
+SCHEDULES = ("linear", "cosine", "constant")
+LOSSES = {"infonce": "clip", "clip": "clip", "siglip": "siglip"}
+
+
+@dataclass
+class TrainConfig:
+    """Contrastive training of the dual encoder on Ray Train.
+
+    data: parquet inputs: a stage output DIR (reads DIR/parquet), a parquet file, folder or glob;
+        local or ``s3://``.  image_col/text_col: image bytes (any PIL format) and caption columns.
+    Validation (periodic + final eval), first match wins: ``val_data`` (separate parquet); else
+        ``split_col`` (rows with ``train_split`` train, rows with ``val_split`` validate); else
+        ``val_fraction`` of the rows, chosen by a hash of the caption (so no val caption is ever a
+        training caption); else no validation.  ``val_match_col``: rows sharing its value count as
+        correct for each other (default: the caption itself).
+    output: run directory (model/, metrics.jsonl, TensorBoard events, curves.png, eval.json).
+        Must be local (or shared, for multi-node runs) since rank 0 writes metrics there.
+    storage_path: where Ray Train keeps checkpoints (local or ``s3://``); default OUTPUT/checkpoints.
+        Re-running with the same (storage_path, name) resumes from the latest checkpoint.
+    batch_size: per worker; global batch = batch_size * workers (the gathered negatives).
+    steps: total optimizer steps (epochs repeat as needed).
+    optimizer: "adamw" (default, lr 5e-4: learns in a few hundred steps) or "lamb" (ALIGN-faithful:
+        timm Lamb, lr 1e-3, for long large-batch runs; measured on the dev set, LAMB at lr 1e-3 left
+        the loss at chance, ln(64), for 120 steps where AdamW 5e-4 fell to 3.75).  weight_decay
+        (ALIGN 1e-5) skips biases, norms, the temperature and the SigLIP bias.  schedule: "linear" (warm-up then linear decay to
+        ``min_lr_ratio * lr``, ALIGN), "cosine" or "constant" (after warm-up).
+    loss: "infonce" (symmetric, label smoothing) or "siglip" (pairwise sigmoid, learnable bias).
+    checkpoint_every: steps between checkpoints (a final one is always written).
+    eval_every: steps between validation retrieval evals on rank 0 (0 = only the final eval).
+    bf16: autocast to bfloat16 on GPU (ignored on CPU).
+    data_workers / data_cpus: Ray Data actors that decode, augment and tokenize, CPUs each.
+    """
+
+    data: list[str] = field(default_factory=list)
+    image_col: str = "jpg"
+    text_col: str = "text"
+    val_data: list[str] = field(default_factory=list)
+    split_col: str | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    val_fraction: float = 0.0
+    val_match_col: str | None = None
+    val_max_rows: int = 5000
+    output: str = ""
+    storage_path: str | None = None
+    name: str = "align"
+    workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    batch_size: int = 64
+    steps: int = 500
+    lr: float = 5e-4
+    weight_decay: float = 1e-5
+    optimizer: str = "adamw"
+    schedule: str = "linear"
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    loss: str = "infonce"
+    label_smoothing: float = 0.1
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    eval_every: int = 0
+    eval_batch_size: int = 128
+    max_failures: int = 3
+    seed: int = 0
+    bf16: bool = True
+    data_workers: int = 2
+    data_cpus: float = 1.0
+    data_batch_size: int = 64
+    shuffle_buffer: int = 512
+    max_image_pixels: int = 1 << 26
+    model: ModelConfig = field(default_factory=ModelConfig.tiny)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = ModelConfig(**self.model)
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        if isinstance(self.val_data, str):
+            self.val_data = [self.val_data]
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be 'infonce' or 'siglip', got {self.loss!r}")
+        for name in ("workers", "batch_size", "steps", "checkpoint_every", "keep_checkpoints",
+                     "log_every", "data_workers", "data_batch_size", "eval_batch_size"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.warmup_steps < 0 or self.eval_every < 0 or self.max_failures < -1:
+            raise ValueError("warmup_steps/eval_every must be >= 0, max_failures >= -1")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError("val_fraction must be in [0, 1)")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError("label_smoothing must be in [0, 1)")
+        self.model.loss = LOSSES[self.loss]
+        self.model.label_smoothing = float(self.label_smoothing)
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.workers
+
+    def resolved_storage(self) -> str:
+        """The checkpoint storage URI (local absolute path or ``s3://...``)."""
+        if self.storage_path:
+            sp = self.storage_path
+            return sp if sp.startswith("s3://") else os.path.abspath(os.path.expanduser(sp))
+        if not self.output:
+            raise ValueError("output (or storage_path) is required")
+        return posixpath.join(os.path.abspath(os.path.expanduser(self.output)), "checkpoints")
+
+    def has_validation(self) -> bool:
+        return bool(self.val_data or self.split_col or self.val_fraction > 0)

@@ -1,0 +1,102 @@
+"""``align-ray eval``: a saved model (``save_pretrained`` dir) on a parquet of image bytes + captions.
+
+Streams the file(s) in record batches with pyarrow (local or ``s3://``; no Ray), embeds images and
+captions with :class:`~align_ray.model.pretrained.Embedder`, skips undecodable images (counted),
+then computes the exact retrieval metrics and, with ``classify_col``, zero-shot classification.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow.dataset as pads
+
+from align_ray.model.pretrained import Embedder
+from align_ray.train.evaluate import DEFAULT_TEMPLATES, retrieval_metrics, zero_shot_classify
+from align_ray.train.ingest import Selection, resolve_inputs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalConfig:
+    model: str = ""
+    data: list[str] = field(default_factory=list)
+    image_col: str = "image"
+    text_col: str = "text"
+    match_col: str | None = None
+    classify_col: str | None = None
+    templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
+    split_col: str | None = None
+    split: str | None = None
+    max_rows: int | None = None
+    batch_size: int = 128
+    device: str = "cpu"
+
+
+def _embed_images_skipping(embedder: Embedder, images: list) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings of the decodable images, boolean mask of which ones they are)."""
+    ok = np.ones(len(images), dtype=bool)
+    try:
+        return embedder.embed_images(images), ok
+    except ValueError:
+        pixels = []
+        for i, item in enumerate(images):
+            try:
+                if item is None:
+                    raise ValueError("missing image")
+                pixels.append(embedder.preprocess([item])[0])
+            except ValueError:
+                ok[i] = False
+        if not pixels:
+            return np.zeros((0, embedder.dim), np.float32), ok
+        return embedder.embed_pixels(np.stack(pixels)), ok
+
+
+def evaluate(cfg: EvalConfig, embedder: Embedder | None = None,
+             selection: Selection | None = None) -> dict[str, Any]:
+    embedder = embedder or Embedder.load(cfg.model, device=cfg.device, batch_size=cfg.batch_size)
+    if selection is None:
+        selection = (Selection(cfg.split_col, cfg.split) if cfg.split_col else Selection())
+    fs, files = resolve_inputs(cfg.data)
+    cols = list(dict.fromkeys([cfg.image_col, cfg.text_col, *selection.columns(),
+                               *[c for c in (cfg.match_col, cfg.classify_col) if c]]))
+    dataset = pads.dataset(files, filesystem=fs, format="parquet")
+    missing = [c for c in cols if c not in dataset.schema.names]
+    if missing:
+        raise ValueError(f"column(s) {missing} not in {cfg.data}; have {dataset.schema.names}")
+    imgs, txts, match, labels, skipped, n = [], [], [], [], 0, 0
+    for rb in dataset.to_batches(columns=cols, batch_size=cfg.batch_size):
+        d = rb.to_pydict()
+        texts = [t if isinstance(t, str) else "" for t in d[cfg.text_col]]
+        keep = selection.mask(texts, d.get(selection.split_col) if selection.split_col else None)
+        idx = np.flatnonzero(keep)
+        if cfg.max_rows is not None:
+            idx = idx[: max(0, cfg.max_rows - n)]
+        if len(idx) == 0:
+            if cfg.max_rows is not None and n >= cfg.max_rows:
+                break
+            continue
+        emb, ok = _embed_images_skipping(embedder, [d[cfg.image_col][i] for i in idx])
+        skipped += int((~ok).sum())
+        idx = idx[ok]
+        n += len(idx)
+        imgs.append(emb)
+        txts.append(embedder.embed_texts([texts[i] for i in idx]))
+        if cfg.match_col:
+            match.extend(d[cfg.match_col][i] for i in idx)
+        if cfg.classify_col:
+            labels.extend(d[cfg.classify_col][i] for i in idx)
+    if n == 0:
+        raise ValueError(f"no evaluable rows in {cfg.data}")
+    img, txt = np.concatenate(imgs), np.concatenate(txts)
+    out = retrieval_metrics(img, txt, match if cfg.match_col else None)
+    out["skipped_images"] = skipped
+    if skipped:
+        log.warning("eval: skipped %d undecodable image(s)", skipped)
+    if cfg.classify_col:
+        out["zero_shot"] = zero_shot_classify(embedder, img, labels, cfg.templates)
+    return out

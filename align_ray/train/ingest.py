@@ -1,0 +1,299 @@
+"""Ray Data ingest for training: parquet -> (decode, augment, tokenize on Ray Data CPU actors) ->
+numpy ``pixels`` [n,3,S,S] **uint8** (crop/flip/resize done; the trainer normalises with the
+model's mean/std on its device: 4x less data through the object store than float32), ``input_ids`` / ``attention_mask`` [n,L] int64, ``row_id`` int64
+(and ``match_id`` int64 for validation sets).
+
+* Inputs: a stage output DIR (its DIR/parquet), a parquet file, folder or glob; local or ``s3://``.
+* ``row_id`` = 64-bit BLAKE2b of (caption, image bytes): a stable identity per sample that the
+  checkpoint's data position uses to skip already-consumed samples on resume (checkpoint.py).
+* Held-out rows (``val_fraction``) are chosen by a hash of the *caption*, so no validation caption
+  is ever a training caption; the tokenizer is trained on training captions only.
+* Decoding runs as Ray Data tasks (``TaskPoolStrategy(size=data_workers)``, ``data_cpus`` each)
+  on the CPU workers, never in the trainers.
+* Undecodable images are skipped, never fatal: each worker logs its count and the distinct row_ids
+  are added to a named :class:`BadImageCounter` actor that ``run`` reads at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow.fs as pafs
+import ray
+
+from align_ray import storage
+from align_ray.model.tokenizer import load_tokenizer, train_wordpiece
+from align_ray.model.transforms import decode_rgb, eval_transform, train_transform
+
+log = logging.getLogger(__name__)
+_BUCKETS = 1_000_000
+
+
+def _hash64(*parts: bytes) -> int:
+    h = hashlib.blake2b(digest_size=8)
+    for p in parts:
+        h.update(len(p).to_bytes(8, "little"))
+        h.update(p)
+    return int.from_bytes(h.digest(), "little", signed=True)
+
+
+def row_id(text: str, image: bytes) -> int:
+    return _hash64(text.encode("utf-8", "replace"), image or b"")
+
+
+def value_id(value: Any) -> int:
+    """A stable int64 for a match value (str/number/None)."""
+    return _hash64(repr(value).encode("utf-8", "replace"))
+
+
+def text_bucket(text: str) -> int:
+    return (_hash64(text.encode("utf-8", "replace")) % _BUCKETS + _BUCKETS) % _BUCKETS
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which rows of the input a dataset keeps: rows whose ``split_col`` equals ``split_value``,
+    and/or the caption-hash holdout (``holdout=True`` keeps the held-out share, else the rest)."""
+
+    split_col: str | None = None
+    split_value: str | None = None
+    holdout_fraction: float = 0.0
+    holdout: bool = False
+
+    def columns(self) -> list[str]:
+        return [self.split_col] if self.split_col else []
+
+    def mask(self, texts: list[str], split_values: Any = None) -> np.ndarray:
+        keep = np.ones(len(texts), dtype=bool)
+        if self.split_col:
+            keep &= np.asarray([str(v) == self.split_value for v in split_values], dtype=bool)
+        if self.holdout_fraction > 0:
+            cut = int(self.holdout_fraction * _BUCKETS)
+            held = np.asarray([text_bucket(t) < cut for t in texts], dtype=bool)
+            keep &= held if self.holdout else ~held
+        return keep
+
+
+def selections(cfg) -> tuple[tuple[list[str], Selection], tuple[list[str], Selection] | None]:
+    """(train paths, selection), (val paths, selection) or None, per TrainConfig's val options."""
+    if cfg.val_data:
+        return (cfg.data, Selection()), (cfg.val_data, Selection())
+    if cfg.split_col:
+        return ((cfg.data, Selection(cfg.split_col, cfg.train_split)),
+                (cfg.data, Selection(cfg.split_col, cfg.val_split)))
+    if cfg.val_fraction > 0:
+        return ((cfg.data, Selection(holdout_fraction=cfg.val_fraction, holdout=False)),
+                (cfg.data, Selection(holdout_fraction=cfg.val_fraction, holdout=True)))
+    return (cfg.data, Selection()), None
+
+
+def resolve_inputs(paths: list[str]) -> tuple[pafs.FileSystem, list[str]]:
+    """One filesystem and the sorted parquet files behind ``paths`` (stage DIR -> DIR/parquet)."""
+    if not paths:
+        raise ValueError("no input data given (--data)")
+    fs0, files = None, []
+    for p in paths:
+        fs, path = storage.filesystem(p)
+        if fs0 is not None and type(fs) is not type(fs0):
+            raise ValueError("all inputs must be on one filesystem (all local or all s3://)")
+        fs0 = fs
+        sub = storage.join(path, "parquet")
+        if fs.get_file_info(sub).type == pafs.FileType.Directory:
+            path = sub
+        found = [f for f in storage.list_files(fs, path) if f.endswith(".parquet")]
+        if not found:
+            raise FileNotFoundError(f"no parquet files at {p}")
+        files.extend(found)
+    return fs0, sorted(dict.fromkeys(files))
+
+
+def iter_texts(paths: list[str], text_col: str, selection: Selection,
+               batch_size: int = 4096) -> Iterator[str]:
+    """Captions of the selected rows, streamed (only the text and split columns are read)."""
+    fs, files = resolve_inputs(paths)
+    cols = list(dict.fromkeys([text_col, *selection.columns()]))
+    ds = ray.data.read_parquet(files, filesystem=fs, columns=cols)
+    for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        texts = [t if isinstance(t, str) else "" for t in batch[text_col]]
+        split = batch[selection.split_col] if selection.split_col else None
+        for t, k in zip(texts, selection.mask(texts, split)):
+            if k and t:
+                yield t
+
+
+def build_tokenizer(cfg, paths: list[str], selection: Selection):
+    """The model's tokenizer: ``cfg.model.tokenizer`` / ``text_model``'s, else WordPiece trained on
+    the driver from the training captions (streamed, images never read)."""
+    src = cfg.model.tokenizer or cfg.model.text_model
+    if src:
+        return load_tokenizer(src, max_length=cfg.model.max_length)
+    return train_wordpiece(iter_texts(paths, cfg.text_col, selection), cfg.model.vocab_size,
+                           cfg.model.max_length)
+
+
+def tokenizer_files(tokenizer) -> dict[str, bytes]:
+    """The saved tokenizer as {file name: bytes}: small, picklable, shipped to Ray workers."""
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer.save_pretrained(d)
+        return {p.name: p.read_bytes() for p in Path(d).iterdir() if p.is_file()}
+
+
+def tokenizer_from_files(files: dict[str, bytes], max_length: int | None = None):
+    d = tempfile.mkdtemp(prefix="align-tok-")
+    for name, data in files.items():
+        Path(d, name).write_bytes(data)
+    return load_tokenizer(d, max_length=max_length)
+
+
+@ray.remote(num_cpus=0)
+class BadImageCounter:
+    """Distinct row_ids of undecodable images (a named actor, fire-and-forget adds)."""
+
+    def __init__(self) -> None:
+        self._ids: set[int] = set()
+
+    def add(self, ids: list[int]) -> None:
+        self._ids.update(ids)
+
+    def count(self) -> int:
+        return len(self._ids)
+
+
+class Preprocess:
+    """Select rows, decode + augment images, tokenize captions (one per Ray Data worker)."""
+
+    def __init__(self, *, image_col: str, text_col: str, selection: Selection, image_size: int,
+                 train: bool, tokenizer: dict[str, bytes],
+                 max_length: int, max_pixels: int, match_col: str | None = None,
+                 with_match: bool = False, counter: str | None = None) -> None:
+        self.image_col, self.text_col, self.selection = image_col, text_col, selection
+        self.match_col, self.with_match, self.size = match_col, with_match, image_size
+        self.max_length, self.max_pixels, self.counter = max_length, max_pixels, counter
+        self.tok = tokenizer_from_files(tokenizer, max_length)
+        # mean 0 / std 1/255 makes the transforms return the resized pixels as 0..255 floats
+        ident = ((0.0, 0.0, 0.0), (1 / 255.0,) * 3)
+        self.transform = (train_transform(image_size, *ident) if train
+                          else eval_transform(image_size, *ident))
+        self.bad_total = 0
+
+    def _report_bad(self, ids: list[int]) -> None:
+        self.bad_total += len(ids)
+        log.warning("skipped %d undecodable image(s) in this batch (%d so far in worker pid %d)",
+                    len(ids), self.bad_total, os.getpid())
+        if self.counter:
+            try:
+                ray.get_actor(self.counter).add.remote(ids)
+            except ValueError:  # counter gone (driver exited): the log line is all we have
+                pass
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        texts = [t if isinstance(t, str) else "" for t in batch[self.text_col]]
+        images = batch[self.image_col]
+        split = batch[self.selection.split_col] if self.selection.split_col else None
+        keep = self.selection.mask(texts, split)
+        pixels, ids, kept, bad = [], [], [], []
+        for i in np.flatnonzero(keep):
+            data = images[i]
+            rid = row_id(texts[i], bytes(data) if data is not None else b"")
+            try:
+                if data is None or len(data) == 0:
+                    raise ValueError("empty image")
+                arr = self.transform(decode_rgb(bytes(data), max_pixels=self.max_pixels))
+            except ValueError:
+                bad.append(rid)
+                continue
+            pixels.append(np.rint(arr).clip(0, 255).astype(np.uint8))
+            ids.append(rid)
+            kept.append(int(i))
+        if bad:
+            self._report_bad(bad)
+        n, L = len(kept), self.max_length
+        out: dict[str, np.ndarray] = {
+            "pixels": (np.stack(pixels) if n
+                       else np.zeros((0, 3, self.size, self.size), np.uint8)),
+            "row_id": np.asarray(ids, dtype=np.int64),
+        }
+        if n:
+            enc = self.tok([texts[i] for i in kept], padding="max_length", truncation=True,
+                           max_length=L, return_tensors="np", return_token_type_ids=False)
+            out["input_ids"] = enc["input_ids"].astype(np.int64)
+            out["attention_mask"] = enc["attention_mask"].astype(np.int64)
+        else:
+            out["input_ids"] = np.zeros((0, L), np.int64)
+            out["attention_mask"] = np.zeros((0, L), np.int64)
+        if self.with_match:
+            vals = batch[self.match_col] if self.match_col else np.asarray(texts, dtype=object)
+            out["match_id"] = np.asarray([value_id(vals[i]) for i in kept], dtype=np.int64)
+        return out
+
+
+def image_norm(model_cfg) -> tuple[tuple, tuple]:
+    """(mean, std) the model will be trained with: the config's, else the timm model's."""
+    import timm
+
+    from align_ray.model.transforms import MEAN, STD
+
+    mean, std = model_cfg.image_mean, model_cfg.image_std
+    if mean is None or std is None:
+        try:
+            pc = timm.models.get_pretrained_cfg(model_cfg.image_model)
+        except Exception:  # noqa: BLE001 - unknown/custom name: ImageNet defaults
+            pc = None
+        pm, ps = (getattr(pc, "mean", None), getattr(pc, "std", None)) if pc else (None, None)
+        ok = pm is not None and len(pm) == 3 and ps is not None and len(ps) == 3
+        mean = mean or (tuple(pm) if ok else MEAN)
+        std = std or (tuple(ps) if ok else STD)
+    return tuple(mean), tuple(std)
+
+
+_CACHE: dict[str, Preprocess] = {}
+
+
+def preprocess_batch(batch: dict[str, np.ndarray], *, cache_key: str, **kwargs) -> dict:
+    """Task-based ``map_batches`` function: one :class:`Preprocess` per worker process (cached),
+    so every epoch's re-execution of the pipeline reuses warm Ray workers (imports, tokenizer)
+    instead of starting a fresh actor pool."""
+    pre = _CACHE.get(cache_key)
+    if pre is None:
+        pre = _CACHE[cache_key] = Preprocess(**kwargs)
+    return pre(batch)
+
+
+def build_dataset(cfg, paths: list[str], selection: Selection, *, train: bool,
+                  tokenizer: dict[str, bytes], counter: str | None = None,
+                  with_match: bool = False, concurrency: int | None = None,
+                  num_cpus: float | None = None) -> "ray.data.Dataset":
+    """Lazy Dataset of preprocessed samples for training (``train=True``) or evaluation.
+
+    Training reads the files in a new random order every epoch (``FileShuffleConfig`` reseeded
+    per execution; rows are mixed further by the loop's local shuffle buffer) -- no all-to-all
+    shuffle, so the first batch never waits for the whole dataset to be read."""
+    from ray.data import FileShuffleConfig
+
+    fs, files = resolve_inputs(paths)
+    match_col = cfg.val_match_col if with_match else None
+    cols = list(dict.fromkeys([cfg.image_col, cfg.text_col, *selection.columns(),
+                               *([match_col] if match_col else [])]))
+    shuffle = FileShuffleConfig(seed=cfg.seed, reseed_after_execution=True) if train else None
+    ds = ray.data.read_parquet(files, filesystem=fs, columns=cols, shuffle=shuffle)
+    kwargs = dict(
+        image_col=cfg.image_col, text_col=cfg.text_col, selection=selection,
+        image_size=cfg.model.image_size, train=train,
+        tokenizer=tokenizer, max_length=cfg.model.max_length,
+        max_pixels=cfg.max_image_pixels, match_col=match_col, with_match=with_match,
+        counter=counter)
+    key = hashlib.sha1(repr(sorted((k, v) for k, v in kwargs.items() if k != "tokenizer"))
+                       .encode() + b"".join(tokenizer[k] for k in sorted(tokenizer))).hexdigest()
+    return ds.map_batches(
+        preprocess_batch, fn_kwargs=dict(cache_key=key, **kwargs),
+        batch_size=cfg.data_batch_size, batch_format="numpy",
+        compute=ray.data.TaskPoolStrategy(size=concurrency or cfg.data_workers),
+        num_cpus=cfg.data_cpus if num_cpus is None else num_cpus,
+    )

@@ -1,0 +1,263 @@
+"""``train_loop_per_worker``: the contrastive training loop that every Ray Train worker runs.
+
+Per step: next batch of the worker's Ray Data shard (decoded/augmented/tokenized upstream) -> both
+towers (bf16 autocast on GPU) -> loss against the embeddings gathered from all workers (local loss +
+gather with grad) -> backward (DDP averages) -> clip -> optimizer + schedule step.  Rank 0 logs
+metrics every ``log_every`` steps and runs the validation retrieval eval every ``eval_every``;
+checkpoints every ``checkpoint_every`` steps and at the end (see checkpoint.py for the data position).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from contextlib import nullcontext
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from align_ray.model import DualEncoder, build_loss, unwrap
+from align_ray.train import checkpoint as ckpt_lib
+from align_ray.train.config import TrainConfig
+from align_ray.train.evaluate import retrieval_metrics
+from align_ray.train.ingest import image_norm
+from align_ray.train.metrics import MetricsLogger
+from align_ray.train.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+def _without(it: Iterator[dict], skip: np.ndarray | None, batch_size: int) -> Iterator[dict]:
+    """Batches of ``it`` minus the rows whose ``row_id`` is in ``skip``, re-batched to full size
+    (the trailing partial batch is dropped)."""
+    if skip is None or len(skip) == 0:
+        yield from it
+        return
+    buf: dict[str, list[torch.Tensor]] = {}
+    have = 0
+    for batch in it:
+        keep = torch.from_numpy(~np.isin(batch["row_id"].numpy(), skip))
+        if not bool(keep.any()):
+            continue
+        for k, v in batch.items():
+            buf.setdefault(k, []).append(v[keep])
+        have += int(keep.sum())
+        while have >= batch_size:
+            cat = {k: torch.cat(v) for k, v in buf.items()}
+            yield {k: v[:batch_size] for k, v in cat.items()}
+            buf = {k: [v[batch_size:]] for k, v in cat.items()}
+            have -= batch_size
+
+
+def _all_agree(have_batch: bool, device: torch.device) -> bool:
+    """True when every rank has a batch (epochs end on all ranks at the same step)."""
+    flag = torch.tensor([1 if have_batch else 0], dtype=torch.int32, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _gather_ids(local: np.ndarray, device: torch.device) -> np.ndarray:
+    """All ranks' consumed row ids (equal counts on every rank: same steps x same batch)."""
+    t = torch.from_numpy(local.astype(np.int64)).to(device)
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return local
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return torch.cat(out).cpu().numpy()
+
+
+def _gather_rng() -> list[dict]:
+    state = ckpt_lib.rng_state()
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [state]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, state)
+    return out
+
+
+class Normalize:
+    """uint8 [B,3,S,S] from the data workers -> float32 normalised with the model's mean/std."""
+
+    def __init__(self, model_cfg, device: torch.device) -> None:
+        mean, std = image_norm(model_cfg)
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0
+        self.device = device
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels.to(self.device, non_blocking=True).float() - self.mean) / self.std
+
+
+def _validate(model: DualEncoder, shard, device: torch.device, cfg: TrainConfig, amp) -> dict:
+    model.eval()
+    norm = Normalize(cfg.model, device)
+    imgs, txts, match = [], [], []
+    with torch.no_grad(), amp():
+        for b in shard.iter_torch_batches(batch_size=cfg.eval_batch_size, device="cpu"):
+            imgs.append(model.encode_image(norm(b["pixels"])).float().cpu().numpy())
+            txts.append(model.encode_text(b["input_ids"].to(device),
+                                          b["attention_mask"].to(device)).float().cpu().numpy())
+            match.append(b["match_id"].numpy())
+    model.train()
+    if not imgs:
+        return {}
+    m = retrieval_metrics(np.concatenate(imgs), np.concatenate(txts), np.concatenate(match))
+    out = {"val/n": m["n"]}
+    for direction in ("image_to_text", "text_to_image"):
+        for k, v in m[direction].items():
+            out[f"val/{direction}/{k}"] = v
+    return out
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    cfg: TrainConfig = config["cfg"]
+    step_hook: Callable[[int, int], None] | None = config.get("step_hook")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    use_bf16 = bool(cfg.bf16 and device.type == "cuda")
+
+    def amp():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+    torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
+    model = DualEncoder(cfg.model, config["vocab_size"])
+    ddp = ray.train.torch.prepare_model(model)
+    core = unwrap(ddp)
+    optimizer = build_optimizer(core, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    loss_fn = build_loss(cfg.model, core)
+    G = cfg.global_batch
+
+    state, history = ckpt_lib.TrainState(global_batch=G, world_size=world), []
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        with resume.as_directory() as d:
+            state, history = ckpt_lib.load(d, model=core, optimizer=optimizer,
+                                           scheduler=scheduler, rank=rank)
+        state.restarts += 1
+        state.resumed_from_step = state.step
+        if state.global_batch != G:
+            log.warning("resuming with global batch %d (checkpoint: %d)", G, state.global_batch)
+            state.global_batch = G
+        state.world_size = world
+    else:
+        torch.manual_seed(cfg.seed * 1000 + rank)  # per-rank dropout streams
+        np.random.seed(cfg.seed * 1000 + rank)
+
+    logger = None
+    if rank == 0:
+        logger = MetricsLogger(cfg.output, history=history,
+                               purge_step=state.step + 1 if resume is not None else None)
+    val_shard = ray.train.get_dataset_shard("val") if config.get("has_val") else None
+    params = [p for p in ddp.parameters() if p.requires_grad]
+    normalize = Normalize(cfg.model, device)
+
+    skip = state.epoch_consumed if len(state.epoch_consumed) else None
+    new_ids: list[np.ndarray] = []
+    win = {"loss": 0.0, "n": 0, "wait": 0.0, "t0": time.perf_counter()}
+    last: dict[str, Any] = {}
+    ddp.train()
+    while state.step < cfg.steps:
+        shard = ray.train.get_dataset_shard("train")
+        it = shard.iter_torch_batches(
+            batch_size=cfg.batch_size, drop_last=True, device="cpu",
+            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+            local_shuffle_seed=cfg.seed * 100_003 + state.epoch * 1_009 + rank * 7 + state.restarts)
+        batches = _without(iter(it), skip, cfg.batch_size)
+        steps_in_epoch = 0
+        while state.step < cfg.steps:
+            t_wait = time.perf_counter()
+            batch = next(batches, None)
+            if not _all_agree(batch is not None, device):
+                break
+            win["wait"] += time.perf_counter() - t_wait
+            pixels = normalize(batch["pixels"])
+            ids = batch["input_ids"].to(device, non_blocking=True)
+            mask = batch["attention_mask"].to(device, non_blocking=True)
+            with amp():
+                img, txt, temp = ddp(pixels, ids, mask)
+            loss = loss_fn(img.float(), txt.float(), temp.float())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                         if cfg.grad_clip > 0 else torch.zeros(()))
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            state.step += 1
+            steps_in_epoch += 1
+            state.samples_seen += G
+            new_ids.append(batch["row_id"].numpy())
+            win["loss"] += float(loss.detach())
+            win["n"] += 1
+            if step_hook is not None:
+                step_hook(state.step, rank)
+
+            final = state.step == cfg.steps
+            if state.step % cfg.log_every == 0 or final:
+                stats = torch.tensor([win["loss"], win["n"], win["wait"]], dtype=torch.float64,
+                                     device=device)
+                if world > 1:
+                    dist.all_reduce(stats)
+                elapsed = time.perf_counter() - win["t0"]
+                n = max(1, win["n"])
+                last = {"step": state.step, "epoch": state.epoch, "samples_seen": state.samples_seen,
+                        "loss": float(stats[0]) / float(stats[1]),
+                        "temperature": float(core.temperature.detach()),
+                        "lr": float(lr), "grad_norm": float(grad_norm),
+                        "samples_per_s": win["n"] * G / max(elapsed, 1e-9),
+                        "data_wait_s": float(stats[2]) / float(stats[1]),
+                        "step_time_s": elapsed / n}
+                if logger is not None:
+                    logger.log(last)
+                win = {"loss": 0.0, "n": 0, "wait": 0.0, "t0": time.perf_counter()}
+            if val_shard is not None and rank == 0 and (
+                    final or (cfg.eval_every and state.step % cfg.eval_every == 0)):
+                rec = _validate(core, val_shard, device, cfg, amp)
+                if rec and logger is not None:
+                    logger.log({"step": state.step, **rec})
+                win["t0"] = time.perf_counter()
+            if state.step % cfg.checkpoint_every == 0 or final:
+                ids_now = _gather_ids(np.concatenate(new_ids) if new_ids
+                                      else np.zeros(0, np.int64), device)
+                state.epoch_consumed = np.union1d(state.epoch_consumed, ids_now)
+                new_ids = []
+                rngs = _gather_rng()
+                _report(state, last, rank, core, optimizer, scheduler, rngs,
+                        logger.history if logger is not None else [])
+        else:
+            break  # steps reached inside this epoch
+        if steps_in_epoch == 0 and skip is None:  # a fresh epoch gave nothing (same on all ranks)
+            raise RuntimeError(
+                f"the training data gives no full global batch ({G} = {cfg.batch_size} x "
+                f"{world} decodable rows) in an epoch; add data or lower batch_size/workers")
+        state.epoch += 1
+        state.epoch_consumed = np.zeros(0, np.int64)
+        new_ids, skip = [], None
+    if logger is not None:
+        logger.close()
+
+
+def _report(state: ckpt_lib.TrainState, last: dict, rank: int, model, optimizer, scheduler,
+            rngs: list[dict], history: list[dict]) -> None:
+    metrics = {"step": state.step, "samples_seen": state.samples_seen, "epoch": state.epoch,
+               "restarts": state.restarts, **{k: v for k, v in last.items() if k == "loss"}}
+    name = f"step_{state.step:08d}" + (f"-r{state.restarts}" if state.restarts else "")
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory(prefix="align-ckpt-") as d:
+        ckpt_lib.save(d, model=model, optimizer=optimizer, scheduler=scheduler, state=state,
+                      rng_states=rngs, metrics=history)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_dir_name=name)

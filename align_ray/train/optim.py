@@ -1,0 +1,63 @@
+"""Optimizer and learning-rate schedule (ALIGN: LAMB, weight decay 1e-5, linear warm-up + decay).
+
+Weight decay applies to weight matrices/kernels only: biases, norm parameters, the temperature and
+the SigLIP bias (every parameter with ``ndim <= 1``, or named ``*.bias`` / ``*norm*``) get none.
+LAMB's own global-norm clipping is off (``max_grad_norm=None``): the loop clips once, with
+``grad_clip``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def no_decay(name: str, p: torch.Tensor) -> bool:
+    low = name.lower()
+    return (p.ndim <= 1 or low.endswith(".bias") or "norm" in low or "temperature" in low
+            or "logit_bias" in low)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, skip = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (skip if no_decay(name, p) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": skip, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "lamb":
+        from timm.optim import Lamb
+
+        return Lamb(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, max_grad_norm=None)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, *, total: int, warmup: int, schedule: str, min_ratio: float = 0.0) -> float:
+    """Multiplier of the base lr for the update that follows ``step`` completed steps."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total - warmup)
+    frac = min(1.0, max(0.0, (step - warmup) / span))
+    if schedule == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * frac))
+    else:  # linear decay (ALIGN)
+        shape = 1.0 - frac
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = min(cfg.warmup_steps, max(0, cfg.steps - 1))
+
+    def fn(step: int) -> float:
+        return lr_factor(step, total=cfg.steps, warmup=warmup, schedule=cfg.schedule,
+                         min_ratio=cfg.min_lr_ratio)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

@@ -1,0 +1,166 @@
+"""``run(cfg) -> dict``: tokenizer -> Ray Data ingest -> ``TorchTrainer.fit`` -> export + final eval.
+
+Writes OUTPUT/model (``save_pretrained``), OUTPUT/metrics.jsonl, OUTPUT/tb (TensorBoard events),
+OUTPUT/curves.png and OUTPUT/eval.json; checkpoints live under ``storage_path/name``.  Running
+again with the same (storage_path, name) resumes from the latest checkpoint (Train V2: no
+``resume_from_checkpoint``; the tokenizer saved next to the checkpoints is reused so token ids
+never change across a resume).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from align_ray import storage
+from align_ray.model import DualEncoder, save_pretrained
+from align_ray.train import checkpoint as ckpt_lib
+from align_ray.train import ingest
+from align_ray.train.config import TrainConfig
+from align_ray.train.eval_parquet import EvalConfig, evaluate
+from align_ray.train.loop import train_loop_per_worker
+from align_ray.train.metrics import plot_curves
+
+log = logging.getLogger(__name__)
+
+
+def cpus_needed(cfg: TrainConfig) -> int:
+    """Logical CPUs a local cluster needs: train workers + data actors + one for the rest."""
+    return math.ceil(cfg.workers * cfg.cpus_per_worker + cfg.data_workers * cfg.data_cpus + 1)
+
+
+def ensure_ray(cfg: TrainConfig, address: str | None = None) -> None:
+    """Join/start Ray; a local start gets enough logical CPUs for the workers and the data actors
+    (Ray Data only uses what Train leaves; on a 2-core box the defaults would otherwise starve)."""
+    from align_ray import ray_env
+
+    if ray.is_initialized():
+        return
+    if address in (None, "local") and not os.environ.get("RAY_ADDRESS"):
+        try:
+            ray_env.init(address, num_cpus=max(os.cpu_count() or 1, cpus_needed(cfg)))
+            return
+        except ValueError:  # address=None found a running cluster: resources are its own
+            pass
+    ray_env.init(address)
+
+
+def _tokenizer(cfg: TrainConfig, paths: list[str], sel: ingest.Selection) -> tuple[Any, dict]:
+    """The run's tokenizer, saved under storage_path/name/tokenizer on first use and reused."""
+    fs, base = storage.filesystem(cfg.resolved_storage())
+    tdir = storage.join(base, cfg.name, "tokenizer")
+    if storage.exists(fs, tdir):
+        files = {posixpath_name(p): storage.read_bytes(fs, p) for p in storage.list_files(fs, tdir)}
+        return ingest.tokenizer_from_files(files, cfg.model.max_length), files
+    tok = ingest.build_tokenizer(cfg, paths, sel)
+    files = ingest.tokenizer_files(tok)
+    for name, data in files.items():
+        storage.write_bytes(fs, storage.join(tdir, name), data)
+    return tok, files
+
+
+def posixpath_name(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def build_trainer(cfg: TrainConfig, datasets: dict, vocab_size: int,
+                  step_hook: Callable[[int, int], None] | None = None) -> TorchTrainer:
+    uri = cfg.resolved_storage()
+    fs_kwargs: dict[str, Any] = {}
+    if uri.startswith("s3://"):
+        fs, path = storage.filesystem(uri)
+        fs_kwargs = {"storage_path": path, "storage_filesystem": fs}
+    else:
+        fs_kwargs = {"storage_path": uri}
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg, "vocab_size": vocab_size, "has_val": "val" in datasets,
+                           "step_hook": step_hook},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=cfg.name,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            **fs_kwargs),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def run(cfg: TrainConfig, *, step_hook: Callable[[int, int], None] | None = None,
+        address: str | None = None) -> dict[str, Any]:
+    """Train (or resume) and export; returns final metrics and paths."""
+    if not cfg.output:
+        raise ValueError("output is required")
+    out = Path(os.path.abspath(os.path.expanduser(cfg.output)))
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.output = str(out)
+    ensure_ray(cfg, address)
+    t0 = time.perf_counter()
+    (train_paths, train_sel), val = ingest.selections(cfg)
+    tokenizer, tok_files = _tokenizer(cfg, train_paths, train_sel)
+    vocab_size = len(tokenizer)
+    log.info("train: tokenizer (%d tokens) ready in %.1fs", vocab_size, time.perf_counter() - t0)
+
+    counter_name = f"align-bad-images-{uuid.uuid4().hex[:8]}"
+    counter = ingest.BadImageCounter.options(name=counter_name).remote()
+    datasets = {"train": ingest.build_dataset(cfg, train_paths, train_sel, train=True,
+                                              tokenizer=tok_files, counter=counter_name)}
+    if val is not None:
+        # Preprocessed once, before training: periodic evals then read the object store and never
+        # compete with the training pipeline's actors for CPUs.
+        datasets["val"] = ingest.build_dataset(
+            cfg, val[0], val[1], train=False, tokenizer=tok_files, counter=counter_name,
+            with_match=True, concurrency=1).limit(cfg.val_max_rows).materialize()
+    log.info("train: datasets ready in %.1fs", time.perf_counter() - t0)
+    try:
+        result = build_trainer(cfg, datasets, vocab_size, step_hook).fit()
+        bad = int(ray.get(counter.count.remote()))
+    finally:
+        ray.kill(counter)
+    log.info("train: fit done in %.1fs", time.perf_counter() - t0)
+    if bad:
+        log.warning("train: skipped %d undecodable training/validation image(s)", bad)
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+
+    model = DualEncoder(cfg.model, vocab_size)
+    with result.checkpoint.as_directory() as d:
+        state, history = ckpt_lib.load(d, model=model)
+    model_dir = save_pretrained(model, tokenizer, model.cfg, str(out / "model"))
+    (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
+    curves = plot_curves(history, out / "curves.png")
+
+    final: dict[str, Any] = {}
+    if val is not None:
+        final = evaluate(EvalConfig(model=model_dir, data=val[0], image_col=cfg.image_col,
+                                    text_col=cfg.text_col, match_col=cfg.val_match_col,
+                                    max_rows=cfg.val_max_rows), selection=val[1])
+    log.info("train: export + final eval done in %.1fs", time.perf_counter() - t0)
+    train_logs = [m for m in history if "loss" in m]
+    summary = {
+        "step": state.step, "epoch": state.epoch, "samples_seen": state.samples_seen,
+        "global_batch": state.global_batch, "restarts": state.restarts,
+        "resumed_from_step": state.resumed_from_step, "bad_images_skipped": bad,
+        "epoch_samples_consumed": int(len(state.epoch_consumed)),
+        "final_loss": train_logs[-1]["loss"] if train_logs else None,
+        "temperature": train_logs[-1]["temperature"] if train_logs else None,
+        "eval": final, "model_dir": model_dir, "output": str(out),
+        "metrics": str(out / "metrics.jsonl"), "curves": str(curves) if curves else None,
+        "checkpoint": result.checkpoint.path,
+    }
+    (out / "eval.json").write_text(json.dumps(
+        {**final, "step": state.step, "samples_seen": state.samples_seen}, indent=1))
+    return summary

@@ -1,0 +1,40 @@
+"""``align-ray train`` argument errors (before Ray starts) and ``align-ray eval`` output (no Ray)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from align_ray.cli import main
+from align_ray.model import DualEncoder, ModelConfig, save_pretrained
+from align_ray.model.tokenizer import train_wordpiece
+
+
+def test_train_rejects_missing_inputs(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path / "nope.parquet"), "--output",
+                 str(tmp_path / "run")]) == 2
+    assert "no parquet files" in capsys.readouterr().err
+    assert main(["train", "--output", str(tmp_path / "run")]) == 2
+
+
+def test_eval_prints_one_json(small_parquet, tmp_path, capsys):
+    tok = train_wordpiece(["grinning face", "red apple", "a photo of a cat"], 200, 32)
+    cfg = ModelConfig.tiny(embed_dim=16, max_length=32)
+    torch.manual_seed(0)
+    model = DualEncoder(cfg, len(tok))
+    save_pretrained(model, tok, model.cfg, str(tmp_path / "m"))
+    rc = main(["eval", "--model", str(tmp_path / "m"), "--data", small_parquet,
+               "--text-col", "alt_text", "--match-col", "concept", "--classify-col", "label",
+               "--split-col", "dev_split", "--split", "val"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n"] == 32 and out["skipped_images"] == 0
+    for d in ("image_to_text", "text_to_image"):
+        assert set(out[d]) == {"R@1", "R@5", "R@10", "mean_rank", "median_rank"}
+    assert set(out["zero_shot"]) >= {"top1", "top5"} and out["zero_shot"]["classes"] == 32
+    # the undecodable training row is skipped and counted, not fatal
+    rc = main(["eval", "--model", str(tmp_path / "m"), "--data", small_parquet,
+               "--text-col", "alt_text", "--split-col", "dev_split", "--split", "train",
+               "--max-rows", "70"])
+    assert rc == 0 and json.loads(capsys.readouterr().out)["skipped_images"] == 1

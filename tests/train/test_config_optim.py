@@ -1,0 +1,67 @@
+"""TrainConfig loading (nested ModelConfig presets), the lr schedule, weight-decay groups, and the
+loop's resume filter (no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from align_ray.config import load
+from align_ray.model import DualEncoder, ModelConfig
+from align_ray.train.config import TrainConfig
+from align_ray.train.loop import _without
+from align_ray.train.optim import build_optimizer, lr_factor, param_groups
+
+
+def test_defaults_learn_and_yaml_presets(tmp_path):
+    cfg = TrainConfig()
+    assert cfg.model.temperature_init == 0.07 and cfg.model.image_size == 64  # short-run default
+    y = tmp_path / "t.yaml"
+    y.write_text("steps: '7'\nloss: siglip\nmodel: {preset: align, image_size: 96}\n")
+    cfg = load(TrainConfig, str(y), data=["a.parquet"], batch_size=None)
+    assert (cfg.steps, cfg.batch_size, cfg.data) == (7, 64, ["a.parquet"])
+    assert cfg.model.temperature_init == 1.0 and cfg.model.image_size == 96  # ALIGN-faithful
+    assert cfg.model.loss == "siglip" and cfg.global_batch == 128
+    y.write_text("model: {embed_dim: 32}\n")  # no preset: ModelConfig's own defaults
+    assert load(TrainConfig, str(y)).model.image_size == ModelConfig().image_size
+
+
+@pytest.mark.parametrize("text,err", [("optimizer: sgd\n", "optimizer"), ("lossy: 1\n", "lossy"),
+                                      ("model: {preset: huge}\n", "preset"),
+                                      ("model: {imagesize: 1}\n", "imagesize")])
+def test_bad_values_are_errors(tmp_path, text, err):
+    y = tmp_path / "t.yaml"
+    y.write_text(text)
+    with pytest.raises(ValueError, match=err):
+        load(TrainConfig, str(y))
+
+
+def test_linear_and_cosine_schedules():
+    kw = dict(total=10, warmup=2)
+    assert [lr_factor(s, schedule="linear", **kw) for s in (0, 1, 2, 6, 10)] == \
+        pytest.approx([0.5, 1.0, 1.0, 0.5, 0.0])
+    assert lr_factor(6, schedule="cosine", **kw) == pytest.approx(0.5)
+    assert lr_factor(10, schedule="cosine", min_ratio=0.1, **kw) == pytest.approx(0.1)
+
+
+def test_no_weight_decay_on_biases_norms_temperature():
+    model = DualEncoder(ModelConfig.tiny(embed_dim=16, loss="siglip"), vocab_size=50)
+    decay, skip = param_groups(model, 1e-5)
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in skip["params"]}
+    assert "log_temperature" in skipped and "logit_bias" in skipped
+    assert all(names[id(p)].endswith("weight") for p in decay["params"])
+    assert not any("norm" in names[id(p)].lower() or p.ndim < 2 for p in decay["params"])
+    opt = build_optimizer(model, TrainConfig(optimizer="lamb", model=ModelConfig.tiny()))
+    assert type(opt).__name__ == "Lamb" and opt.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_resume_filter_drops_consumed_ids_and_rebatches():
+    batches = [{"row_id": torch.arange(i * 4, i * 4 + 4), "x": torch.arange(i * 4, i * 4 + 4) * 10}
+               for i in range(4)]  # ids 0..15
+    out = list(_without(iter(batches), np.array([1, 2, 5, 9, 10, 11]), 3))
+    ids = torch.cat([b["row_id"] for b in out]).tolist()
+    assert ids == [0, 3, 4, 6, 7, 8, 12, 13, 14]  # 10 left: 3 full batches, 15 dropped
+    assert all(len(b["row_id"]) == 3 and (b["x"] == b["row_id"] * 10).all() for b in out)
+    assert len(list(_without(iter(batches), None, 3))) == 4  # nothing to skip: batches as they are
