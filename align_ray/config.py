@@ -51,22 +51,22 @@ def _nested(tp: type, value: dict[str, Any]) -> Any:
     factory = getattr(tp, str(preset), None)
     if not callable(factory) or str(preset).startswith("_"):
         raise ValueError(f"{tp.__name__}: unknown preset {preset!r}")
-    hints = typing.get_type_hints(tp)
-    names = {f.name for f in dataclasses.fields(tp)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"{tp.__name__}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
-    return factory(**{k: _coerce(v, hints[k]) for k, v in data.items()})
+    return factory(**_typed(tp, data, tp.__name__))
 
 
 def from_dict(cls: type[T], data: dict[str, Any], *, source: str = "config") -> T:
     """Build ``cls`` from a mapping, rejecting unknown keys with a clear message."""
+    return cls(**_typed(cls, data, source))
+
+
+def _typed(cls: type, data: dict[str, Any], source: str) -> dict[str, Any]:
+    """``data`` coerced to ``cls``'s field types; unknown keys are an error."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"{source}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
-    return cls(**{k: _coerce(v, hints[k]) for k, v in data.items()})
+    return {k: _coerce(v, hints[k]) for k, v in data.items()}
 
 
 def load(cls: type[T], yaml_path: str | None = None, **overrides: Any) -> T:
