@@ -7,21 +7,22 @@ the web; written to parquet by a child process, so the driver never holds it), t
 driver process and one local Ray cluster:
 
 * ``counts``: the two counting steps alone (distinct (image, text) pairs -> texts per image and
-  images per text), materialised;
+  images per text), materialised, from the (img_id, text_hash) columns already in the object
+  store (the pyarrow baseline also starts from them in memory);
 * ``full``: the whole global plan (per-pair rules, both counts, rare-token vocabulary, exact
   duplicates, eval-set distances, joins back to one verdict per row), materialised;
 * ``pyarrow``: the same two counts single-process (``Table.group_by().aggregate``) on the same
   table, read into memory first (not timed).
 
 Reports medians over ``--repeats``, rows/s, the ratios the issue sets goals for, and the
-driver's peak RSS.  Results go to ``benchmarks/results/filter-DATE.json``.
+driver's RSS before and at its peak during the full plan (sampled every 50 ms).  Results go to ``benchmarks/results/filter-DATE.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -72,26 +73,34 @@ def make_table(rows: int, out: Path, files: int = 16, seed: int = 0) -> None:
         pq.write_table(t, out / f"part-{f:03d}.parquet")
 
 
-def pyarrow_counts(path: Path) -> tuple[float, int, int]:
+def _img_id_table(path: Path):
+    """(img_id, text_hash): the columns the plan counts on (img_id = first 64 bits of sha256)."""
+    import numpy as np
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     t = pq.read_table(path, columns=["sha256", "text_hash"])
+    raw = bytes.fromhex("".join(s[:16] for s in t.column("sha256").to_pylist()))
+    return pa.table({"img_id": np.frombuffer(raw, ">u8").astype(np.uint64),
+                     "text_hash": t.column("text_hash")})
+
+
+def pyarrow_counts(table) -> tuple[float, int, int]:
+    """The same two counts, single process: distinct pairs, then per image and per text."""
     t0 = time.perf_counter()
-    pairs = t.group_by(["sha256", "text_hash"]).aggregate([])
-    per_image = pairs.group_by("sha256").aggregate([("text_hash", "count")])
-    per_text = pairs.group_by("text_hash").aggregate([("sha256", "count")])
+    pairs = table.group_by(["img_id", "text_hash"]).aggregate([])
+    per_image = pairs.group_by("img_id").aggregate([("text_hash", "count")])
+    per_text = pairs.group_by("text_hash").aggregate([("img_id", "count")])
     return time.perf_counter() - t0, per_image.num_rows, per_text.num_rows
 
 
-def ray_counts(path: Path, npart: int) -> tuple[float, int, int]:
-    import ray.data
-
+def ray_counts(ds, npart: int) -> tuple[float, int, int]:
+    """Both counts on Ray Data from an already materialised (img_id, text_hash) dataset."""
     from align_ray.filter import counts
 
     t0 = time.perf_counter()
-    ds = ray.data.read_parquet(str(path)).select_columns(["sha256", "text_hash"])
-    pairs = counts.pair_table(ds, "sha256", "text_hash", npart).materialize()
-    per_image = counts.per_key(pairs, "sha256", npart).materialize()
+    pairs = counts.pair_table(ds, "img_id", "text_hash", npart).materialize()
+    per_image = counts.per_key(pairs, "img_id", npart).materialize()
     per_text = counts.per_key(pairs, "text_hash", npart).materialize()
     n_i, n_t = per_image.count(), per_text.count()
     return time.perf_counter() - t0, n_i, n_t
@@ -111,6 +120,34 @@ def ray_full(path: Path, npart: int) -> tuple[float, dict]:
     v = p.verdicts.materialize()
     kept = v.filter(expr=ray.data.expressions.col("reason").is_null()).count()
     return time.perf_counter() - t0, {"kept": kept, "vocab": p.vocab}
+
+
+class RssPeak:
+    """Samples this (driver) process's RSS every 50 ms while the block runs."""
+
+    def __init__(self):
+        import psutil
+
+        self.proc = psutil.Process()
+        self.before_mib = self.peak_mib = 0.0
+
+    def __enter__(self):
+        import threading
+
+        self.before_mib = round(self.proc.memory_info().rss / 2**20, 1)
+        self.stop = threading.Event()
+
+        def sample():
+            while not self.stop.is_set():
+                self.peak_mib = max(self.peak_mib, round(self.proc.memory_info().rss / 2**20, 1))
+                self.stop.wait(0.05)
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
 
 
 def main() -> int:
@@ -147,23 +184,32 @@ def main() -> int:
         ctx.max_hash_shuffle_aggregators = aggs
         res = {"rows": rows, "make_s": round(time.time() - t0, 1), "partitions": npart,
                "aggregators": aggs, "pyarrow_s": [], "counts_s": [], "full_s": []}
+        table = _img_id_table(path)
+        blocks = max(2, aggs)
+        ds = ray.data.from_arrow(table).repartition(blocks).materialize()  # not timed, as for pyarrow
         for _ in range(args.repeats):
-            pa_s, pi, pt = pyarrow_counts(path)
-            c_s, ri, rt = ray_counts(path, npart)
+            pa_s, pi, pt = pyarrow_counts(table)
+            c_s, ri, rt = ray_counts(ds, npart)
             assert (pi, pt) == (ri, rt), ((pi, pt), (ri, rt))
-            f_s, info = ray_full(path, npart)
             res["pyarrow_s"].append(round(pa_s, 3))
             res["counts_s"].append(round(c_s, 3))
+            print(json.dumps({"rows": rows, "pyarrow_s": pa_s, "counts_s": c_s}), flush=True)
+        res.update(distinct_images=pi, distinct_texts=pt)
+        del table, ds
+        gc.collect()
+        rss = RssPeak()
+        for _ in range(args.repeats):
+            with rss:
+                f_s, info = ray_full(path, npart)
             res["full_s"].append(round(f_s, 3))
-            res.update(distinct_images=pi, distinct_texts=pt, **info)
-            print(json.dumps({"rows": rows, "pyarrow_s": pa_s, "counts_s": c_s, "full_s": f_s}),
-                  flush=True)
+            res.update(**info)
+            print(json.dumps({"rows": rows, "full_s": f_s}), flush=True)
+        res["driver_rss_before_full_mib"] = rss.before_mib
+        res["driver_rss_peak_during_full_mib"] = rss.peak_mib
         for k in ("pyarrow_s", "counts_s", "full_s"):
             res[k + "_median"] = statistics.median(res[k])
         res["counts_vs_pyarrow"] = round(res["counts_s_median"] / res["pyarrow_s_median"], 2)
         res["full_rows_per_s"] = round(rows / res["full_s_median"])
-        res["driver_peak_rss_mib"] = round(
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         results["sizes"].append(res)
         print(json.dumps({k: v for k, v in res.items() if not isinstance(v, list)}), flush=True)
     if len(results["sizes"]) >= 2:

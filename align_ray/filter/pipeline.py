@@ -90,12 +90,12 @@ def partitions(cfg: FilterConfig, rows: int) -> tuple[int, int]:
     """(shuffle partitions, aggregator actors per shuffle).
 
     Each hash-shuffle operator starts its own aggregator actors (a process each, ~1-2 CPU-s to
-    start), and the plan has about a dozen shuffles, so actors are sized to the data, not to
-    the cluster: one per ~4 M metadata rows (~200 MB of hashes and counts), at most one per
+    start), and the plan has about a dozen shuffles, so actors are sized to the data, not only
+    to the cluster: one per ~500 k metadata rows (~25 MB of hashes and counts), at most one per
     CPU; partitions ~1 M rows each, at least one per aggregator.  1.8 B rows on 1,600 CPUs:
-    450 aggregators, 1,800 partitions of ~50 MB."""
+    1,600 aggregators, 1,800 partitions of ~50 MB."""
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    aggs = cfg.max_aggregators or max(1, min(cpus, math.ceil(rows / 4_000_000)))
+    aggs = cfg.max_aggregators or max(1, min(cpus, math.ceil(rows / 500_000)))
     p = cfg.num_partitions or max(aggs, math.ceil(rows / 1_000_000))
     return p, aggs
 
