@@ -1,0 +1,195 @@
+"""``RunConfig``: one run of the workflow = an output root + one typed config per stage.
+
+A run YAML (``--config run.yaml``) has the stage sections ``data``, ``filter``, ``train``,
+``index``, ``serve`` (each exactly the stage's own config: ``align-ray <stage> --config``), and
+optionally ``output`` (the root), ``web`` (the embedded noisy web, used when ``data.input`` is
+empty), ``queries`` and ``top_k`` (the example searches of the serve stage and the report).
+Unknown keys are an error at every level.
+
+Precedence: stage defaults < preset (``default`` / ``smoke``; only without ``--config`` or with
+``--smoke``) < YAML < command-line flags.  Locations left empty are chained from the root::
+
+    data.output   = ROOT/data            filter.input = data.output   filter.output = ROOT/filtered
+    train.data    = [filter.output]      train.output = ROOT/train
+    index.model   = train.output/model   index.data   = filter.output index.output  = ROOT/index
+    serve.model   = index.model          serve.index  = index.output
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from align_ray import config as config_lib
+from align_ray.data.config import DataConfig
+from align_ray.filter.config import FilterConfig
+from align_ray.serve.config import IndexConfig, ServeConfig
+from align_ray.train.config import TrainConfig
+
+STAGES = ("data", "filter", "train", "eval", "index", "serve")
+SECTIONS = ("data", "filter", "train", "index", "serve")
+TOP_LEVEL = ("output", "web", "queries", "top_k", *SECTIONS)
+DEFAULT_QUERIES = ["three red circles on a blue background", "a yellow star at the top",
+                   "two green squares on the left", "a photo of black triangles in the center"]
+
+
+@dataclass
+class WebConfig:
+    """The built-in noisy web (align_ray.web) that the embedded run downloads from."""
+
+    rows: int = 1000                 # URLs in the list it writes (ROOT/urls.parquet)
+    seed: int = 0
+    noise: bool = True               # ALIGN-style alt-text and image noise
+    fault_fraction: float = 0.02     # share of transport/decoding-fault URLs
+    host: str = "127.0.0.1"
+    port: int = 0                    # 0 = a free port (remembered in ROOT/web.json for resume)
+
+
+@dataclass
+class RunConfig:
+    output: str = "out/end-to-end"
+    web: WebConfig = field(default_factory=WebConfig)
+    queries: list[str] = field(default_factory=lambda: list(DEFAULT_QUERIES))
+    top_k: int = 6
+    data: DataConfig = field(default_factory=DataConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+    @property
+    def embedded(self) -> bool:
+        """True when the data stage downloads from the built-in noisy web."""
+        return not self.data.input
+
+
+# What the embedded noisy web needs from the download stage whatever the preset: it lives on
+# 127.0.0.1 (so the SSRF guard must allow loopback), one fault URL resolves "internal.test" to a
+# private address (which must stay blocked), and its fault URLs would otherwise wait 20 s each.
+EMBEDDED_DATA = {"allow_cidr": ["127.0.0.0/8"], "resolve": {"internal.test": "10.0.0.1"},
+                 "extra_cols": ["noise", "fault"], "timeout_read": 5.0, "timeout_total": 10.0,
+                 "retries": 1}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # no arguments: every stage on a tiny model, < 10 min on a 2-core box (measured: see README)
+    "default": {
+        "output": "out/end-to-end",
+        "web": {"rows": 1000},
+        "data": {"image_size": 96, "shard_size": 200, "write_webdataset": False},
+        "filter": {"write_webdataset": False},
+        # AdamW 2e-3: the tiny model learns in 150 steps (LAMB 1e-3 barely moved: loss 3.35
+        # and R@1 at chance after 100 steps)
+        "train": {"workers": 2, "batch_size": 16, "steps": 150, "warmup_steps": 10,
+                  "optimizer": "adamw", "lr": 0.002, "checkpoint_every": 50,
+                  "log_every": 10, "val_fraction": 0.15, "data_workers": 1, "shuffle_buffer": 64, "eval_batch_size": 64,
+                  "model": {"preset": "tiny", "vocab_size": 2000, "max_length": 32}},
+        "index": {"concurrency": 1, "batch_size": 64, "thumb_size": 128},
+        "serve": {"image_encoder": {"max_replicas": 1, "num_cpus": 0.25},
+                  "text_encoder": {"max_replicas": 1, "num_cpus": 0.25},
+                  "router": {"num_cpus": 0.25}},
+    },
+    # --smoke: the same chain, smaller everywhere (CI, the job-submission test)
+    "smoke": {
+        "output": "out/smoke",
+        "web": {"rows": 300},
+        "data": {"image_size": 64, "shard_size": 100, "write_webdataset": False},
+        "filter": {"write_webdataset": False},
+        "train": {"workers": 2, "batch_size": 8, "steps": 8, "warmup_steps": 2,
+                  "checkpoint_every": 4, "log_every": 2, "val_fraction": 0.2,
+                  "data_workers": 1, "shuffle_buffer": 16, "eval_batch_size": 32,
+                  "model": {"preset": "tiny", "embed_dim": 64, "vocab_size": 1000,
+                            "max_length": 32}},
+        "index": {"concurrency": 1, "batch_size": 32, "thumb_size": 96},
+        "serve": {"image_encoder": {"max_replicas": 1, "num_cpus": 0.25},
+                  "text_encoder": {"max_replicas": 1, "num_cpus": 0.25},
+                  "router": {"num_cpus": 0.25}},
+        "queries": DEFAULT_QUERIES[:2],
+        "top_k": 4,
+    },
+}
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge (``top`` wins); lists and scalars are replaced whole."""
+    out = copy.deepcopy(base)
+    for k, v in (top or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "resolve":
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping with sections {list(TOP_LEVEL)}")
+    return data
+
+
+def _join(root: str, name: str) -> str:
+    return f"{root.rstrip('/')}/{name}"
+
+
+def _chain(raw: dict[str, Any]) -> dict[str, Any]:
+    """Fill every empty location from the output root and the previous stage's output."""
+    root = str(raw.get("output") or RunConfig.output)
+    d, f, t = raw.setdefault("data", {}), raw.setdefault("filter", {}), raw.setdefault("train", {})
+    i, s = raw.setdefault("index", {}), raw.setdefault("serve", {})
+    d["output"] = d.get("output") or _join(root, "data")
+    f["input"] = f.get("input") or d["output"]
+    f["output"] = f.get("output") or _join(root, "filtered")
+    t["data"] = t.get("data") or [f["output"]]
+    t["output"] = t.get("output") or _join(root, "train")
+    i["model"] = i.get("model") or _join(t["output"], "model")
+    i["data"] = i.get("data") or f["output"]
+    i["output"] = i.get("output") or _join(root, "index")
+    s["model"] = s.get("model") or i["model"]
+    s["index"] = s.get("index") or i["output"]
+    return raw
+
+
+def build(raw: dict[str, Any]) -> RunConfig:
+    """A RunConfig from a merged mapping (sections as dicts); chains locations first."""
+    unknown = sorted(set(raw) - set(TOP_LEVEL))
+    if unknown:
+        raise ValueError(f"run config: unknown key(s) {unknown}; valid keys: {list(TOP_LEVEL)}")
+    raw = _chain(copy.deepcopy(raw))
+    if not raw["data"].get("input"):
+        raw["data"] = _merge(EMBEDDED_DATA, raw["data"])
+        raw["data"]["input"] = ""
+    return RunConfig(
+        output=str(raw.get("output") or RunConfig.output),
+        web=config_lib.from_dict(WebConfig, raw.get("web") or {}, source="web"),
+        queries=[str(q) for q in raw.get("queries") or DEFAULT_QUERIES],
+        top_k=int(raw.get("top_k") or 6),
+        data=config_lib.from_dict(DataConfig, raw["data"], source="data"),
+        filter=config_lib.from_dict(FilterConfig, raw["filter"], source="filter"),
+        train=config_lib.from_dict(TrainConfig, raw["train"], source="train"),
+        index=config_lib.from_dict(IndexConfig, raw["index"], source="index"),
+        serve=ServeConfig.from_dict(raw["serve"]),
+    )
+
+
+def load(config: str | Path | None = None, *, smoke: bool = False,
+         overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Preset (``smoke``, or ``default`` when no YAML is given) < YAML < ``overrides``."""
+    raw: dict[str, Any] = {}
+    if smoke:
+        raw = copy.deepcopy(PRESETS["smoke"])
+    elif config is None:
+        raw = copy.deepcopy(PRESETS["default"])
+    if config is not None:
+        raw = _merge(raw, read_yaml(config))
+    return build(_merge(raw, overrides or {}))
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    out = dataclasses.asdict(cfg)
+    out["serve"] = cfg.serve.to_dict()
+    return out

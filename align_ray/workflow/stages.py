@@ -1,0 +1,249 @@
+"""Each stage of the workflow, run with the code its CLI subcommand runs, and skipped when its
+outputs are complete (so a rerun after a failure resumes at the first incomplete stage; the
+data and train stages also resume *inside* themselves: finished shards, the last checkpoint).
+
+Completion markers: data/filter ``stats.json`` with ``complete: true``; train ``eval.json`` +
+``model/config.json`` (eval.json is written last); index ``index.json``.
+
+Train, index and serve read and write local directories (see the report of issue 6), so when
+their locations are ``s3://`` the workflow stages them through a local cache folder: the model
+and the index are built there and uploaded, and downloaded again for a resumed index/serve.
+Ray Train's checkpoints go straight to S3 (``storage_path``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from align_ray import storage
+from align_ray.workflow.config import RunConfig, to_dict
+
+
+def is_s3(uri: str | None) -> bool:
+    return bool(uri) and str(uri).startswith("s3://")
+
+
+def cache_dir(cfg: RunConfig, name: str) -> Path:
+    """A local folder standing in for the s3:// location ``name`` of this run."""
+    tag = hashlib.sha1(cfg.output.encode()).hexdigest()[:10]
+    d = Path(tempfile.gettempdir(), f"align-ray-work-{os.getuid()}", tag, name)
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def read_json(uri: str) -> dict | None:
+    fs, path = storage.filesystem(uri)
+    if not storage.exists(fs, path):
+        return None
+    return json.loads(storage.read_bytes(fs, path))
+
+
+def upload_dir(local: Path, uri: str, skip: tuple[str, ...] = (), last: str = "") -> None:
+    """Copy a local folder to ``uri``; ``last`` (the completion marker) is written last."""
+    fs, base = storage.filesystem(uri)
+    files = [f for f in sorted(local.rglob("*")) if f.is_file()
+             and not f.relative_to(local).as_posix().startswith(skip)]
+    for f in sorted(files, key=lambda f: f.relative_to(local).as_posix() == last):
+        storage.write_bytes(fs, storage.join(base, f.relative_to(local).as_posix()), f.read_bytes())
+
+
+def download_dir(uri: str, local: Path) -> Path:
+    fs, base = storage.filesystem(uri)
+    for path in storage.list_files(fs, base):
+        dst = local / path[len(base) + 1:]
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(storage.read_bytes(fs, path))
+    return local
+
+
+def local_copy(cfg: RunConfig, uri: str, name: str, marker: str) -> str:
+    """``uri`` itself when local; else a cached download of it (re-fetched if ``marker`` is
+    missing from the cache)."""
+    if not is_s3(uri):
+        return uri
+    d = cache_dir(cfg, name)
+    if not (d / marker).exists():
+        download_dir(uri, d)
+    return str(d)
+
+
+class Run:
+    """Per-stage status, timing and summary, printed as it goes and saved to ROOT/workflow.json."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.t0 = time.time()
+        self.record: dict[str, Any] = {"config": to_dict(cfg), "stages": {}}
+
+    def save(self) -> None:
+        fs, root = storage.filesystem(self.cfg.output)
+        self.record["seconds"] = round(time.time() - self.t0, 1)
+        storage.write_bytes(fs, storage.join(root, "workflow.json"),
+                            json.dumps(self.record, indent=1, default=str).encode())
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[dict]:
+        """Yields the stage's record: set ``status`` (default "ran") and ``summary`` in it."""
+        rec: dict[str, Any] = {"status": "ran"}
+        t = time.time()
+        print(f"\n[{name}] starting (t+{t - self.t0:.0f}s)", flush=True)
+        try:
+            yield rec
+        except BaseException as e:
+            rec.update(status="failed", error=f"{type(e).__name__}: {e}")
+            raise
+        finally:
+            rec["seconds"] = round(time.time() - t, 1)
+            self.record["stages"][name] = rec
+            self.save()
+            print(f"[{name}] {rec['status']} in {rec['seconds']:.1f}s "
+                  f"(t+{time.time() - self.t0:.0f}s)", flush=True)
+
+
+def data(run: Run) -> dict:
+    from align_ray.data import pipeline
+    from align_ray.workflow import web
+
+    cfg = run.cfg
+    with run.stage("data") as rec:
+        old = read_json(f"{cfg.data.output.rstrip('/')}/stats.json")
+        if old and old.get("complete") and not cfg.data.overwrite:
+            rec.update(status="skipped", summary=old)
+            print(f"[data] {cfg.data.output} is complete: " + pipeline.summary_line(old))
+            return old
+        if cfg.embedded:
+            with web.serving(cfg) as urls:
+                stats = pipeline.run(dataclasses.replace(cfg.data, input=urls))
+        else:
+            stats = pipeline.run(cfg.data)
+        if not stats.get("complete"):
+            raise RuntimeError(f"data stage incomplete ({cfg.data.output}); rerun to resume")
+        rec["summary"] = stats
+        print(pipeline.summary_line(stats), flush=True)
+        return stats
+
+
+def filter_(run: Run) -> dict:
+    from align_ray.filter import pipeline as fpipe
+
+    cfg = run.cfg
+    with run.stage("filter") as rec:
+        old = read_json(f"{cfg.filter.output.rstrip('/')}/stats.json")
+        if (old and old.get("complete") and old.get("input") == cfg.filter.input
+                and not cfg.filter.overwrite):
+            rec.update(status="skipped", summary=old)
+            print(f"[filter] {cfg.filter.output} is complete: " + fpipe.summary_line(old))
+            return old
+        stats = fpipe.run(cfg.filter)
+        rec["summary"] = {k: v for k, v in stats.items() if k != "vocab"}
+        if stats.get("report"):
+            print(stats["report"])
+        print(fpipe.summary_line(stats), flush=True)
+        return stats
+
+
+class StepPrinter:
+    """Training progress from rank 0 (runs inside the Ray Train worker; printed by the driver)."""
+
+    def __init__(self, total: int, every: int):
+        self.total, self.every, self.t0 = total, max(1, every), None
+
+    def __call__(self, step: int, rank: int) -> None:
+        if rank != 0:
+            return
+        self.t0 = self.t0 or time.time()
+        if step % self.every == 0 or step == self.total:
+            print(f"[train] step {step}/{self.total} ({time.time() - self.t0:.0f}s)", flush=True)
+
+
+def _train_done(uri: str) -> dict | None:
+    ev = read_json(f"{uri.rstrip('/')}/eval.json")
+    model = read_json(f"{uri.rstrip('/')}/model/config.json")
+    return ev if ev is not None and model is not None else None
+
+
+def train(run: Run) -> dict:
+    from align_ray.train.run import run as train_run
+
+    cfg = run.cfg
+    with run.stage("train") as rec:
+        done = _train_done(cfg.train.output)
+        if done is not None:
+            rec.update(status="skipped", summary={"eval": done, "output": cfg.train.output})
+            print(f"[train] {cfg.train.output} holds a trained model and eval.json: skipped")
+            return rec["summary"]
+        tcfg = dataclasses.replace(cfg.train)
+        remote = is_s3(cfg.train.output)
+        if remote:  # the train stage writes its run directory locally; checkpoints go to S3
+            tcfg.output = str(cache_dir(cfg, "train"))
+            tcfg.storage_path = tcfg.storage_path or f"{cfg.train.output.rstrip('/')}/checkpoints"
+        print(f"[train] {tcfg.workers} workers x batch {tcfg.batch_size}, {tcfg.steps} steps, "
+              f"model {tcfg.model.image_model}@{tcfg.model.image_size}px, checkpoints in "
+              f"{tcfg.resolved_storage()}", flush=True)
+        summary = train_run(tcfg, step_hook=StepPrinter(tcfg.steps, tcfg.log_every))
+        if remote:
+            upload_dir(Path(tcfg.output), cfg.train.output, skip=("checkpoints",), last="eval.json")
+            summary["output"] = cfg.train.output
+            summary["model_dir"] = f"{cfg.train.output.rstrip('/')}/model"
+        rec["summary"] = summary
+        print(f"[train] step {summary['step']}, final loss {summary['final_loss']}, "
+              f"temperature {summary['temperature']}, model -> {summary['model_dir']}", flush=True)
+        return summary
+
+
+def evaluate(run: Run, train_summary: dict) -> dict:
+    """Final retrieval metrics: the train stage's held-out eval (eval.json), or, when the run
+    has no validation split, the same evaluation on (up to 1000) filtered training rows."""
+    from align_ray.train.eval_parquet import EvalConfig
+    from align_ray.train.eval_parquet import evaluate as eval_parquet
+
+    cfg = run.cfg
+    with run.stage("eval") as rec:
+        metrics = dict(train_summary.get("eval") or {})
+        source = "held-out validation split (train stage, eval.json)"
+        if "image_to_text" not in metrics:
+            metrics = eval_parquet(EvalConfig(model=cfg.index.model, data=[cfg.index.data],
+                                              image_col=cfg.train.image_col,
+                                              text_col=cfg.train.text_col, max_rows=1000))
+            source = "filtered training data (no validation split configured)"
+        rec["summary"] = {"source": source, **metrics}
+        print(f"[eval] {source}")
+        for d in ("image_to_text", "text_to_image"):
+            if d in metrics:
+                m = metrics[d]
+                print(f"[eval] {d}: R@1 {m['R@1']:.3f}  R@5 {m['R@5']:.3f}  R@10 {m['R@10']:.3f}  "
+                      f"median rank {m['median_rank']}  (n={metrics.get('n')}, "
+                      f"chance R@1 {metrics.get('chance', {}).get('R@1', float('nan')):.3f})",
+                      flush=True)
+        return rec["summary"]
+
+
+def index(run: Run) -> dict:
+    from align_ray.serve import index as index_lib
+
+    cfg = run.cfg
+    with run.stage("index") as rec:
+        old = read_json(f"{cfg.index.output.rstrip('/')}/index.json")
+        if old is not None and not cfg.index.overwrite:
+            rec.update(status="skipped", summary=old)
+            print(f"[index] {cfg.index.output} holds an index of {old['count']} pairs: skipped")
+            return old
+        icfg = dataclasses.replace(cfg.index)
+        icfg.model = local_copy(cfg, cfg.index.model, "model", "config.json")
+        if is_s3(cfg.index.output):
+            icfg.output, icfg.overwrite = str(cache_dir(cfg, "index")), True
+        manifest = index_lib.build(icfg)
+        if is_s3(cfg.index.output):
+            upload_dir(Path(icfg.output), cfg.index.output, skip=("shards",), last="index.json")
+        rec["summary"] = manifest
+        print(f"[index] {manifest['count']} pairs ({manifest['dropped']} dropped), dim "
+              f"{manifest['dim']}, {manifest['seconds']}s -> {cfg.index.output}", flush=True)
+        return manifest

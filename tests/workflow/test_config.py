@@ -1,0 +1,75 @@
+"""RunConfig: presets, YAML sections (local.yaml, cloud.yaml), chaining of locations, errors,
+and the script's argument parsing.  No Ray."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from align_ray.workflow import config as wf
+from align_ray.workflow.main import load_config, parse_args
+from tests.conftest import REPO
+
+CONFIGS = REPO / "workflows" / "configs"
+
+
+def test_default_preset_is_the_embedded_tiny_run():
+    cfg = wf.load()
+    assert cfg.embedded and cfg.output == "out/end-to-end"
+    assert "127.0.0.0/8" in cfg.data.allow_cidr          # the noisy web lives on loopback
+    assert cfg.train.model.image_size == 64 and cfg.train.model.text_config["num_hidden_layers"] == 2
+    assert cfg.train.val_fraction > 0                    # final retrieval metrics on held-out pairs
+    assert cfg.filter.input == cfg.data.output == "out/end-to-end/data"
+    assert cfg.train.data == [cfg.filter.output] == [cfg.index.data]
+    assert cfg.index.model == cfg.serve.model == "out/end-to-end/train/model"
+    assert cfg.serve.index == cfg.index.output
+
+
+def test_smoke_is_smaller_than_default():
+    d, s = wf.load(), wf.load(smoke=True)
+    assert s.web.rows < d.web.rows and s.train.steps < d.train.steps
+    assert s.train.batch_size <= 8 and s.output == "out/smoke"
+
+
+def test_local_yaml_loads_as_an_embedded_run():
+    cfg = wf.load(CONFIGS / "local.yaml")
+    assert cfg.embedded and cfg.output == "out/local" and cfg.web.rows == 3000
+    assert cfg.train.steps == 300 and cfg.train.model.embed_dim == 128   # tiny preset
+    assert cfg.data.output == "out/local/data" and cfg.serve.index == "out/local/index"
+
+
+def test_cloud_yaml_keeps_its_explicit_s3_locations():
+    raw = yaml.safe_load((CONFIGS / "cloud.yaml").read_text())
+    cfg = wf.load(CONFIGS / "cloud.yaml")
+    assert not cfg.embedded and cfg.data.input == raw["data"]["input"]
+    assert cfg.train.output == raw["train"]["output"] and cfg.train.workers == 16
+    assert cfg.train.model.image_model == "efficientnet_b7"
+    assert cfg.serve.image_encoder.num_gpus == 0.5 and cfg.serve.backend == "faiss"
+    assert cfg.index.output == raw["index"]["output"]
+    assert cfg.data.allow_cidr == []                     # no loopback exemption off the laptop
+
+
+def test_overrides_win_and_chain_from_the_new_root(tmp_path):
+    args = parse_args(["--smoke", "--output", "s3://bkt/run", "--port", "8123"])
+    cfg = load_config(args)
+    assert cfg.output == "s3://bkt/run" and cfg.data.output == "s3://bkt/run/data"
+    assert cfg.train.output == "s3://bkt/run/train" and cfg.serve.port == 8123
+
+
+@pytest.mark.parametrize("body, match", [
+    ({"trian": {}}, "trian"),
+    ({"train": {"use_gpus": True}}, "use_gpus"),
+    ({"serve": {"image_encoder": {"replicas": 2}}}, "replicas"),
+    ({"web": {"row": 5}}, "row"),
+])
+def test_unknown_keys_are_errors(tmp_path, body, match):
+    p = tmp_path / "run.yaml"
+    p.write_text(yaml.safe_dump(body))
+    with pytest.raises(ValueError, match=match):
+        wf.load(p)
+
+
+def test_stages_argument_is_checked():
+    assert parse_args(["--stages", "data,filter"]).stages == ["data", "filter"]
+    with pytest.raises(SystemExit):
+        parse_args(["--stages", "data,fliter"])
