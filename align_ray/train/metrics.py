@@ -74,8 +74,10 @@ def plot_curves(records: list[dict], png: str | Path) -> Path | None:
     axes[1].set(title="temperature", xlabel="step", yscale="log")
     if val:
         vs = [r["step"] for r in val]
-        axes[2].plot(vs, [r["val/image_to_text/R@1"] for r in val], label="image→text R@1")
-        axes[2].plot(vs, [r["val/text_to_image/R@1"] for r in val], label="text→image R@1")
+        axes[2].plot(vs, [r["val/image_to_text/R@1"] for r in val], marker="o",
+                     label="image→text R@1")
+        axes[2].plot(vs, [r["val/text_to_image/R@1"] for r in val], marker="o",
+                     label="text→image R@1")
         axes[2].set(title="validation", xlabel="step")
         axes[2].legend(fontsize=7)
     fig.tight_layout()
