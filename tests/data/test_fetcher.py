@@ -28,7 +28,9 @@ EXPECTED_REASON = {
     "png_bomb": "too_many_pixels", "unsupported": "unsupported_format",
     "noai": "robots_disallowed", "noimageai": "robots_disallowed",
 }
-FAST = dict(timeout_total=4.0, timeout_read=1.5, retries=1, retry_backoff=0.1,
+# timeout_read is 5x the slow-drip interval (0.5 s) and timeout_total 2x timeout_read: on a loaded
+# 2-core CI box a 1.5 s read timeout fired between two drips (CI, 2026-11-28), mislabelling slow_drip.
+FAST = dict(timeout_total=5.0, timeout_read=2.5, retries=1, retry_backoff=0.1,
             allow_cidr=["127.0.0.0/8"], resolve={"internal.test": "10.0.0.1"},
             max_bytes=8 * 1024 * 1024, image_size=64)
 
