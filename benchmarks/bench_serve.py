@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
 import tempfile
@@ -177,16 +178,17 @@ async def http_load(url: str, bodies: list[dict], seconds: float, concurrency: i
 
 
 def serve_round(model: str, index: str | None, max_batch: int, port: int, seconds: float,
-                conc: int, search_index: bool) -> dict:
+                conc: int, search_index: bool, encoder_cpus: float = 0.5) -> dict:
     from ray import serve
 
     from align_ray.serve import app
     from align_ray.serve.config import ServeConfig
 
-    enc = dict(min_replicas=1, max_replicas=1, num_cpus=0.5, max_batch_size=max_batch,
+    enc = dict(min_replicas=1, max_replicas=1, num_cpus=encoder_cpus, max_batch_size=max_batch,
                max_ongoing_requests=64, target_ongoing_requests=16, batch_wait_timeout_s=0.005)
     cfg = ServeConfig.from_dict(dict(model=model, index=index, port=port, text_encoder=enc,
-                                     image_encoder=dict(enc, max_batch_size=8), app_name="bench",
+                                     image_encoder=dict(enc, max_batch_size=8, num_cpus=0.5),
+                                     app_name="bench",
                                      router=dict(max_ongoing_requests=256)))
     base = app.start(cfg)
     rng = np.random.default_rng(3)
@@ -220,6 +222,9 @@ def main() -> int:
     ap.add_argument("--text-layers", type=int, default=6)
     ap.add_argument("--out", default=None)
     ap.add_argument("--skip", default="", help="comma list of: embed,search,e2e")
+    ap.add_argument("--encoder-cpus", type=float, default=float(os.cpu_count() or 1),
+                    help="num_cpus of the TextEncoder replica, the same in every round (Ray sets "
+                         "its torch/OMP threads to floor(num_cpus)); default: this machine's cores")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     prepare_env(work)
@@ -242,21 +247,27 @@ def main() -> int:
     from ray import serve
 
     from align_ray import ray_env
-    ray_env.init("local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray_env.init("local", num_cpus=max(4, math.ceil(args.encoder_cpus) + 2), include_dashboard=False,
+                 log_to_driver=False)
     port = free_port()
     try:
         if "embed" not in skip:
-            result["embed_batch1"] = serve_round(model, None, 1, port, args.seconds, args.concurrency, False)
+            result["encoder_cpus"] = args.encoder_cpus
+            result["embed_batch1"] = serve_round(model, None, 1, port, args.seconds, args.concurrency,
+                                                 False, args.encoder_cpus)
             print(json.dumps(result["embed_batch1"]), flush=True)
-            result["embed_dynamic"] = serve_round(model, None, 32, port, args.seconds, args.concurrency, False)
+            result["embed_dynamic"] = serve_round(model, None, 32, port, args.seconds, args.concurrency,
+                                                  False, args.encoder_cpus)
             print(json.dumps(result["embed_dynamic"]), flush=True)
             for via in ("handle_c32", "http_embed_c32"):
                 result[f"speedup_{via}"] = round(result["embed_dynamic"][via]["rps"]
                                                  / result["embed_batch1"][via]["rps"], 2)
         if "e2e" not in skip:
-            result["e2e_1m"] = serve_round(model, big, 32, port, args.seconds, args.concurrency, True)
+            result["e2e_1m"] = serve_round(model, big, 32, port, args.seconds, args.concurrency, True,
+                                           args.encoder_cpus)
             print(json.dumps(result["e2e_1m"]), flush=True)
-            result["e2e_10k"] = serve_round(model, small, 32, port, args.seconds, args.concurrency, True)
+            result["e2e_10k"] = serve_round(model, small, 32, port, args.seconds, args.concurrency,
+                                            True, args.encoder_cpus)
             print(json.dumps(result["e2e_10k"]), flush=True)
     finally:
         serve.shutdown()

@@ -10,13 +10,15 @@ Data position (no sample counted twice on resume)
 Ray Data's ``streaming_split`` hands blocks to whichever worker asks first, so "skip the first k
 batches" would skip *some* k*B rows per worker, not the ones actually consumed.  Instead every
 sample carries a stable ``row_id`` (hash of caption + image bytes, ingest.py); each checkpoint stores
-the ids consumed so far in the current epoch (gathered from all ranks).  On resume every rank drops
-those ids from its stream for the rest of that epoch (then re-batches to full batches), and the
-ranks agree each step (an all-reduce MIN of "I have a batch") so an epoch ends for all ranks at the
-same step.  So within an epoch no sample is trained on twice, across any number of restarts, and
-``samples_seen == step * global_batch`` exactly.  Cost: 8 bytes per consumed sample of the current
-epoch in the checkpoint, and the consumed rows of that epoch are decoded once more on resume (then
-dropped).  Exact duplicate (caption, image) rows share an id and count as one sample.
+the ids consumed so far in the current *execution* of the training stream (gathered from all
+ranks; ``state.epoch`` counts executions, and one execution streams ``stream_epochs`` epochs of the
+data, see ingest.read_epochs).  The ids form a multiset: a row consumed twice in one execution (two
+of its epochs) is listed twice.  On resume every rank drops each listed id as many times as it is
+listed from the rest of that execution (then re-batches to full batches), and the ranks agree each
+step (an all-reduce MIN of "I have a batch") so an execution ends for all ranks at the same step.
+So no sample is trained on more often than the data gives it, across any number of restarts, and
+``samples_seen == step * global_batch`` exactly.  Cost: 8 bytes per sample consumed in the current
+execution, and those rows are decoded once more on resume (then dropped).
 Augmentation randomness on the Ray Data actors is not replayed (fresh random crops after resume).
 """
 
@@ -76,7 +78,7 @@ def save(directory: str | Path, *, model: torch.nn.Module, optimizer, scheduler,
                d / "optim.pt")
     torch.save(rng_states, d / "rng.pt")
     np.savez_compressed(d / "data_position.npz", epoch=np.int64(state.epoch),
-                        consumed=np.unique(state.epoch_consumed.astype(np.int64)))
+                        consumed=np.sort(state.epoch_consumed.astype(np.int64)))
     (d / "state.json").write_text(json.dumps(state.to_json(), indent=1))
     (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     return d

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from align_ray.model.transforms import decode_rgb, eval_transform, train_transfo
 
 log = logging.getLogger(__name__)
 _BUCKETS = 1_000_000
+MAX_STREAM_ROWS = 4_000_000
 
 
 def _hash64(*parts: bytes) -> int:
@@ -266,23 +268,68 @@ def preprocess_batch(batch: dict[str, np.ndarray], *, cache_key: str, **kwargs) 
     return pre(batch)
 
 
+def count_rows(fs: pafs.FileSystem, files: list[str]) -> int:
+    """Rows in ``files`` from the parquet footers (no data read)."""
+    import pyarrow.dataset as pads
+
+    return int(pads.dataset(files, filesystem=fs, format="parquet").count_rows())
+
+
+def auto_stream_epochs(cfg, rows: int, remaining_samples: int) -> int:
+    """Epochs one training execution streams: ``cfg.stream_epochs``, or (0 = auto) enough to
+    cover ``remaining_samples`` with a 25% margin for rows the selection/decoder drop -- but at
+    most ``MAX_STREAM_ROWS`` rows per execution, since the checkpoint's data position lists every
+    id consumed in the current execution (8 bytes each; a restart per 4 M rows costs nothing)."""
+    if cfg.stream_epochs:
+        return int(cfg.stream_epochs)
+    if rows <= 0:
+        return 1
+    return max(1, min(math.ceil(1.25 * remaining_samples / rows), MAX_STREAM_ROWS // rows))
+
+
+def _read_files(batch: dict[str, np.ndarray], *, filesystem: pafs.FileSystem,
+                columns: list[str], rows_per_block: int) -> Iterator[Any]:
+    """``map_batches`` generator: each listed parquet file, streamed as small Arrow tables."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for path in batch["path"]:
+        with filesystem.open_input_file(str(path)) as f:
+            for rb in pq.ParquetFile(f).iter_batches(batch_size=rows_per_block, columns=columns):
+                yield pa.Table.from_batches([rb])
+
+
+def read_epochs(files: list[str], fs: pafs.FileSystem, columns: list[str], epochs: int,
+                seed: int, rows_per_block: int = 256) -> "ray.data.Dataset":
+    """A Dataset that streams ``epochs`` passes over ``files`` in ONE execution, each pass in its
+    own seeded random file order (what ``FileShuffleConfig(reseed_after_execution)`` does once
+    per execution).  ``read_parquet`` cannot repeat a file (it de-duplicates paths) and a union
+    of per-epoch reads was measured at minutes to the first row, so the read is one task per
+    (epoch, file) over ``from_items``."""
+    rng = np.random.default_rng(seed)
+    items = [{"path": files[i]} for _ in range(epochs) for i in rng.permutation(len(files))]
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _read_files, batch_size=1, batch_format="numpy",
+        fn_kwargs=dict(filesystem=fs, columns=columns, rows_per_block=rows_per_block))
+
+
 def build_dataset(cfg, paths: list[str], selection: Selection, *, train: bool,
                   tokenizer: dict[str, bytes], counter: str | None = None,
                   with_match: bool = False, concurrency: int | None = None,
-                  num_cpus: float | None = None) -> "ray.data.Dataset":
+                  num_cpus: float | None = None, epochs: int = 1) -> "ray.data.Dataset":
     """Lazy Dataset of preprocessed samples for training (``train=True``) or evaluation.
 
-    Training reads the files in a new random order every epoch (``FileShuffleConfig`` reseeded
-    per execution; rows are mixed further by the loop's local shuffle buffer) -- no all-to-all
+    Training streams ``epochs`` epochs per execution (:func:`read_epochs`), each in a new random
+    file order; rows are mixed further by the loop's local shuffle buffer -- no all-to-all
     shuffle, so the first batch never waits for the whole dataset to be read."""
-    from ray.data import FileShuffleConfig
-
     fs, files = resolve_inputs(paths)
     match_col = cfg.val_match_col if with_match else None
     cols = list(dict.fromkeys([cfg.image_col, cfg.text_col, *selection.columns(),
                                *([match_col] if match_col else [])]))
-    shuffle = FileShuffleConfig(seed=cfg.seed, reseed_after_execution=True) if train else None
-    ds = ray.data.read_parquet(files, filesystem=fs, columns=cols, shuffle=shuffle)
+    if train:
+        ds = read_epochs(files, fs, cols, epochs, seed=cfg.seed, rows_per_block=cfg.data_batch_size)
+    else:
+        ds = ray.data.read_parquet(files, filesystem=fs, columns=cols)
     kwargs = dict(
         image_col=cfg.image_col, text_col=cfg.text_col, selection=selection,
         image_size=cfg.model.image_size, train=train,

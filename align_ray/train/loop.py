@@ -34,18 +34,29 @@ log = logging.getLogger(__name__)
 
 def _without(it: Iterator[dict], skip: np.ndarray | None, batch_size: int) -> Iterator[dict]:
     """Batches of ``it`` minus the rows whose ``row_id`` is in ``skip``, re-batched to full size
-    (the trailing partial batch is dropped)."""
+    (the trailing partial batch is dropped).  ``skip`` is a multiset: an id listed n times is
+    dropped the first n times it comes (one execution streams several epochs, so an id recurs)."""
     if skip is None or len(skip) == 0:
         yield from it
         return
+    keys, counts = np.unique(skip, return_counts=True)
+    left = dict(zip(keys.tolist(), counts.tolist()))
     buf: dict[str, list[torch.Tensor]] = {}
     have = 0
     for batch in it:
-        keep = torch.from_numpy(~np.isin(batch["row_id"].numpy(), skip))
-        if not bool(keep.any()):
+        ids = batch["row_id"].numpy()
+        keep = np.ones(len(ids), dtype=bool)
+        if left:
+            for i in np.flatnonzero(np.isin(ids, keys)):
+                n = left.get(int(ids[i]), 0)
+                if n:
+                    keep[i] = False
+                    left[int(ids[i])] = n - 1
+        if not keep.any():
             continue
+        keep_t = torch.from_numpy(keep)
         for k, v in batch.items():
-            buf.setdefault(k, []).append(v[keep])
+            buf.setdefault(k, []).append(v[keep_t])
         have += int(keep.sum())
         while have >= batch_size:
             cat = {k: torch.cat(v) for k, v in buf.items()}
@@ -230,7 +241,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if state.step % cfg.checkpoint_every == 0 or final:
                 ids_now = _gather_ids(np.concatenate(new_ids) if new_ids
                                       else np.zeros(0, np.int64), device)
-                state.epoch_consumed = np.union1d(state.epoch_consumed, ids_now)
+                state.epoch_consumed = np.sort(np.concatenate([state.epoch_consumed, ids_now]))
                 new_ids = []
                 rngs = _gather_rng()
                 _report(state, last, rank, core, optimizer, scheduler, rngs,

@@ -116,8 +116,12 @@ def run(cfg: TrainConfig, *, step_hook: Callable[[int, int], None] | None = None
 
     counter_name = f"align-bad-images-{uuid.uuid4().hex[:8]}"
     counter = ingest.BadImageCounter.options(name=counter_name).remote()
+    fs, files = ingest.resolve_inputs(train_paths)
+    epochs = ingest.auto_stream_epochs(cfg, ingest.count_rows(fs, files), cfg.steps * cfg.global_batch)
     datasets = {"train": ingest.build_dataset(cfg, train_paths, train_sel, train=True,
-                                              tokenizer=tok_files, counter=counter_name)}
+                                              tokenizer=tok_files, counter=counter_name,
+                                              epochs=epochs)}
+    log.info("train: %d file(s), %d epoch(s) per streaming execution", len(files), epochs)
     if val is not None:
         # Preprocessed once, before training: periodic evals then read the object store and never
         # compete with the training pipeline's actors for CPUs.

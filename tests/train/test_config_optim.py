@@ -65,3 +65,11 @@ def test_resume_filter_drops_consumed_ids_and_rebatches():
     assert ids == [0, 3, 4, 6, 7, 8, 12, 13, 14]  # 10 left: 3 full batches, 15 dropped
     assert all(len(b["row_id"]) == 3 and (b["x"] == b["row_id"] * 10).all() for b in out)
     assert len(list(_without(iter(batches), None, 3))) == 4  # nothing to skip: batches as they are
+
+
+def test_resume_filter_skip_is_a_multiset():
+    """One execution streams several epochs, so an id recurs: skip it as often as listed."""
+    batches = [{"row_id": torch.tensor([1, 2, 3, 1]), "x": torch.tensor([10, 20, 30, 11])},
+               {"row_id": torch.tensor([2, 1, 3, 2]), "x": torch.tensor([21, 12, 31, 22])}]
+    out = list(_without(iter(batches), np.array([1, 2, 1]), 1))
+    assert [int(b["x"][0]) for b in out] == [30, 21, 12, 31, 22]  # 1 dropped twice, 2 once
