@@ -53,6 +53,9 @@ class TrainConfig:
     eval_every: steps between validation retrieval evals on rank 0 (0 = only the final eval).
     bf16: autocast to bfloat16 on GPU (ignored on CPU).
     data_workers / data_cpus: Ray Data actors that decode, augment and tokenize, CPUs each.
+    crop_scale / hflip: training augmentation (ALIGN: random resized crop + horizontal flip):
+        the crop's area range and the flip probability.  Set ``hflip: 0`` when captions name
+        left and right (a flipped image then contradicts its caption).
     stream_epochs: epochs of the training files that one Ray Data execution streams (each epoch
         in its own random file order).  0 = auto: enough for the whole run (1 on a corpus larger
         than steps x global batch).  Every new execution of a ``streaming_split`` dataset pays
@@ -100,6 +103,8 @@ class TrainConfig:
     data_batch_size: int = 64
     shuffle_buffer: int = 512
     stream_epochs: int = 0
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    hflip: float = 0.5
     max_image_pixels: int = 1 << 26
     model: ModelConfig = field(default_factory=ModelConfig.tiny)
 
@@ -120,6 +125,11 @@ class TrainConfig:
                      "log_every", "data_workers", "data_batch_size", "eval_batch_size"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be positive")
+        self.crop_scale = tuple(float(x) for x in self.crop_scale)
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError("crop_scale must be (low, high) with 0 < low <= high <= 1")
+        if not 0.0 <= self.hflip <= 1.0:
+            raise ValueError("hflip must be a probability in [0, 1]")
         if self.stream_epochs < 0:
             raise ValueError("stream_epochs must be >= 0 (0 = auto)")
         if self.warmup_steps < 0 or self.eval_every < 0 or self.max_failures < -1:

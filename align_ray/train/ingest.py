@@ -174,14 +174,16 @@ class Preprocess:
     def __init__(self, *, image_col: str, text_col: str, selection: Selection, image_size: int,
                  train: bool, tokenizer: dict[str, bytes],
                  max_length: int, max_pixels: int, match_col: str | None = None,
-                 with_match: bool = False, counter: str | None = None) -> None:
+                 with_match: bool = False, counter: str | None = None,
+                 crop_scale: tuple[float, float] = (0.5, 1.0), hflip: float = 0.5) -> None:
         self.image_col, self.text_col, self.selection = image_col, text_col, selection
         self.match_col, self.with_match, self.size = match_col, with_match, image_size
         self.max_length, self.max_pixels, self.counter = max_length, max_pixels, counter
         self.tok = tokenizer_from_files(tokenizer, max_length)
         # mean 0 / std 1/255 makes the transforms return the resized pixels as 0..255 floats
         ident = ((0.0, 0.0, 0.0), (1 / 255.0,) * 3)
-        self.transform = (train_transform(image_size, *ident) if train
+        self.transform = (train_transform(image_size, *ident, scale=tuple(crop_scale), flip=hflip)
+                          if train
                           else eval_transform(image_size, *ident))
         self.bad_total = 0
 
@@ -335,7 +337,7 @@ def build_dataset(cfg, paths: list[str], selection: Selection, *, train: bool,
         image_size=cfg.model.image_size, train=train,
         tokenizer=tokenizer, max_length=cfg.model.max_length,
         max_pixels=cfg.max_image_pixels, match_col=match_col, with_match=with_match,
-        counter=counter)
+        counter=counter, crop_scale=tuple(cfg.crop_scale), hflip=cfg.hflip)
     key = hashlib.sha1(repr(sorted((k, v) for k, v in kwargs.items() if k != "tokenizer"))
                        .encode() + b"".join(tokenizer[k] for k in sorted(tokenizer))).hexdigest()
     return ds.map_batches(

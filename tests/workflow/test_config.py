@@ -33,7 +33,7 @@ def test_smoke_is_smaller_than_default():
 
 def test_local_yaml_loads_as_an_embedded_run():
     cfg = wf.load(CONFIGS / "local.yaml")
-    assert cfg.embedded and cfg.output == "out/local" and cfg.web.rows == 3000
+    assert cfg.embedded and cfg.output == "out/local" and cfg.web.rows == 6000
     assert cfg.train.steps == 300 and cfg.train.model.embed_dim == 128   # tiny preset
     assert cfg.data.output == "out/local/data" and cfg.serve.index == "out/local/index"
 
