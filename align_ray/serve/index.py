@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from typing import Any
 
@@ -117,18 +118,26 @@ def _fixed_list(x: np.ndarray) -> pa.FixedSizeListArray:
 
 
 def build(cfg: IndexConfig) -> dict[str, Any]:
-    """Run the Ray Data job and assemble the index dir; returns the manifest (``index.json``)."""
+    """Run the Ray Data job and assemble the index dir; returns the manifest (``index.json``).
+
+    ``output`` is local or ``s3://``.  The actors write their shards to ``OUTPUT/shards`` (on S3
+    for an S3 output, so actors on any node can write them); the driver then streams the shards
+    into the npy/parquet files in a local staging folder and, for S3, uploads them, ``index.json``
+    last (a reader that finds it finds a complete index)."""
     import ray.data
 
     if not cfg.model or not cfg.data or not cfg.output:
         raise ValueError("model, data and output are required")
     files, fs, image_col, extra = resolve_input(cfg)
-    out = os.path.abspath(cfg.output)
-    if os.path.exists(os.path.join(out, store.META_FILE)) and not cfg.overwrite:
-        raise FileExistsError(f"{out} already holds an index (set overwrite)")
-    shards = os.path.join(out, "shards")
-    shutil.rmtree(shards, ignore_errors=True)
-    os.makedirs(out, exist_ok=True)
+    out_fs, out = storage.filesystem(cfg.output)
+    remote = not storage.is_local(out_fs)
+    if storage.exists(out_fs, storage.join(out, store.META_FILE)) and not cfg.overwrite:
+        raise FileExistsError(f"{cfg.output} already holds an index (set overwrite)")
+    shards = storage.join(out, "shards")
+    if storage.exists(out_fs, shards):
+        out_fs.delete_dir(shards)
+    stage = tempfile.mkdtemp(prefix="align-index-") if remote else out
+    os.makedirs(stage, exist_ok=True)
     t0 = time.time()
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True   # ids follow corpus order
@@ -139,37 +148,54 @@ def build(cfg: IndexConfig) -> dict[str, Any]:
         ds = ds.limit(cfg.limit)
     rows_in = sum(pq.ParquetFile(fs.open_input_file(f)).metadata.num_rows for f in files)
     rows_in = min(rows_in, cfg.limit) if cfg.limit else rows_in
+    model = cfg.model if "://" in cfg.model else os.path.abspath(cfg.model)
     ds = ds.map_batches(
         _EmbedBatch, batch_format="pyarrow", batch_size=cfg.batch_size,
         concurrency=cfg.concurrency, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
-        fn_constructor_kwargs=dict(model_dir=os.path.abspath(cfg.model), image_col=image_col,
+        fn_constructor_kwargs=dict(model_dir=model, image_col=image_col,
                                    text_col=cfg.text_col, extra=extra,
                                    thumb_size=cfg.thumb_size if cfg.thumbnails else 0,
                                    device="cuda" if cfg.num_gpus > 0 else "cpu"))
-    ds.write_parquet(shards)
-    manifest = assemble(out, shards, model=cfg.model, source=cfg.data, rows_in=rows_in)
-    manifest["seconds"] = round(time.time() - t0, 2)
-    _write_manifest(out, manifest)
+    ds.write_parquet(shards, filesystem=out_fs)
+    try:
+        manifest = assemble(stage, shards, model=model, source=cfg.data, rows_in=rows_in,
+                            fs=out_fs)
+        manifest["seconds"] = round(time.time() - t0, 2)
+        if remote:
+            for name in sorted(os.listdir(stage)):
+                with open(os.path.join(stage, name), "rb") as src, \
+                        out_fs.open_output_stream(storage.join(out, name)) as dst:
+                    shutil.copyfileobj(src, dst, 8 << 20)
+            storage.write_bytes(out_fs, storage.join(out, store.META_FILE),
+                                json.dumps(manifest, indent=2).encode())
+        else:
+            _write_manifest(out, manifest)
+    finally:
+        if remote:
+            shutil.rmtree(stage, ignore_errors=True)
     log.info("index: %d rows (%d dropped) -> %s in %.1f s", manifest["count"],
-             manifest["dropped"], out, manifest["seconds"])
+             manifest["dropped"], cfg.output, manifest["seconds"])
     return manifest
 
 
-def assemble(out: str, shards: str, *, model: str, source: str, rows_in: int) -> dict[str, Any]:
-    """Stream the shard files (in name order) into the npy / parquet files of an index dir."""
-    files = sorted(os.path.join(shards, f) for f in os.listdir(shards) if f.endswith(".parquet"))
-    counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
+def assemble(out: str, shards: str, *, model: str, source: str, rows_in: int,
+             fs: Any = None) -> dict[str, Any]:
+    """Stream the shard files (in name order; on ``fs``, default local) into the npy / parquet
+    files of the local index dir ``out``."""
+    fs = fs or storage.filesystem(shards)[0]
+    files = [f for f in storage.list_files(fs, shards) if f.endswith(".parquet")]
+    counts = [pq.ParquetFile(fs.open_input_file(f)).metadata.num_rows for f in files]
     n = sum(counts)
     if n == 0:
         raise ValueError(f"{source}: no row could be indexed (no decodable image)")
-    dim = pq.read_schema(files[0]).field("image_emb").type.list_size
+    dim = pq.read_schema(files[0], filesystem=fs).field("image_emb").type.list_size
     embs = {m: np.lib.format.open_memmap(os.path.join(out, store.embeddings_file(m) + ".tmp"),
                                          mode="w+", dtype=np.float32, shape=(n, dim))
             for m in store.MODALITIES}
     meta_w = thumb_w = None
     start = 0
     for f in files:
-        t = pq.read_table(f)
+        t = pq.read_table(f, filesystem=fs)
         if t.num_rows == 0:
             continue
         stop = start + t.num_rows
@@ -194,7 +220,7 @@ def assemble(out: str, shards: str, *, model: str, source: str, rows_in: int) ->
         os.replace(os.path.join(out, store.embeddings_file(m) + ".tmp"),
                    os.path.join(out, store.embeddings_file(m)))
     return {"format": store.FORMAT, "count": n, "dim": dim, "modalities": list(store.MODALITIES),
-            "dropped": rows_in - n, "model": os.path.abspath(model), "source": source,
+            "dropped": rows_in - n, "model": model, "source": source,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 

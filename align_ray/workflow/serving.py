@@ -10,7 +10,7 @@ import socket
 import time
 
 from align_ray.workflow.config import RunConfig
-from align_ray.workflow.stages import Run, is_s3, local_copy
+from align_ray.workflow.stages import Run
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -67,10 +67,7 @@ def start(run: Run) -> tuple[str, list[dict]]:
 
     cfg = run.cfg
     with run.stage("serve") as rec:
-        scfg = dataclasses.replace(cfg.serve)
-        scfg.model = local_copy(cfg, cfg.serve.model, "model", "config.json")
-        if scfg.index:
-            scfg.index = local_copy(cfg, scfg.index, "index", "index.json")
+        scfg = dataclasses.replace(cfg.serve)   # model/index local or s3:// (each replica loads)
         if not _port_free(scfg.host, scfg.port):
             port = _free_port(scfg.host)
             print(f"[serve] port {scfg.port} is taken on {scfg.host}: using {port}")
@@ -82,7 +79,6 @@ def start(run: Run) -> tuple[str, list[dict]]:
         results = queries(cfg, url)
         rec["summary"] = {"url": url, "app": scfg.app_name,
                           "model": cfg.serve.model, "index": cfg.serve.index,
-                          "staged_locally": is_s3(cfg.serve.model) or is_s3(cfg.serve.index),
                           "queries": [{**r, "hits": [{k: v for k, v in h.items() if k != "thumb"}
                                                      for h in r["hits"]]} for r in results]}
         return url, results

@@ -5,10 +5,11 @@ data and train stages also resume *inside* themselves: finished shards, the last
 Completion markers: data/filter ``stats.json`` with ``complete: true``; train ``eval.json`` +
 ``model/config.json`` (eval.json is written last); index ``index.json``.
 
-Train, index and serve read and write local directories (see the report of issue 6), so when
-their locations are ``s3://`` the workflow stages them through a local cache folder: the model
-and the index are built there and uploaded, and downloaded again for a resumed index/serve.
-Ray Train's checkpoints go straight to S3 (``storage_path``).
+Training writes its run directory locally, so for an ``s3://`` train output the workflow trains
+into a local cache folder and uploads the result (Ray Train's checkpoints go straight to S3
+through ``storage_path``).  Index and serve take ``s3://`` locations natively: the index actors
+load the model from S3 and write their shards there, and every Serve replica loads the model and
+index itself, so they work across nodes.
 """
 
 from __future__ import annotations
@@ -53,26 +54,6 @@ def upload_dir(local: Path, uri: str, skip: tuple[str, ...] = (), last: str = ""
              and not f.relative_to(local).as_posix().startswith(skip)]
     for f in sorted(files, key=lambda f: f.relative_to(local).as_posix() == last):
         storage.write_bytes(fs, storage.join(base, f.relative_to(local).as_posix()), f.read_bytes())
-
-
-def download_dir(uri: str, local: Path) -> Path:
-    fs, base = storage.filesystem(uri)
-    for path in storage.list_files(fs, base):
-        dst = local / path[len(base) + 1:]
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        dst.write_bytes(storage.read_bytes(fs, path))
-    return local
-
-
-def local_copy(cfg: RunConfig, uri: str, name: str, marker: str) -> str:
-    """``uri`` itself when local; else a cached download of it (re-fetched if ``marker`` is
-    missing from the cache)."""
-    if not is_s3(uri):
-        return uri
-    d = cache_dir(cfg, name)
-    if not (d / marker).exists():
-        download_dir(uri, d)
-    return str(d)
 
 
 class Run:
@@ -237,12 +218,9 @@ def index(run: Run) -> dict:
             print(f"[index] {cfg.index.output} holds an index of {old['count']} pairs: skipped")
             return old
         icfg = dataclasses.replace(cfg.index)
-        icfg.model = local_copy(cfg, cfg.index.model, "model", "config.json")
-        if is_s3(cfg.index.output):
-            icfg.output, icfg.overwrite = str(cache_dir(cfg, "index")), True
-        manifest = index_lib.build(icfg)
-        if is_s3(cfg.index.output):
-            upload_dir(Path(icfg.output), cfg.index.output, skip=("shards",), last="index.json")
+        if old is None:   # an unfinished earlier attempt may have left shards: start over
+            icfg.overwrite = True
+        manifest = index_lib.build(icfg)   # model and output local or s3:// (read/written natively)
         rec["summary"] = manifest
         print(f"[index] {manifest['count']} pairs ({manifest['dropped']} dropped), dim "
               f"{manifest['dim']}, {manifest['seconds']}s -> {cfg.index.output}", flush=True)

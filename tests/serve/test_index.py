@@ -104,6 +104,31 @@ def test_store_loads_from_s3(index_dir, s3):
     assert remote.thumbnail(5) == local.thumbnail(5)
 
 
+def test_build_writes_to_s3_from_a_model_on_s3(ray_cluster, tiny_model, corpus, index_dir, s3):
+    """``align-ray index`` with model and output on S3: the actors load the model from S3 and write
+    their shards there; the finished index equals the local build."""
+    from align_ray import storage
+    from align_ray.serve import index
+
+    s3.create_bucket(Bucket="index-out")
+    fs, base = storage.filesystem("s3://index-out/model")
+    for name in os.listdir(tiny_model):
+        storage.write_bytes(fs, storage.join(base, name), open(os.path.join(tiny_model, name), "rb").read())
+    uri = "s3://index-out/runs/idx"
+    manifest = index.build(IndexConfig(model="s3://index-out/model", data=corpus["path"], output=uri,
+                                       batch_size=16, concurrency=1, num_cpus=0.5, thumb_size=64))
+    assert manifest["model"] == "s3://index-out/model"
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="index-out", Prefix="runs/idx/")["Contents"]}
+    assert {"runs/idx/index.json", "runs/idx/image_embeddings.npy", "runs/idx/metadata.parquet",
+            "runs/idx/thumbs.parquet"} <= keys
+    remote, local = IndexStore(uri), IndexStore(index_dir)
+    assert len(remote) == len(local) == manifest["count"]
+    q = np.load(os.path.join(index_dir, "text_embeddings.npy"))[3]
+    assert [h["id"] for h in remote.search(q, "text", 5)] == [h["id"] for h in local.search(q, "text", 5)]
+    with pytest.raises(FileExistsError):   # a finished index is not overwritten unless asked
+        index.build(IndexConfig(model="s3://index-out/model", data=corpus["path"], output=uri))
+
+
 def test_resolve_input_stage_layout_and_errors(tmp_path):
     stage = tmp_path / "stage" / "parquet"
     stage.mkdir(parents=True)
