@@ -15,7 +15,10 @@ driver process and one local Ray cluster:
   table, read into memory first (not timed).
 
 Reports medians over ``--repeats``, rows/s, the ratios the issue sets goals for, and the
-driver's RSS before and at its peak during the full plan (sampled every 50 ms).  Results go to ``benchmarks/results/filter-DATE.json``.
+driver's RSS before and at its peak during the full plan (sampled every 50 ms; each full run is
+a fresh driver process joined to the same cluster, so the baseline's pyarrow memory pool in
+this process does not blur it).  Results go to ``benchmarks/results/filter-DATE.json``
+(``--out`` to change).
 """
 
 from __future__ import annotations
@@ -122,6 +125,21 @@ def ray_full(path: Path, npart: int) -> tuple[float, dict]:
     return time.perf_counter() - t0, {"kept": kept, "vocab": p.vocab}
 
 
+def child_full(gcs: str, path: str, npart: str) -> int:
+    """A fresh driver: the full plan once; prints time and RSS (before, peak) as JSON."""
+    import ray
+    import ray.data
+
+    ray.init(address=gcs, log_to_driver=False, logging_level="WARNING")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    rss = RssPeak()
+    with rss:
+        f_s, info = ray_full(Path(path), int(npart))
+    print(json.dumps({"full_s": f_s, "rss": {"before": rss.before_mib, "peak": rss.peak_mib},
+                      **info}))
+    return 0
+
+
 class RssPeak:
     """Samples this (driver) process's RSS every 50 ms while the block runs."""
 
@@ -155,11 +173,15 @@ def main() -> int:
     ap.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 4_000_000])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cpus", type=int, default=0, help="Ray logical CPUs (default: os count)")
+    ap.add_argument("--out", default=None, help="result JSON (default results/filter-DATE.json)")
     ap.add_argument("--child-make", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--child-full", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_make:
         make_table(int(args.child_make[0]), Path(args.child_make[1]))
         return 0
+    if args.child_full:
+        return child_full(*args.child_full)
     work = Path(tempfile.mkdtemp(prefix="bench-filter-"))
     prepare_env(work)
     import os
@@ -180,12 +202,11 @@ def main() -> int:
         path = work / f"t{rows}"
         t0 = time.time()
         subprocess.run([sys.executable, __file__, "--child-make", str(rows), str(path)], check=True)
-        npart, aggs = partitions(FilterConfig(), rows)
-        ctx.max_hash_shuffle_aggregators = aggs
+        npart = partitions(FilterConfig(), rows)
         res = {"rows": rows, "make_s": round(time.time() - t0, 1), "partitions": npart,
-               "aggregators": aggs, "pyarrow_s": [], "counts_s": [], "full_s": []}
+               "pyarrow_s": [], "counts_s": [], "full_s": []}
         table = _img_id_table(path)
-        blocks = max(2, aggs)
+        blocks = max(2, npart)
         ds = ray.data.from_arrow(table).repartition(blocks).materialize()  # not timed, as for pyarrow
         for _ in range(args.repeats):
             pa_s, pi, pt = pyarrow_counts(table)
@@ -197,26 +218,30 @@ def main() -> int:
         res.update(distinct_images=pi, distinct_texts=pt)
         del table, ds
         gc.collect()
-        rss = RssPeak()
+        # the full plan runs in a fresh driver process joined to the same cluster, so its RSS
+        # is the plan's alone (this process holds the pyarrow baseline's memory pool)
+        gcs = ray.get_runtime_context().gcs_address
         for _ in range(args.repeats):
-            with rss:
-                f_s, info = ray_full(path, npart)
-            res["full_s"].append(round(f_s, 3))
+            out = subprocess.run([sys.executable, __file__, "--child-full", gcs, str(path),
+                                  str(npart)], check=True, capture_output=True, text=True).stdout
+            info = json.loads(out.strip().splitlines()[-1])
+            res["full_s"].append(round(info.pop("full_s"), 3))
+            res.setdefault("driver_rss_mib", []).append(info.pop("rss"))
             res.update(**info)
-            print(json.dumps({"rows": rows, "full_s": f_s}), flush=True)
-        res["driver_rss_before_full_mib"] = rss.before_mib
-        res["driver_rss_peak_during_full_mib"] = rss.peak_mib
+            print(json.dumps({"rows": rows, "full_s": res["full_s"][-1],
+                              "driver_rss_mib": res["driver_rss_mib"][-1]}), flush=True)
         for k in ("pyarrow_s", "counts_s", "full_s"):
             res[k + "_median"] = statistics.median(res[k])
         res["counts_vs_pyarrow"] = round(res["counts_s_median"] / res["pyarrow_s_median"], 2)
         res["full_rows_per_s"] = round(rows / res["full_s_median"])
+        res["driver_rss_peak_mib_median"] = statistics.median(r["peak"] for r in res["driver_rss_mib"])
         results["sizes"].append(res)
         print(json.dumps({k: v for k, v in res.items() if not isinstance(v, list)}), flush=True)
     if len(results["sizes"]) >= 2:
         a, b = results["sizes"][0], results["sizes"][-1]
         results["scaling"] = {"rows_ratio": b["rows"] / a["rows"],
                               "full_time_ratio": round(b["full_s_median"] / a["full_s_median"], 2)}
-    out = REPO / "benchmarks" / "results" / f"filter-{date.today()}.json"
+    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"filter-{date.today()}.json"
     out.write_text(json.dumps(results, indent=1, default=str))
     print(json.dumps(results.get("scaling", {})), "->", out)
     ray.shutdown()

@@ -177,6 +177,9 @@ async def http_load(url: str, bodies: list[dict], seconds: float, concurrency: i
     return out
 
 
+GIL_SWITCH_S = 0.0005
+
+
 def serve_round(model: str, index: str | None, max_batch: int, port: int, seconds: float,
                 conc: int, search_index: bool, encoder_cpus: float = 0.5) -> dict:
     from ray import serve
@@ -185,7 +188,8 @@ def serve_round(model: str, index: str | None, max_batch: int, port: int, second
     from align_ray.serve.config import ServeConfig
 
     enc = dict(min_replicas=1, max_replicas=1, num_cpus=encoder_cpus, max_batch_size=max_batch,
-               max_ongoing_requests=64, target_ongoing_requests=16, batch_wait_timeout_s=0.005)
+               max_ongoing_requests=64, target_ongoing_requests=16, batch_wait_timeout_s=0.005,
+               gil_switch_interval_s=GIL_SWITCH_S)
     cfg = ServeConfig.from_dict(dict(model=model, index=index, port=port, text_encoder=enc,
                                      image_encoder=dict(enc, max_batch_size=8, num_cpus=0.5),
                                      app_name="bench",
@@ -221,6 +225,8 @@ def main() -> int:
     ap.add_argument("--text-hidden", type=int, default=384)
     ap.add_argument("--text-layers", type=int, default=6)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="embedding rounds per setting, alternating batch-1 / dynamic (median)")
     ap.add_argument("--skip", default="", help="comma list of: embed,search,e2e")
     ap.add_argument("--throughput-optimized", action="store_true",
                     help="RAY_SERVE_THROUGHPUT_OPTIMIZED=1 for every process (Serve's own mode: user "
@@ -228,11 +234,15 @@ def main() -> int:
     ap.add_argument("--encoder-cpus", type=float, default=float(os.cpu_count() or 1),
                     help="num_cpus of the TextEncoder replica, the same in every round (Ray sets "
                          "its torch/OMP threads to floor(num_cpus)); default: this machine's cores")
+    ap.add_argument("--gil-switch-interval", type=float, default=GIL_SWITCH_S,
+                    help="encoders' gil_switch_interval_s (EncoderConfig default 0.0005; CPython's 0.005)")
     args = ap.parse_args()
+    globals()["GIL_SWITCH_S"] = args.gil_switch_interval
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     prepare_env(work)
     skip = set(filter(None, args.skip.split(",")))
     result: dict = {"machine": machine(), "throughput_optimized": args.throughput_optimized,
+                    "gil_switch_interval_s": args.gil_switch_interval, "argv": sys.argv[1:],
                     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "load_avg_start": os.getloadavg()}
     rng = np.random.default_rng(0)
@@ -261,16 +271,24 @@ def main() -> int:
     port = free_port()
     try:
         if "embed" not in skip:
+            # rounds alternate batch-1 / dynamic so slow drift on the box hits both alike;
+            # each figure is the median over its rounds
             result["encoder_cpus"] = args.encoder_cpus
-            result["embed_batch1"] = serve_round(model, None, 1, port, args.seconds, args.concurrency,
-                                                 False, args.encoder_cpus)
-            print(json.dumps(result["embed_batch1"]), flush=True)
-            result["embed_dynamic"] = serve_round(model, None, 32, port, args.seconds, args.concurrency,
-                                                  False, args.encoder_cpus)
-            print(json.dumps(result["embed_dynamic"]), flush=True)
+            runs: dict[str, list] = {"embed_batch1": [], "embed_dynamic": []}
+            for _ in range(args.rounds):
+                for name, mb in (("embed_batch1", 1), ("embed_dynamic", 32)):
+                    r = serve_round(model, None, mb, port, args.seconds, args.concurrency, False,
+                                    args.encoder_cpus)
+                    runs[name].append(r)
+                    print(name, json.dumps(r), flush=True)
+            for name, rs in runs.items():
+                result[name] = rs[0] if len(rs) == 1 else {"rounds": rs}
+                for via in ("handle_c32", "http_embed_c32"):
+                    result[name].setdefault("median_rps", {})[via] = float(
+                        np.median([r[via]["rps"] for r in rs]))
             for via in ("handle_c32", "http_embed_c32"):
-                result[f"speedup_{via}"] = round(result["embed_dynamic"][via]["rps"]
-                                                 / result["embed_batch1"][via]["rps"], 2)
+                result[f"speedup_{via}"] = round(result["embed_dynamic"]["median_rps"][via]
+                                                 / result["embed_batch1"]["median_rps"][via], 2)
         if "e2e" not in skip:
             result["e2e_1m"] = serve_round(model, big, 32, port, args.seconds, args.concurrency, True,
                                            args.encoder_cpus)

@@ -48,7 +48,6 @@ class FilterConfig:
     safety_hook: str = ""
     # execution
     num_partitions: int = 0               # shuffle partitions; 0 = from the data size
-    max_aggregators: int = 0              # hash-shuffle aggregator actors; 0 = from the CPUs
     write_parquet: bool = True
     write_webdataset: bool = True
     report: bool = True

@@ -1,10 +1,10 @@
-"""ALIGN's global frequency counts as distributed Ray Data plans (no driver collect, no
-materialised group per key).
+"""ALIGN's global frequency counts as distributed plans (no driver collect, no materialised
+group per key).
 
-Every count here is "pre-aggregate inside each block with pyarrow, then hash-shuffle the
-partial results and combine them": only counters and hashes move, so a text shared by a
-million rows is a million small pairs spread over partitions (and usually already summed
-inside their blocks), never one in-memory group.
+Every count here is "pre-aggregate inside each block with pyarrow, then hash-partition the
+partial results and combine them" (:mod:`align_ray.filter.shuffle`): only counters and hashes
+move, so a text shared by a million rows is a million small pairs spread over partitions (and
+usually already summed inside their blocks), never one in-memory group.
 
 * :func:`pair_table`: one row per distinct (image, text) pair: how many rows carry it and the
   smallest row key (the survivor when exact duplicates collapse);
@@ -15,42 +15,24 @@ inside their blocks), never one in-memory group.
 
 from __future__ import annotations
 
-import pyarrow as pa
 import ray.data
-from ray.data.aggregate import Min, Sum
 from ray.data.expressions import col
 
-
-def _pairs_in_block(batch: pa.Table, img: str, txt: str, key: str | None) -> pa.Table:
-    aggs = [(img, "count")] + ([(key, "min")] if key else [])
-    out = batch.group_by([img, txt], use_threads=False).aggregate(aggs)
-    names = {f"{img}_count": "rows", f"{key}_min": "first_key"}
-    return out.rename_columns([names.get(c, c) for c in out.column_names])
+from align_ray.filter.shuffle import Agg, aggregate
 
 
 def pair_table(ds: ray.data.Dataset, img: str, txt: str, num_partitions: int,
                key: str | None = None) -> ray.data.Dataset:
     """(img, txt, rows[, first_key]) for every distinct (img, txt) pair."""
-    partial = ds.map_batches(_pairs_in_block, fn_kwargs={"img": img, "txt": txt, "key": key},
-                             batch_format="pyarrow", batch_size=None)
-    aggs = [Sum("rows", alias_name="rows")]
-    if key:
-        aggs.append(Min("first_key", alias_name="first_key"))
-    return partial.groupby([img, txt], num_partitions=num_partitions).aggregate(*aggs)
+    aggs = [Agg("rows", "count")] + ([Agg("first_key", "min", key)] if key else [])
+    return aggregate(ds, [img, txt], aggs, num_partitions)
 
 
-def _per_key_in_block(batch: pa.Table, key: str) -> pa.Table:
-    out = batch.group_by(key, use_threads=False).aggregate([("rows", "count"), ("rows", "sum")])
-    return out.rename_columns([{"rows_count": "n", "rows_sum": "rows"}.get(c, c)
-                               for c in out.column_names])
-
-
-def per_key(pairs: ray.data.Dataset, key: str, num_partitions: int) -> ray.data.Dataset:
-    """(key, n, rows): distinct partners of each key (pairs are distinct) and its rows."""
-    partial = pairs.map_batches(_per_key_in_block, fn_kwargs={"key": key},
-                                batch_format="pyarrow", batch_size=None)
-    return partial.groupby(key, num_partitions=num_partitions).aggregate(
-        Sum("n", alias_name="n"), Sum("rows", alias_name="rows"))
+def per_key(pairs: ray.data.Dataset, key: str, num_partitions: int, n: str = "n",
+            rows: str = "rows") -> ray.data.Dataset:
+    """(key, n, rows): distinct partners of each key (pairs are distinct) and its rows
+    (output column names ``n`` and ``rows``)."""
+    return aggregate(pairs, [key], [Agg(n, "count"), Agg(rows, "sum", "rows")], num_partitions)
 
 
 def count_distinct(ds: ray.data.Dataset, key: str, other: str,

@@ -31,6 +31,7 @@ from align_ray.filter import report as report_lib
 from align_ray.filter.config import FilterConfig
 from align_ray.filter.evalset import load_hashes
 from align_ray.filter.safety import load_hook
+from align_ray.filter.shuffle import map_groups
 from align_ray.filter.writer import ShardWriter
 
 log = logging.getLogger("align_ray.filter")
@@ -86,18 +87,15 @@ def _copy_dropped(items: list[dict], src_uri: str, dst_uri: str) -> int:
     return len(items)
 
 
-def partitions(cfg: FilterConfig, rows: int) -> tuple[int, int]:
-    """(shuffle partitions, aggregator actors per shuffle).
-
-    Each hash-shuffle operator starts its own aggregator actors (a process each, ~1-2 CPU-s to
-    start), and the plan has about a dozen shuffles, so actors are sized to the data, not only
-    to the cluster: one per ~500 k metadata rows (~25 MB of hashes and counts), at most one per
-    CPU; partitions ~1 M rows each, at least one per aggregator.  1.8 B rows on 1,600 CPUs:
-    1,600 aggregators, 1,800 partitions of ~50 MB."""
+def partitions(cfg: FilterConfig, rows: int) -> int:
+    """Shuffle partitions (one reduce task each, :mod:`align_ray.filter.shuffle`): ~1 M
+    metadata rows per partition (~50 MB in one reducer), and up to one per CPU while each gets
+    >= 250 k rows, so every core reduces without drowning small corpora in tiny tasks.
+    1.8 B rows on 1,600 CPUs: 1,800 partitions."""
+    if cfg.num_partitions:
+        return cfg.num_partitions
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    aggs = cfg.max_aggregators or max(1, min(cpus, math.ceil(rows / 500_000)))
-    p = cfg.num_partitions or max(aggs, math.ceil(rows / 1_000_000))
-    return p, aggs
+    return max(1, math.ceil(rows / 1_000_000), min(cpus, math.ceil(rows / 250_000)))
 
 
 def run(cfg: FilterConfig) -> dict:
@@ -118,16 +116,14 @@ def run(cfg: FilterConfig) -> dict:
     if cfg.safety_hook:
         load_hook(cfg.safety_hook)  # fail fast on a typo, before any work
     eval_hashes = load_hashes(cfg.eval_sets, cfg.eval_image_col)
-    npart, aggs = partitions(cfg, stats1["output_rows"])
-    ctx = ray.data.DataContext.get_current()
-    ctx.max_hash_shuffle_aggregators = aggs
+    npart = partitions(cfg, stats1["output_rows"])
     plan = plan_lib.build(read_rows(src, shards), cfg, eval_hashes, npart)
     plan.verdicts = plan.verdicts.materialize()
-    written = plan.verdicts.groupby("shard", num_partitions=npart).map_groups(
-        _write_group, fn_kwargs={"cfg": cfg, "shards": shards}, batch_format="pyarrow")
+    written = map_groups(plan.verdicts, "shard", _write_group, npart,
+                         {"cfg": cfg, "shards": shards})
     dropped: Counter = Counter()
     kept, filtered_in, hist_after = 0, 0, None
-    for row in written.iter_rows():
+    for row in (r for ref in written for r in ray.get(ref).to_pylist()):
         info = json.loads(row["stats"])
         kept += info["output_rows"]
         filtered_in += info["input_rows"]
@@ -148,7 +144,7 @@ def run(cfg: FilterConfig) -> dict:
         "stages": {"data": {k: stats1[k] for k in ("input_rows", "output_rows", "dropped")},
                    "filter": {"input_rows": filtered_in, "output_rows": kept,
                               "dropped": dict(sorted(dropped.items(), key=lambda kv: -kv[1]))}},
-        "vocab": plan.vocab, "partitions": npart, "aggregators": aggs,
+        "vocab": plan.vocab, "partitions": npart,
         "config": {k: v for k, v in vars(cfg).items() if k not in ("input", "output")},
     }
     assert stats["input_rows"] == kept + sum(total_dropped.values()), "row accounting broken"

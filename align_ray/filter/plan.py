@@ -1,12 +1,13 @@
 """The global filter plan: metadata rows -> one verdict per row (None = keep, else the rule).
 
 Only metadata moves (keys, 64-bit hashes, sizes, the alt-text); image bytes stay where they
-are until the per-shard writer.  Steps, each pre-aggregated per block before its shuffle:
+are until the per-shard writer.  Steps (aggregates are pre-aggregated per block before their
+shuffle; every shuffle is a task-based hash partition, :mod:`align_ray.filter.shuffle`):
 
     M  = rows + per-row facts (pair rule, token count, eval-set distance)   [map, materialised]
-    P  = distinct (image, text) pairs: rows, smallest key                    [groupby]
-    I  = per image: distinct texts;  T = per text: distinct images          [groupby x2]
-    G  = gram counts -> histogram -> cut -> per-text rarest gram   [groupby, join, groupby]
+    P  = distinct (image, text) pairs: rows, smallest key                    [aggregate]
+    I  = per image: distinct texts;  T = per text: distinct images          [aggregate x2]
+    G  = gram counts -> histogram -> cut -> per-text rarest gram   [aggregate, join, aggregate]
     P' = P + I + T                                                           [join x2 (+1 for T+G)]
     V  = M + P' -> reason                                                    [join]
 
@@ -29,6 +30,7 @@ from align_ray.filter import vocab
 from align_ray.filter.config import FilterConfig
 from align_ray.filter.evalset import min_distance
 from align_ray.filter.rules import PairRules, pair_reasons, token_counts
+from align_ray.filter.shuffle import join
 
 META_COLS = ["key", "text", "sha256", "phash", "text_hash", "original_width", "original_height"]
 
@@ -124,41 +126,30 @@ class Plan:
     vocab: dict = field(default_factory=dict)
 
 
-def _renamed(ds: ray.data.Dataset, names: dict[str, str]) -> ray.data.Dataset:
-    return ds.rename_columns(names)
-
-
 def build(rows: ray.data.Dataset, cfg: FilterConfig, eval_hashes: np.ndarray,
           num_partitions: int) -> Plan:
     """Lazily build V (the verdict of every row) from metadata rows (see module docstring)."""
     npart = num_partitions
     m = rows.map_batches(prepare, fn_kwargs={"cfg": cfg, "eval_hashes": eval_hashes},
                          batch_format="pyarrow", batch_size=None).materialize()
-    pairs = counts_lib.pair_table(m, "img_id", "text_hash", npart, key="key_id").materialize()
-    images = _renamed(counts_lib.per_key(pairs, "img_id", npart),
-                      {"n": "n_texts", "rows": "image_rows"}).materialize()  # + the report
-    texts = _renamed(counts_lib.per_key(pairs, "text_hash", npart),
-                     {"n": "n_images", "rows": "text_rows"})
+    pairs = counts_lib.pair_table(m, "img_id", "text_hash", npart, key="key_id")
+    images = counts_lib.per_key(pairs, "img_id", npart, "n_texts", "image_rows")  # + the report
+    texts = counts_lib.per_key(pairs, "text_hash", npart, "n_images", "text_rows")
     info: dict = {}
     cut_at = 0
     if cfg.enabled("rare_token"):
-        grams = vocab.gram_counts(m.select_columns(["text"]), npart).materialize()
+        grams = vocab.gram_counts(m, npart)
         hist = vocab.count_histogram(grams)
         cut_at = vocab.cut(hist, cfg.vocab_size, cfg.min_token_count)
         info = {"distinct_grams": int(sum(hist.values())), "cut": cut_at,
                 "vocabulary_size": vocab.vocabulary_size(hist, cut_at)}
-        rarity = vocab.text_rarity(m.select_columns(["text_hash", "text"]), grams, cut_at,
-                                   npart, bigrams=cfg.check_bigrams)
-        texts = texts.join(rarity, join_type="left_outer", num_partitions=npart,
-                           on=("text_hash",))
-    texts = texts.materialize()
-    facts = (pairs.join(images, join_type="inner", num_partitions=npart, on=("img_id",))
-             .join(texts, join_type="inner", num_partitions=npart, on=("text_hash",))
-             .drop_columns(["rows", "image_rows", "text_rows"]))
-    per_row = m.select_columns(["key_id", "shard", "img_id", "text_hash", "pair_reason",
-                                "pair_detail", "eval_dist"])
-    verdicts = per_row.join(facts, join_type="inner", num_partitions=npart,
-                            on=("img_id", "text_hash")).map_batches(
+        rarity = vocab.text_rarity(m, grams, cut_at, npart, bigrams=cfg.check_bigrams)
+        texts = join(texts, rarity, ["text_hash"], "left outer", npart)
+    facts = join(join(pairs, images, ["img_id"], "inner", npart), texts, ["text_hash"], "inner",
+                 npart, drop=["rows", "image_rows", "text_rows"])
+    per_row = ["key_id", "shard", "img_id", "text_hash", "pair_reason", "pair_detail", "eval_dist"]
+    verdicts = join(m, facts, ["img_id", "text_hash"], "inner", npart,
+                    left_columns=per_row).map_batches(
         decide, fn_kwargs={"cfg": cfg, "cut_at": cut_at}, batch_format="pyarrow",
         batch_size=None)
     return Plan(rows=m, pairs=pairs, images=images, texts=texts, verdicts=verdicts, vocab=info)

@@ -12,11 +12,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray.data
-from ray.data.aggregate import Sum
-from ray.data.expressions import col
 
 from align_ray import storage
 from align_ray.filter.rules import token_counts
+from align_ray.filter.shuffle import Agg, aggregate
 
 TOKEN_BINS = list(range(0, 41))                       # 0..39 tokens, then ">= 40"
 SIDE_BINS = [0, 64, 128, 200, 201, 256, 384, 512, 768, 1024, 2048, 1 << 30]
@@ -60,11 +59,6 @@ def merge_hist(total: dict | None, part: dict) -> dict:
     return {k: [a + b for a, b in zip(total[k], part[k])] for k in total}
 
 
-def _count_block(batch: pa.Table, key: str) -> pa.Table:
-    out = batch.group_by(key, use_threads=False).aggregate([(key, "count")])
-    return out.rename_columns([key, "n"])
-
-
 def _topk_block(batch: pa.Table, by: str, k: int) -> pa.Table:
     if batch.num_rows <= k:
         return batch
@@ -82,10 +76,8 @@ def top_k(ds: ray.data.Dataset, by: str, k: int) -> list[dict]:
 
 def top_dropped_texts(verdicts: ray.data.Dataset, m: ray.data.Dataset, k: int,
                       num_partitions: int) -> list[dict]:
-    dropped = verdicts.filter(expr=col("reason").is_not_null()).select_columns(["text_hash"])
-    counts = dropped.map_batches(_count_block, fn_kwargs={"key": "text_hash"},
-                                 batch_format="pyarrow", batch_size=None).groupby(
-        "text_hash", num_partitions=num_partitions).aggregate(Sum("n", alias_name="rows"))
+    counts = aggregate(verdicts, ["text_hash"], [Agg("rows", "count")], num_partitions,
+                       where=pc.field("reason").is_valid())
     top = top_k(counts, "rows", k)
     texts = _examples(m, "text_hash", [t["text_hash"] for t in top], ["text"])
     return [{"text": texts.get(t["text_hash"], {}).get("text"), "dropped_rows": t["rows"]}

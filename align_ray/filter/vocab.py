@@ -16,10 +16,9 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray.data
-from ray.data.aggregate import Min, Sum
-from ray.data.expressions import col
 
 from align_ray.filter.rules import grams, tokens
+from align_ray.filter.shuffle import Agg, aggregate, join
 
 
 def _grams_in_block(batch: pa.Table) -> pa.Table:
@@ -34,8 +33,7 @@ def _grams_in_block(batch: pa.Table) -> pa.Table:
 def gram_counts(texts: ray.data.Dataset, num_partitions: int) -> ray.data.Dataset:
     """(gram, n) over the raw corpus; ``texts`` has a ``text`` column (one row per pair row)."""
     partial = texts.map_batches(_grams_in_block, batch_format="pyarrow", batch_size=None)
-    return partial.groupby("gram", num_partitions=num_partitions).aggregate(
-        Sum("n", alias_name="n"))
+    return aggregate(partial, ["gram"], [Agg("n", "sum", "n")], num_partitions)
 
 
 def _hist_in_block(batch: pa.Table) -> pa.Table:
@@ -79,24 +77,16 @@ def _text_grams_in_block(batch: pa.Table, bigrams: bool) -> pa.Table:
     return pairs.group_by(["text_hash", "gram"], use_threads=False).aggregate([])
 
 
-def _rarest_in_block(batch: pa.Table) -> pa.Table:
-    out = batch.group_by("text_hash", use_threads=False).aggregate([("n", "min"), ("gram", "min")])
-    return out.rename_columns([{"n_min": "gram_n", "gram_min": "rare_gram"}.get(c, c)
-                               for c in out.column_names])
-
-
 def text_rarity(rows: ray.data.Dataset, counts: ray.data.Dataset, cut_at: int,
                 num_partitions: int, bigrams: bool = False) -> ray.data.Dataset:
     """(text_hash, gram_n, rare_gram) for every text holding a gram seen fewer than ``cut_at``
     times (``gram_n``: the smallest such count; ``rare_gram``: one of those grams)."""
     text_grams = rows.map_batches(_text_grams_in_block, fn_kwargs={"bigrams": bigrams},
                                   batch_format="pyarrow", batch_size=None)
-    rare = counts.filter(expr=col("n") < cut_at)
-    hits = text_grams.join(rare, join_type="inner", num_partitions=num_partitions, on=("gram",))
-    partial = hits.map_batches(_rarest_in_block, batch_format="pyarrow", batch_size=None)
-    return partial.groupby("text_hash", num_partitions=num_partitions).aggregate(
-        Min("gram_n", alias_name="gram_n"), Min("rare_gram", alias_name="rare_gram",
-                                                zero_factory=lambda: "\U0010ffff"))
+    hits = join(text_grams, counts, ["gram"], "inner", num_partitions,
+                right_where=pc.field("n") < cut_at)
+    return aggregate(hits, ["text_hash"], [Agg("gram_n", "min", "n"),
+                                           Agg("rare_gram", "min", "gram")], num_partitions)
 
 
 def vocabulary_size(hist: dict[int, int], cut_at: int) -> int:

@@ -19,6 +19,7 @@ import asyncio
 import gc
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -54,13 +55,16 @@ class _EncoderBase:
         self.last_ok = time.monotonic()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """``max_batch_size``, ``batch_wait_timeout_s``, ``forward_batch_size`` (live)."""
+        """``max_batch_size``, ``batch_wait_timeout_s``, ``forward_batch_size``,
+        ``gil_switch_interval_s`` (live; see :class:`~align_ray.serve.config.EncoderConfig`)."""
         if "max_batch_size" in user_config:
             self._batched.set_max_batch_size(int(user_config["max_batch_size"]))
         if "batch_wait_timeout_s" in user_config:
             self._batched.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
         if "forward_batch_size" in user_config:
             self.forward_batch_size = max(1, int(user_config["forward_batch_size"]))
+        if "gil_switch_interval_s" in user_config:
+            sys.setswitchinterval(float(user_config["gil_switch_interval_s"]))
 
     def info(self) -> dict[str, Any]:
         temperature = getattr(self.embedder.model, "temperature", None)
@@ -69,6 +73,7 @@ class _EncoderBase:
                 "batches": self.batches, "items": self.items, "requests": self.requests,
                 "max_batch_size": self._batched._get_max_batch_size(),
                 "batch_wait_timeout_s": self._batched._get_batch_wait_timeout_s(),
+                "gil_switch_interval_s": sys.getswitchinterval(),
                 "device": str(self.embedder.device), "pid": os.getpid()}
 
     def ping(self) -> str:

@@ -50,8 +50,8 @@ def _stages() -> dict[str, tuple[list[dict], str]]:
                    **opts}] * d["autoscaling_config"]["min_replicas"]
     return {
         "download": ([{"CPU": 1}] * cloud["data"]["processes"], "cpu"),
-        # shuffle map tasks + aggregators that reserve memory (as Ray Data's hash shuffle does)
-        "filter": ([{"CPU": 1}] * 64 + [{"CPU": 1, "memory": 2**30}] * 16, "cpu"),
+        # the filter's shuffle: one CPU task per partition (align_ray/filter/shuffle.py)
+        "filter": ([{"CPU": 1}] * cloud["filter"]["num_partitions"], "cpu"),
         "train_ingest": ([{"CPU": tr["data_cpus"]}] * tr["data_workers"], "cpu"),
         "train": ([worker] * tr["workers"], "train"),
         "train_pinned": ([{**worker, **A100}] * tr["workers"], "train"),   # + accelerator_type

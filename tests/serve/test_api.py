@@ -16,6 +16,18 @@ def test_healthz(serve_app):
     assert h["index"]["count"] > 0 and h["index"]["dim"] == 128
 
 
+def test_encoder_replicas_apply_their_user_config(serve_app):
+    from ray import serve
+
+    _, cfg = serve_app
+    for name, enc in (("TextEncoder", cfg.text_encoder), ("ImageEncoder", cfg.image_encoder)):
+        info = serve.get_deployment_handle(name, cfg.app_name).info.remote().result(timeout_s=60)
+        assert info["max_batch_size"] == enc.max_batch_size
+        assert info["batch_wait_timeout_s"] == pytest.approx(enc.batch_wait_timeout_s)
+        assert info["gil_switch_interval_s"] == pytest.approx(enc.gil_switch_interval_s)
+        assert enc.gil_switch_interval_s != 0.005          # not CPython's default: really applied
+
+
 def test_embed_text_matches_local_model(serve_app, embedder):
     client, _ = serve_app
     texts = ["grinning face", "a red heart", "grinning face"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from align_ray.serve.config import IndexConfig, ServeConfig
+from align_ray.serve.config import EncoderConfig, IndexConfig, ServeConfig
 
 YAML = Path(__file__).resolve().parents[2] / "align_ray" / "serve" / "serve_config.yaml"
 
@@ -30,6 +30,7 @@ def test_nested_sections_and_defaults():
     ({"image_encoder": {"max_batch_size": 64, "max_ongoing_requests": 8}}, "batches can form"),
     ({"text_encoder": {"min_replicas": 3, "max_replicas": 2}}, "min_replicas"),
     ({"backend": "annoy"}, "backend"),
+    ({"text_encoder": {"gil_switch_interval_s": 0}}, "gil_switch_interval_s"),
     ({"router": 3}, "expected a mapping"),
 ])
 def test_invalid_configs_are_refused(bad, match):
@@ -55,6 +56,7 @@ def test_shipped_yaml_validates_with_rays_schema():
     assert img["max_replicas"] != txt["max_replicas"]          # set independently
     for d in (deps["ImageEncoder"], deps["TextEncoder"]):
         assert d.max_ongoing_requests >= d.user_config["max_batch_size"]
+        assert set(d.user_config) == set(EncoderConfig().user_config())   # every live knob set
         assert d.autoscaling_config["target_ongoing_requests"] < d.max_ongoing_requests
     # the app's args are a valid ServeConfig too
     cfg = ServeConfig.from_dict(app.args)
