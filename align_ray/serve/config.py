@@ -38,9 +38,10 @@ class EncoderConfig:
     max_ongoing_requests: int = 64
     forward_batch_size: int = 64   # items per model forward; a batch of requests is cut into these
     # sys.setswitchinterval in the replica. The forward pass (on Serve's user-code thread) and
-    # Serve's request thread share the GIL; at CPython's 5 ms default the forward waits up to
-    # 5 ms for the GIL after each torch op while requests arrive. Measured on 2 cores, MiniLM-
-    # sized text tower, c=32: 5 ms -> ~235 req/s, 0.5 ms -> 266 req/s, 20 ms -> 180 req/s.
+    # Serve's request thread share the GIL; a thread that wants it back after a torch op waits
+    # up to one interval while the other holds it. Measured on 2 cores, MiniLM-sized tower,
+    # c=32, batched: CPython's 5 ms -> 238 req/s, 0.5 ms -> 251 (BENCHMARKS.md, within the
+    # run-to-run noise); a 20 ms interval fell to ~180 in a profiling run. Live-tunable.
     gil_switch_interval_s: float = 0.0005
 
     def validate(self, name: str) -> None:
