@@ -18,7 +18,6 @@ The actor code itself is not modified: the profiler wraps module-level functions
 from __future__ import annotations
 
 import argparse
-import asyncio
 import collections
 import os
 import shutil

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import pytest
 
 from align_ray.data.config import DataConfig
 from align_ray.data.errors import Drop
