@@ -217,5 +217,6 @@ def map_groups(ds: ray.data.Dataset, key: str, fn, num_partitions: int,
     pieces = [cut.remote(b, schema, None, None, [key], n) for b in refs]
     if n == 1:
         pieces = [[p] for p in pieces]
-    return [_groups_task.remote(key, fn, fn_kwargs or {}, *[p[i] for p in pieces])
-            for i in range(n)]
+    # one copy in the object store for all partitions (the writer's kwargs hold the shard list)
+    kwargs = ray.put(fn_kwargs or {})
+    return [_groups_task.remote(key, fn, kwargs, *[p[i] for p in pieces]) for i in range(n)]
