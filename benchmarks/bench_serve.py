@@ -181,14 +181,15 @@ GIL_SWITCH_S = 0.0005
 
 
 def serve_round(model: str, index: str | None, max_batch: int, port: int, seconds: float,
-                conc: int, search_index: bool, encoder_cpus: float = 0.5) -> dict:
+                conc: int, search_index: bool, encoder_cpus: float = 0.5,
+                batch_wait: float = 0.005) -> dict:
     from ray import serve
 
     from align_ray.serve import app
     from align_ray.serve.config import ServeConfig
 
     enc = dict(min_replicas=1, max_replicas=1, num_cpus=encoder_cpus, max_batch_size=max_batch,
-               max_ongoing_requests=64, target_ongoing_requests=16, batch_wait_timeout_s=0.005,
+               max_ongoing_requests=64, target_ongoing_requests=16, batch_wait_timeout_s=batch_wait,
                gil_switch_interval_s=GIL_SWITCH_S)
     cfg = ServeConfig.from_dict(dict(model=model, index=index, port=port, text_encoder=enc,
                                      image_encoder=dict(enc, max_batch_size=8, num_cpus=0.5),
@@ -196,7 +197,7 @@ def serve_round(model: str, index: str | None, max_batch: int, port: int, second
                                      router=dict(max_ongoing_requests=256)))
     base = app.start(cfg)
     rng = np.random.default_rng(3)
-    out: dict = {"max_batch_size": max_batch}
+    out: dict = {"max_batch_size": max_batch, "batch_wait_timeout_s": batch_wait}
     try:
         handle = serve.get_deployment_handle("TextEncoder", "bench")
         one = [[t] for t in texts(rng, 512)]
@@ -204,6 +205,8 @@ def serve_round(model: str, index: str | None, max_batch: int, port: int, second
         out["handle_c32"] = asyncio.run(handle_load(handle, one, seconds, conc))
         info = handle.info.remote().result()
         out["mean_batch"] = round(info["items"] / max(info["batches"], 1), 1)
+        # a lone client: what the batch wait costs when no batch can form
+        out["handle_c1"] = asyncio.run(handle_load(handle, one, min(seconds, 3.0), 1))
         bodies = [{"texts": t} for t in one]
         out["http_embed_c32"] = asyncio.run(http_load(f"{base}/v1/embed/text", bodies, seconds, conc))
         if search_index:
@@ -227,6 +230,9 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--rounds", type=int, default=2,
                     help="embedding rounds per setting, alternating batch-1 / dynamic (median)")
+    ap.add_argument("--batch-waits", default="0.005",
+                    help="comma list of batch_wait_timeout_s for the dynamic rounds (the first is "
+                         "'embed_dynamic'; others add 'embed_dynamic_wait<ms>ms')")
     ap.add_argument("--skip", default="", help="comma list of: embed,search,e2e")
     ap.add_argument("--throughput-optimized", action="store_true",
                     help="RAY_SERVE_THROUGHPUT_OPTIMIZED=1 for every process (Serve's own mode: user "
@@ -274,11 +280,15 @@ def main() -> int:
             # rounds alternate batch-1 / dynamic so slow drift on the box hits both alike;
             # each figure is the median over its rounds
             result["encoder_cpus"] = args.encoder_cpus
-            runs: dict[str, list] = {"embed_batch1": [], "embed_dynamic": []}
+            waits = [float(w) for w in args.batch_waits.split(",")]
+            settings = [("embed_batch1", 1, waits[0])] + [
+                ("embed_dynamic" if i == 0 else f"embed_dynamic_wait{round(w * 1000):g}ms", 32, w)
+                for i, w in enumerate(waits)]
+            runs: dict[str, list] = {name: [] for name, _, _ in settings}
             for _ in range(args.rounds):
-                for name, mb in (("embed_batch1", 1), ("embed_dynamic", 32)):
+                for name, mb, wait in settings:
                     r = serve_round(model, None, mb, port, args.seconds, args.concurrency, False,
-                                    args.encoder_cpus)
+                                    args.encoder_cpus, wait)
                     runs[name].append(r)
                     print(name, json.dumps(r), flush=True)
             for name, rs in runs.items():
@@ -286,9 +296,15 @@ def main() -> int:
                 for via in ("handle_c32", "http_embed_c32"):
                     result[name].setdefault("median_rps", {})[via] = float(
                         np.median([r[via]["rps"] for r in rs]))
-            for via in ("handle_c32", "http_embed_c32"):
-                result[f"speedup_{via}"] = round(result["embed_dynamic"]["median_rps"][via]
-                                                 / result["embed_batch1"]["median_rps"][via], 2)
+                result[name]["median_mean_batch"] = float(np.median([r["mean_batch"] for r in rs]))
+                result[name]["median_c1_p50_ms"] = float(np.median([r["handle_c1"]["p50_ms"] for r in rs]))
+            for name in runs:
+                if name == "embed_batch1":
+                    continue
+                suffix = name[len("embed_dynamic"):]
+                for via in ("handle_c32", "http_embed_c32"):
+                    result[f"speedup_{via}{suffix}"] = round(result[name]["median_rps"][via]
+                                                             / result["embed_batch1"]["median_rps"][via], 2)
         if "e2e" not in skip:
             result["e2e_1m"] = serve_round(model, big, 32, port, args.seconds, args.concurrency, True,
                                            args.encoder_cpus)

@@ -34,6 +34,12 @@ class EncoderConfig:
     num_cpus: float = 0.5
     num_gpus: float = 0.0
     max_batch_size: int = 32
+    # Serve starts a batch when max_batch_size requests wait or this long after the first one:
+    # the latency / throughput trade-off (Triton's max_queue_delay). 5 ms suits an interactive
+    # page; a throughput-bound deployment (bulk embedding, a busy API) wants more. Measured on
+    # 2 cores, c=32, max 32: 5 ms -> half batches of ~16, 0.05 (about one full batch's forward)
+    # -> full batches of 32, +18% req/s and a lower p50, but a lone request then waits the whole
+    # 50 ms (BENCHMARKS.md, Serving, session-5 runs).
     batch_wait_timeout_s: float = 0.005
     max_ongoing_requests: int = 64
     forward_batch_size: int = 64   # items per model forward; a batch of requests is cut into these
