@@ -1,0 +1,80 @@
+"""The shipped Serve config file, deployed the way ``serve deploy`` does it (the controller's
+declarative ``apply_config``, which the dashboard's REST API calls), next to the package's
+imperatively started app: it builds through ``app_builder``, answers, and a redeploy that only
+changes an encoder's ``user_config`` is applied live to the running replica (no restart)."""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+YAML = Path(__file__).resolve().parents[2] / "align_ray" / "serve" / "serve_config.yaml"
+APP = "align-declarative"
+
+
+def _config(tiny_model: str, index_dir: str) -> dict:
+    """serve_config.yaml with this test's model/index, its own route, and replicas sized for the
+    4-CPU test cluster (the rest as shipped, user_config included)."""
+    raw = yaml.safe_load(YAML.read_text())
+    (app,) = raw["applications"]
+    app.update(name=APP, route_prefix="/declarative")
+    app["args"].update(model=tiny_model, index=index_dir)
+    for d in app["deployments"]:
+        d["ray_actor_options"] = {"num_cpus": 0.25}
+        if "autoscaling_config" in d:
+            d["autoscaling_config"].update(min_replicas=1, max_replicas=1)
+        else:
+            d["num_replicas"] = 1
+    return raw
+
+
+def _deploy(raw: dict) -> None:
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(raw), _blocking=True)
+
+
+def _text_user_config(raw: dict) -> dict:
+    (app,) = raw["applications"]
+    return next(d for d in app["deployments"] if d["name"] == "TextEncoder")["user_config"]
+
+
+def test_shipped_config_deploys_and_user_config_is_retuned_live(serve_app, tiny_model, index_dir,
+                                                                  embedder):
+    from ray import serve
+
+    from align_ray.client import AlignClient
+
+    client, _ = serve_app
+    raw = _config(tiny_model, index_dir)
+    shipped = _text_user_config(raw)
+    _deploy(raw)
+    try:
+        api = AlignClient(client.base_url + "/declarative", timeout=60)
+        got = api.embed_text(["grinning face"])
+        np.testing.assert_allclose(got, embedder.embed_texts(["grinning face"]), atol=1e-4)
+        handle = serve.get_deployment_handle("TextEncoder", APP)
+        before = handle.info.remote().result(timeout_s=60)
+        assert before["max_batch_size"] == shipped["max_batch_size"]
+        assert before["batch_wait_timeout_s"] == pytest.approx(shipped["batch_wait_timeout_s"])
+
+        slow = copy.deepcopy(raw)
+        _text_user_config(slow)["batch_wait_timeout_s"] = 0.5     # the throughput setting, exaggerated
+        _deploy(slow)
+        deadline = time.monotonic() + 60
+        while (info := handle.info.remote().result(timeout_s=60))["batch_wait_timeout_s"] != 0.5:
+            assert time.monotonic() < deadline, f"user_config not applied: {info}"
+            time.sleep(0.5)
+        assert info["pid"] == before["pid"]                        # same replica: no restart
+        assert info["max_batch_size"] == shipped["max_batch_size"]  # the other knobs kept
+        t = time.perf_counter()
+        handle.embed.remote(["grinning face"]).result(timeout_s=60)
+        assert time.perf_counter() - t >= 0.5      # a lone request waits out the batch window
+    finally:
+        serve.delete(APP)
