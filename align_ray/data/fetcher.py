@@ -1,11 +1,12 @@
 """Async HTTP fetcher: connection reuse, SSRF-checked hops, timeouts and a per-URL deadline.
 
 img2dataset's users hit endless/slow-drip bodies that hang a worker forever; here every URL is
-bounded by ``timeout_total`` (all hops, headers and body together), each socket read by
-``timeout_read``, and the body by ``max_bytes`` (counted after gzip/deflate is undone, so a
-compression bomb cannot get past it).  Redirects are followed by hand so that every hop passes
+bounded by one ``timeout_total`` deadline (every attempt, redirect hop, header wait, body read and
+backoff sleep together, so a URL holds its download slot for at most that long), each socket
+read by ``timeout_read``, and the body by ``max_bytes`` (counted after gzip/deflate is undone, so
+a compression bomb cannot get past it).  Redirects are followed by hand so that every hop passes
 the SSRF guard.  Retries (with exponential backoff, or the server's ``Retry-After``) happen only
-for failures that can be transient.
+for failures that can be transient, and only while the deadline leaves room for the wait.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+def _annotated(drop: Drop, note: str) -> Drop:
+    """``drop``'s reason and retryability, with ``note`` added to its detail."""
+    return Drop(drop.reason, f"{drop.detail}; {note}" if drop.detail else note, drop.retryable)
+
+
 def _status_drop(resp: aiohttp.ClientResponse) -> Drop:
     drop = Drop(f"http_{resp.status}", resp.reason or "")
     drop.retry_after = _retry_after(resp.headers.get("Retry-After"))
@@ -74,22 +80,45 @@ class Fetcher:
         await self.session.close()
 
     async def fetch(self, url: str) -> Fetched:
-        """Fetch ``url`` or raise :class:`Drop`; retries retryable failures."""
+        """Fetch ``url`` or raise :class:`Drop`; retries retryable failures within one deadline.
+
+        The deadline is ``timeout_total`` after the call, for the URL as a whole; no retry is
+        started, and no backoff slept, that would end at or after it.  The row's reason is the
+        last failure an attempt came to by itself: a retry cut short by the deadline, or not
+        started because its wait would pass it, adds nothing new, and the detail says so.  Only
+        when the deadline ends the first attempt is the reason ``timeout_total``.  A URL's reason
+        thus depends on how its server behaves, not on ``retries`` or the backoff schedule.
+        """
         cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + cfg.timeout_total
+        last: Drop | None = None
         for attempt in range(cfg.retries + 1):
             try:
-                return await asyncio.wait_for(self._fetch_once(url), cfg.timeout_total)
+                # wait_for, not asyncio.timeout: requires-python still admits 3.10
+                return await asyncio.wait_for(self._fetch_once(url),
+                                              max(0.0, deadline - loop.time()))
             except Drop as d:
                 drop = d
             except asyncio.TimeoutError:
-                drop = Drop("timeout_total", f"no complete response within {cfg.timeout_total}s")
+                # only the deadline gets here: _fetch_once turns aiohttp's own timeouts into Drops
+                if last is None:
+                    raise Drop("timeout_total",
+                               f"no complete response within {cfg.timeout_total}s") from None
+                raise _annotated(last, f"retry {attempt} cut short by timeout_total "
+                                       f"({cfg.timeout_total}s)") from None
             if not drop.retryable or attempt == cfg.retries:
                 raise drop
             wait = getattr(drop, "retry_after", None)
             if wait is None:
                 wait = cfg.retry_backoff * (2 ** attempt)
             elif wait > cfg.max_retry_after:
-                raise Drop(drop.reason, f"Retry-After {wait:.0f}s exceeds max_retry_after")
+                raise Drop(drop.reason, f"Retry-After {wait:.0f}s exceeds max_retry_after",
+                           drop.retryable)
+            if loop.time() + wait >= deadline:
+                raise _annotated(drop, f"not retried: a {wait:.1f}s wait would pass "
+                                       f"timeout_total ({cfg.timeout_total}s)")
+            last = drop
             await asyncio.sleep(wait)
         raise AssertionError("unreachable")
 

@@ -69,10 +69,78 @@ def test_every_fault_kept_or_dropped_with_its_reason(web):
         elif not isinstance(out, Drop) or out.reason != EXPECTED_REASON[name]:
             wrong[name] = out
     assert not wrong, wrong
-    # nothing hangs: the slowest fault is bounded by the deadline (x attempts, + backoff)
-    assert elapsed < 2 * cfg.timeout_total + 3
+    # nothing hangs: the slowest fault is bounded by one per-URL deadline, whatever the retries
+    assert elapsed < cfg.timeout_total + 3
     rotated = results["exif_rotated"]
     assert rotated.original_height > rotated.original_width  # displayed upright (portrait)
+
+
+async def _timed(fetcher: Fetcher, cfg: DataConfig, url: str):
+    t0 = time.monotonic()
+    out = await _outcome(fetcher, cfg, url)
+    return out, time.monotonic() - t0
+
+
+def _run_timed(cfg: DataConfig, urls: list[str]) -> tuple[list, list[int]]:
+    """[(outcome, seconds)] per URL, fetched together, and the attempts each URL made."""
+    attempts = [0] * len(urls)
+
+    async def go():
+        f = Fetcher(cfg)
+        once = f._fetch_once
+
+        async def counted(url):
+            attempts[urls.index(url)] += 1
+            return await once(url)
+
+        f._fetch_once = counted
+        try:
+            return await asyncio.gather(*(_timed(f, cfg, u) for u in urls))
+        finally:
+            await f.close()
+
+    return asyncio.run(go()), attempts
+
+
+def test_timeout_total_is_one_deadline_per_url_across_retries(web):
+    # timeout_total is retryable; were the deadline per attempt, each of these URLs would hold
+    # its slot for three deadlines plus two backoffs.  timeout_read is above timeout_total so
+    # only the total deadline can end them, during the first attempt: hence that reason.
+    cfg = DataConfig(**{**FAST, "timeout_total": 2.0, "timeout_read": 2.5, "retries": 2,
+                        "retry_backoff": 0.1})
+    urls = [f"{web.base_url}/fault/slow_drip/{i}" for i in (11, 12, 13)]
+    urls.append(f"{web.base_url}/fault/delay_headers/14?s=30")
+    results, attempts = _run_timed(cfg, urls)
+    for url, (out, seconds) in zip(urls, results):
+        assert isinstance(out, Drop) and out.reason == "timeout_total", (url, out)
+        assert cfg.timeout_total - 0.05 <= seconds < cfg.timeout_total + 1.0, (url, seconds)
+    assert attempts == [1] * len(urls)
+
+
+def test_no_retry_whose_wait_would_pass_the_deadline(web):
+    cfg = DataConfig(**{**FAST, "timeout_total": 1.5, "retries": 5, "retry_backoff": 5.0,
+                        "max_retry_after": 10.0})
+    # 503: the 5 s backoff would pass the deadline, so the first answer is the outcome, at once.
+    # 429 (Retry-After: 1 every time): attempt 2 runs at 1 s; a second 1 s wait would pass 1.5 s.
+    urls = [f"{web.base_url}/fault/503/21", f"{web.base_url}/fault/429/22"]
+    results, attempts = _run_timed(cfg, urls)
+    (out503, t503), (out429, t429) = results
+    assert isinstance(out503, Drop) and out503.reason == "http_503" and out503.retryable
+    assert "not retried" in out503.detail and t503 < 1.0, (out503, t503)
+    assert isinstance(out429, Drop) and out429.reason == "http_429" and out429.retryable
+    assert "not retried" in out429.detail and 1.0 <= t429 < cfg.timeout_total, (out429, t429)
+    assert attempts == [1, 2]
+
+
+def test_retry_cut_short_by_the_deadline_keeps_the_earlier_reason(web):
+    # attempt 1 ends on its own (timeout_read at 1 s); the retry, started at 1.1 s, is still
+    # waiting for headers when the 1.5 s deadline passes, so the row keeps timeout_read.
+    cfg = DataConfig(**{**FAST, "timeout_total": 1.5, "timeout_read": 1.0, "retries": 2,
+                        "retry_backoff": 0.1})
+    [(out, seconds)], attempts = _run_timed(cfg, [f"{web.base_url}/fault/delay_headers/31?s=30"])
+    assert isinstance(out, Drop) and out.reason == "timeout_read", out
+    assert "cut short by timeout_total" in out.detail, out.detail
+    assert cfg.timeout_total - 0.05 <= seconds < cfg.timeout_total + 1.0 and attempts == [2]
 
 
 def test_retry_after_and_retry_limits(web):
