@@ -1,12 +1,23 @@
 """SSRF guard: decide whether the downloader may connect to an IP address.
 
-Default policy: only globally routable unicast addresses.  Loopback, private (RFC 1918, ULA),
-link-local (incl. the 169.254.169.254 cloud metadata endpoint), multicast, reserved, shared
-(100.64/10), documentation and unspecified addresses are refused.
+Default policy: only globally routable unicast addresses.  The verdict comes from an explicit
+table, not from the ``ipaddress`` module's ``is_global``/``is_private`` flags, whose tables
+change between Python versions (3.11 calls parts of 192.0.0.0/24 global, a range SSRF lists name
+for a metadata endpoint).  Blocked: every range of the IANA IPv4 and IPv6 Special-Purpose
+Address Registries (whatever its "globally reachable" column says: none of them serves images),
+multicast, 240.0.0.0/4, and all IPv6 space outside 2000::/3 (the only block allocated for global
+unicast, so the unallocated rest is refused too).
 
-* ``allow_private_network`` admits loopback and private ranges (for crawling a local mirror);
-  link-local / metadata addresses stay blocked.
-* ``allow_cidr`` admits exactly the given ranges, whatever they are (``169.254.0.0/16`` included).
+Addresses that embed an IPv4 address are judged by it where that is where the packets go:
+IPv4-mapped ``::ffff:a.b.c.d`` (the same host), well-known NAT64 ``64:ff9b::a.b.c.d`` and 6to4
+``2002:AABB:CCDD::/48``.  IPv4-compatible ``::a.b.c.d`` (deprecated; may still be tunnelled) and
+local-use NAT64 ``64:ff9b:1::/48`` (the operator picks where the IPv4 sits) are always refused.
+
+* ``allow_private_network`` admits loopback and private ranges (10/8, 172.16/12, 192.168/16,
+  100.64/10, fc00::/7, and their embedded forms) for crawling a local mirror; link-local
+  addresses (the 169.254.169.254 cloud metadata endpoint among them) and the rest stay blocked.
+* ``allow_cidr`` admits exactly the given ranges, whatever they are (``169.254.0.0/16``
+  included); an embedded IPv4 inside a named range is admitted too.
 
 The guard is applied to the *resolved* address of every hop (redirects included) by
 :class:`GuardedResolver`, and the connector connects to exactly the addresses that resolver
@@ -27,20 +38,87 @@ from aiohttp.resolver import ThreadedResolver
 from align_ray.data.errors import Drop
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-_PRIVATE_NETS = [
-    ipaddress.ip_network(n)
-    for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")
-]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Kinds that allow_private_network opens; every other kind only opens to --allow-cidr.
+PRIVATE_KINDS = frozenset({"loopback", "private"})
+EMBEDS_IPV4 = "embeds-ipv4"  # judged by the IPv4 address inside it
+
+# (range, kind, what it is); the first match wins, so a range nested in another comes first.
+_V4_RANGES = (
+    ("0.0.0.0/8", "unspecified", "this network"),
+    ("10.0.0.0/8", "private", "private-use"),
+    ("100.64.0.0/10", "private", "shared address space"),
+    ("127.0.0.0/8", "loopback", "loopback"),
+    ("169.254.0.0/16", "link-local", "link-local, cloud metadata"),
+    ("172.16.0.0/12", "private", "private-use"),
+    ("192.0.0.0/24", "reserved", "IETF protocol assignments"),
+    ("192.0.2.0/24", "reserved", "documentation"),
+    ("192.31.196.0/24", "reserved", "AS112-v4"),
+    ("192.52.193.0/24", "reserved", "AMT"),
+    ("192.88.99.0/24", "reserved", "6to4 relay anycast"),
+    ("192.168.0.0/16", "private", "private-use"),
+    ("192.175.48.0/24", "reserved", "AS112 direct delegation"),
+    ("198.18.0.0/15", "reserved", "benchmarking"),
+    ("198.51.100.0/24", "reserved", "documentation"),
+    ("203.0.113.0/24", "reserved", "documentation"),
+    ("224.0.0.0/4", "multicast", "multicast"),
+    ("255.255.255.255/32", "reserved", "limited broadcast"),
+    ("240.0.0.0/4", "reserved", "reserved for future use"),
+)
+_V6_RANGES = (
+    ("::/128", "unspecified", "unspecified"),
+    ("::1/128", "loopback", "loopback"),
+    ("::ffff:0:0/96", EMBEDS_IPV4, "IPv4-mapped"),
+    ("::/96", "reserved", "IPv4-compatible (deprecated)"),
+    ("64:ff9b::/96", EMBEDS_IPV4, "NAT64"),
+    ("64:ff9b:1::/48", "reserved", "local-use NAT64"),
+    ("100::/64", "reserved", "discard-only"),
+    ("100:0:0:1::/64", "reserved", "dummy prefix"),
+    ("2001::/23", "reserved", "IETF protocol assignments (Teredo, ORCHID, AMT, AS112, ...)"),
+    ("2001:db8::/32", "reserved", "documentation"),
+    ("2002::/16", EMBEDS_IPV4, "6to4"),
+    ("2620:4f:8000::/48", "reserved", "AS112 direct delegation"),
+    ("3fff::/20", "reserved", "documentation"),
+    ("5f00::/16", "reserved", "SRv6 SIDs"),
+    ("fc00::/7", "private", "unique-local"),
+    ("fe80::/10", "link-local", "link-local"),
+    ("fec0::/10", "reserved", "site-local (deprecated)"),
+    ("ff00::/8", "multicast", "multicast"),
+)
+# the range's text is kept as written: str() of an IPv6 network consults ipv4_mapped on 3.13+
+_TABLE = tuple((ipaddress.ip_network(net), kind, what, net)
+               for net, kind, what in _V4_RANGES + _V6_RANGES)
+_V6_GLOBAL_UNICAST = ipaddress.ip_network("2000::/3")
 
 
-def _canonical(ip: IPAddress) -> IPAddress:
-    """Map IPv4-mapped/compatible IPv6 (``::ffff:127.0.0.1``) to plain IPv4 before judging."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return ip.ipv4_mapped
-        if ip.sixtofour is not None:
-            return ip.sixtofour
-    return ip
+def _lookup(ip: IPAddress) -> tuple[Network, str, str, str] | None:
+    for row in _TABLE:
+        if row[0].version == ip.version and ip in row[0]:
+            return row
+    return None
+
+
+def embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 destination inside an IPv4-mapped, well-known NAT64 or 6to4 address."""
+    hit = _lookup(ip) if ip.version == 6 else None
+    if hit is None or hit[1] != EMBEDS_IPV4:
+        return None
+    shift = 80 if hit[0].prefixlen == 16 else 0  # 6to4 puts it right after 2002::/16
+    return ipaddress.IPv4Address((int(ip) >> shift) & 0xFFFFFFFF)
+
+
+def classify(ip: IPAddress) -> tuple[str, str] | None:
+    """(kind, what) of a non-global address, None for a global unicast one; no flags applied."""
+    inner = embedded_ipv4(ip)
+    if inner is not None:
+        got = classify(inner)
+        return None if got is None else (got[0], f"{got[1]}, as {_lookup(ip)[2]} of {inner}")
+    hit = _lookup(ip)
+    if hit is not None:
+        return hit[1], f"{hit[2]}, {hit[3]}"
+    if ip.version == 6 and ip not in _V6_GLOBAL_UNICAST:
+        return "reserved", "outside 2000::/3 global unicast"
+    return None
 
 
 @dataclass(frozen=True)
@@ -56,29 +134,28 @@ class AddressPolicy:
             raise ValueError(f"invalid --allow-cidr value: {e}") from None
         object.__setattr__(self, "_nets", nets)
 
-    def why_blocked(self, address: str) -> str | None:
-        """None if connecting to ``address`` is allowed, else the name of the blocked class."""
-        ip = _canonical(ipaddress.ip_address(address.split("%", 1)[0]))
-        if any(ip in net for net in self._nets if net.version == ip.version):
+    def verdict(self, address: str) -> tuple[str, str] | None:
+        """None if connecting to ``address`` is allowed, else (kind, what) of its range."""
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        inner = embedded_ipv4(ip)
+        if any(a in net for net in self._nets for a in (ip, inner)
+               if a is not None and net.version == a.version):
             return None
-        if ip.is_unspecified:
-            return "unspecified"
-        if ip.is_multicast:
-            return "multicast"
-        if ip.is_link_local:
-            return "link-local"  # 169.254.169.254 lives here: never opened by allow_private_network
-        if ip.is_loopback:
-            return None if self.allow_private_network else "loopback"
-        if any(ip in net for net in _PRIVATE_NETS if net.version == ip.version):
-            return None if self.allow_private_network else "private"
-        if not ip.is_global or ip.is_reserved:
-            return "reserved"
-        return None
+        got = classify(ip)
+        if got is not None and self.allow_private_network and got[0] in PRIVATE_KINDS:
+            return None
+        return got
+
+    def why_blocked(self, address: str) -> str | None:
+        """None if connecting to ``address`` is allowed, else the kind of its range."""
+        got = self.verdict(address)
+        return None if got is None else got[0]
 
     def check(self, address: str, host: str) -> None:
-        why = self.why_blocked(address)
-        if why is not None:
-            raise Drop("blocked_address", f"{host} -> {address} is {why}", retryable=False)
+        got = self.verdict(address)
+        if got is not None:
+            raise Drop("blocked_address", f"{host} -> {address} is {got[0]} ({got[1]})",
+                       retryable=False)
 
 
 def ip_literal(host: str) -> str | None:
