@@ -20,24 +20,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, BertConfig, BertModel
 
 from align_ray.model.config import ModelConfig
-from align_ray.model.transforms import MEAN, STD
-
-
-def image_norm(cfg: ModelConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """``(mean, std)`` for the image tower without building it: ``cfg.image_mean/std`` when set,
-    else the timm model's default ``pretrained_cfg`` (ImageNet when it has none). Use this for the
-    train/eval transforms before the model exists (e.g. in Ray Data preprocessing)."""
-    mean, std = cfg.image_mean, cfg.image_std
-    if mean is None or std is None:
-        try:
-            pcfg = timm.models.get_pretrained_cfg(cfg.image_model)
-        except Exception:  # noqa: BLE001 - unknown/custom names: ImageNet
-            pcfg = None
-        mean = mean or tuple(getattr(pcfg, "mean", None) or MEAN)
-        std = std or tuple(getattr(pcfg, "std", None) or STD)
-    if len(mean) != 3 or len(std) != 3:  # grayscale towers: RGB input anyway
-        mean, std = MEAN, STD
-    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+from align_ray.model.transforms import image_norm
 
 
 def build_image_tower(cfg: ModelConfig, init_pretrained: bool = True) -> nn.Module:

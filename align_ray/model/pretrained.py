@@ -24,9 +24,9 @@ from transformers import PreTrainedTokenizerBase
 
 from align_ray import storage
 from align_ray.model.config import FORMAT_VERSION, ModelConfig
-from align_ray.model.dual_encoder import DualEncoder, image_norm, unwrap
+from align_ray.model.dual_encoder import DualEncoder, unwrap
 from align_ray.model.tokenizer import load_tokenizer, tokenize
-from align_ray.model.transforms import decode_rgb, eval_transform
+from align_ray.model.transforms import decode_rgb, eval_pixels, image_norm, normalize
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -108,8 +108,9 @@ def load_pretrained(
 class Embedder:
     """Inference wrapper: texts / image bytes -> L2-normalised float32 NumPy embeddings.
 
-    Batches internally (``batch_size``), runs under ``torch.inference_mode``; eval transform =
-    resize shorter side + centre crop at ``cfg.image_size`` with the tower's mean/std.
+    Batches internally (``batch_size``), runs under ``torch.inference_mode``.  Images go through
+    :meth:`transform`: the evaluation view training validates on (resize shorter side + centre
+    crop at ``cfg.image_size`` to uint8, then the tower's mean/std; see model/transforms.py).
     """
 
     def __init__(
@@ -125,12 +126,17 @@ class Embedder:
         self.cfg = cfg
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
-        self.transform = eval_transform(cfg.image_size, *image_norm(cfg))
+        self.mean, self.std = image_norm(cfg)
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, device: str = "cpu", batch_size: int = 64) -> "Embedder":
         model, tokenizer, cfg = load_pretrained(model_dir, device=device)
         return cls(model, tokenizer, cfg, device=device, batch_size=batch_size)
+
+    def transform(self, img: Image.Image) -> np.ndarray:
+        """One decoded image -> the model's float32 input [3,S,S], exactly as training's
+        validation rows reach the model (uint8 from the data workers, normalised on device)."""
+        return normalize(eval_pixels(img, self.image_size), self.mean, self.std)
 
     @property
     def dim(self) -> int:

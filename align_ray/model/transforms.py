@@ -4,6 +4,12 @@
 decompression bombs before decoding (without touching Pillow's global ``MAX_IMAGE_PIXELS``), and
 returns an RGB image whatever the source mode (transparent images are composited on white).
 Transforms return float32 ``[3, H, W]`` arrays normalised with the image tower's mean/std.
+
+Evaluation has one definition, shared by training's validation data and by eval/index/serve
+(:class:`~align_ray.model.pretrained.Embedder`): :func:`eval_pixels` (resize + centre crop to
+uint8, which is what the training data workers ship to the trainers) and then :func:`normalize`
+with :func:`image_norm`'s mean/std (what the trainer does on its device).  So a model sees the
+same tensor for the same image bytes whether it is validated during training or served.
 """
 
 from __future__ import annotations
@@ -20,6 +26,36 @@ STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 DEFAULT_MAX_PIXELS = 1 << 26  # 67 M pixels (~200 MB as RGB); below Pillow's own bomb limit
 
 Transform = Callable[[Image.Image], np.ndarray]
+Norm = tuple[tuple[float, float, float], tuple[float, float, float]]
+
+
+def _pretrained_norm(image_model: str) -> Norm | None:
+    """timm's ``pretrained_cfg`` mean/std for ``image_model``, if it has an RGB pair."""
+    import timm  # lazily: decoding and the transforms themselves need no torch
+
+    try:
+        pc = timm.models.get_pretrained_cfg(image_model)
+    except Exception:  # noqa: BLE001 - unknown/custom names have no pretrained_cfg
+        return None
+    mean, std = getattr(pc, "mean", None), getattr(pc, "std", None)
+    if mean is None or std is None or len(mean) != 3 or len(std) != 3:
+        return None  # grayscale towers (1 value) or a half-filled cfg: never mix with ImageNet's
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def image_norm(cfg) -> Norm:
+    """``(mean, std)`` of the image tower described by ``cfg`` (a ``ModelConfig``), without
+    building it: ``cfg.image_mean`` / ``cfg.image_std`` where set, else timm's ``pretrained_cfg``
+    pair for ``cfg.image_model`` when it is RGB, else ImageNet's.  The towers always take RGB, so
+    an explicit mean/std must have three values."""
+    mean, std = cfg.image_mean, cfg.image_std
+    if mean is None or std is None:
+        pmean, pstd = _pretrained_norm(cfg.image_model) or (MEAN, STD)
+        mean = pmean if mean is None else mean
+        std = pstd if std is None else std
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"image_mean/image_std need 3 values (RGB), got {mean} / {std}")
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -71,21 +107,40 @@ def to_array(img: Image.Image, mean: Sequence[float] = MEAN, std: Sequence[float
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
+def _resize_crop(img: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to ``size`` (bicubic) and centre-crop ``size`` x ``size`` (RGB)."""
+    img = _to_rgb(img)
+    w, h = img.size
+    if (w, h) != (size, size):
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        img = img.resize((nw, nh), Image.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    return img
+
+
 def eval_transform(size: int, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> Transform:
     """Resize the shorter side to ``size`` (bicubic) and centre-crop ``size`` x ``size``."""
 
     def apply(img: Image.Image) -> np.ndarray:
-        img = _to_rgb(img)
-        w, h = img.size
-        if (w, h) != (size, size):
-            scale = size / min(w, h)
-            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-            img = img.resize((nw, nh), Image.BICUBIC)
-            left, top = (nw - size) // 2, (nh - size) // 2
-            img = img.crop((left, top, left + size, top + size))
-        return to_array(img, mean, std)
+        return to_array(_resize_crop(img, size), mean, std)
 
     return apply
+
+
+def eval_pixels(img: Image.Image, size: int) -> np.ndarray:
+    """The evaluation view of an image as uint8 ``[3, size, size]``: what training's data workers
+    produce for validation rows, and what :func:`normalize` turns into the model's input."""
+    return np.ascontiguousarray(np.asarray(_resize_crop(img, size), dtype=np.uint8).transpose(2, 0, 1))
+
+
+def normalize(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 ``[..., 3, H, W]`` -> float32 normalised, with the same float32 arithmetic as the
+    trainer's ``Normalize`` (``(p - 255 mean) / (255 std)``), so both give the same numbers."""
+    m = np.asarray(mean, np.float32).reshape(3, 1, 1) * np.float32(255.0)
+    s = np.asarray(std, np.float32).reshape(3, 1, 1) * np.float32(255.0)
+    return (pixels.astype(np.float32) - m) / s
 
 
 def train_transform(

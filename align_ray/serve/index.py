@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from align_ray import storage
+from align_ray import layout, storage
 from align_ray.serve import store
 from align_ray.serve.config import IndexConfig
 
@@ -35,13 +35,7 @@ META_COLUMNS = ("key", "url", "phash", "text_hash", "sha256", "width", "height")
 
 def resolve_input(cfg: IndexConfig) -> tuple[list[str], Any, str, list[str]]:
     """(files, filesystem, image column, extra metadata columns) of ``cfg.data``."""
-    fs, path = storage.filesystem(cfg.data)
-    sub = storage.join(path, "parquet")
-    if storage.exists(fs, sub) and fs.get_file_info(sub).type.name == "Directory":
-        path = sub
-    files = [f for f in storage.list_files(fs, path) if f.endswith(".parquet")]
-    if not files:
-        raise FileNotFoundError(f"{cfg.data}: no parquet files found")
+    fs, files = layout.parquet_files(cfg.data)
     schema = pq.read_schema(files[0], filesystem=fs)
     names = set(schema.names)
     image_col = cfg.image_col or ("jpg" if "jpg" in names else "image")

@@ -29,9 +29,10 @@ import numpy as np
 import pyarrow.fs as pafs
 import ray
 
-from align_ray import storage
+from align_ray import layout
 from align_ray.model.tokenizer import load_tokenizer, train_wordpiece
 from align_ray.model.transforms import decode_rgb, eval_transform, train_transform
+from align_ray.model.transforms import image_norm  # noqa: F401 - loop.py's Normalize imports it here
 
 log = logging.getLogger(__name__)
 _BUCKETS = 1_000_000
@@ -102,16 +103,10 @@ def resolve_inputs(paths: list[str]) -> tuple[pafs.FileSystem, list[str]]:
         raise ValueError("no input data given (--data)")
     fs0, files = None, []
     for p in paths:
-        fs, path = storage.filesystem(p)
+        fs, found = layout.parquet_files(p)
         if fs0 is not None and type(fs) is not type(fs0):
             raise ValueError("all inputs must be on one filesystem (all local or all s3://)")
         fs0 = fs
-        sub = storage.join(path, "parquet")
-        if fs.get_file_info(sub).type == pafs.FileType.Directory:
-            path = sub
-        found = [f for f in storage.list_files(fs, path) if f.endswith(".parquet")]
-        if not found:
-            raise FileNotFoundError(f"no parquet files at {p}")
         files.extend(found)
     return fs0, sorted(dict.fromkeys(files))
 
@@ -236,25 +231,6 @@ class Preprocess:
             vals = batch[self.match_col] if self.match_col else np.asarray(texts, dtype=object)
             out["match_id"] = np.asarray([value_id(vals[i]) for i in kept], dtype=np.int64)
         return out
-
-
-def image_norm(model_cfg) -> tuple[tuple, tuple]:
-    """(mean, std) the model will be trained with: the config's, else the timm model's."""
-    import timm
-
-    from align_ray.model.transforms import MEAN, STD
-
-    mean, std = model_cfg.image_mean, model_cfg.image_std
-    if mean is None or std is None:
-        try:
-            pc = timm.models.get_pretrained_cfg(model_cfg.image_model)
-        except Exception:  # noqa: BLE001 - unknown/custom name: ImageNet defaults
-            pc = None
-        pm, ps = (getattr(pc, "mean", None), getattr(pc, "std", None)) if pc else (None, None)
-        ok = pm is not None and len(pm) == 3 and ps is not None and len(ps) == 3
-        mean = mean or (tuple(pm) if ok else MEAN)
-        std = std or (tuple(ps) if ok else STD)
-    return tuple(mean), tuple(std)
 
 
 _CACHE: dict[str, Preprocess] = {}

@@ -81,3 +81,46 @@ def test_train_transform_random_crop_and_flip_reproducible():
     flip_only = train_transform(32, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=1.0, seed=0)
     sq = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
     assert np.allclose(flip_only(sq), eval_transform(32)(sq)[:, :, ::-1], atol=1e-5)
+
+
+def test_image_norm_edge_cases(monkeypatch):
+    """One image_norm for train and serve: a grayscale or half-filled pretrained_cfg is taken
+    whole or not at all (ImageNet then), explicit values win one by one, and must be RGB."""
+    from types import SimpleNamespace
+
+    import timm
+
+    from align_ray.model.config import ModelConfig
+    from align_ray.model.transforms import image_norm
+
+    cfgs = {"gray": SimpleNamespace(mean=(0.5,), std=(0.25,)),
+            "half": SimpleNamespace(mean=(0.1, 0.2, 0.3), std=None),
+            "rgb": SimpleNamespace(mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6))}
+
+    def fake(name):
+        if name not in cfgs:
+            raise RuntimeError(f"no pretrained cfg for {name}")
+        return cfgs[name]
+
+    monkeypatch.setattr(timm.models, "get_pretrained_cfg", fake)
+    assert image_norm(ModelConfig(image_model="gray")) == (MEAN, STD)
+    assert image_norm(ModelConfig(image_model="half")) == (MEAN, STD)
+    assert image_norm(ModelConfig(image_model="unknown")) == (MEAN, STD)
+    assert image_norm(ModelConfig(image_model="rgb")) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    assert image_norm(ModelConfig(image_model="rgb", image_std=(1, 1, 1))) == (
+        (0.1, 0.2, 0.3), (1.0, 1.0, 1.0))
+    assert image_norm(ModelConfig(image_model="gray", image_mean=(0.2, 0.2, 0.2))) == (
+        (0.2, 0.2, 0.2), STD)
+    with pytest.raises(ValueError, match="3 values"):
+        image_norm(ModelConfig(image_model="rgb", image_mean=(0.5,)))
+
+
+def test_eval_pixels_then_normalize_equals_eval_transform():
+    from align_ray.model.transforms import eval_pixels, eval_transform, normalize
+
+    img = Image.fromarray(np.arange(30 * 50 * 3, dtype=np.uint8).reshape(30, 50, 3))
+    px = eval_pixels(img, 16)
+    assert px.dtype == np.uint8 and px.shape == (3, 16, 16)
+    mean, std = (0.3, 0.4, 0.5), (0.2, 0.3, 0.4)
+    np.testing.assert_allclose(normalize(px, mean, std), eval_transform(16, mean, std)(img),
+                               rtol=0, atol=1e-5)
