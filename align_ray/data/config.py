@@ -34,7 +34,7 @@ class DataConfig:
     # network
     timeout_connect: float = 5.0
     timeout_read: float = 10.0            # between two reads, and before the headers
-    timeout_total: float = 20.0           # whole URL (all redirect hops, headers and body)
+    timeout_total: float = 20.0           # one deadline per URL: all attempts, hops, bodies, backoff
     max_bytes: int = 20 * 1024 * 1024     # body cap, after Content-Encoding is undone
     retries: int = 2                      # extra attempts, only for retryable failures
     retry_backoff: float = 0.5            # seconds, doubled each attempt
