@@ -14,7 +14,7 @@ from align_ray.data import reader
 from align_ray.data.config import DataConfig
 from align_ray.data.downloader import ShardDownloader
 from align_ray.data.errors import InputError
-from align_ray.data.writer import Layout
+from align_ray.layout import DROPPED, PARQUET, WEBDATASET, Layout
 
 log = logging.getLogger("align_ray.data")
 
@@ -47,22 +47,10 @@ def ensure_plan(cfg: DataConfig, layout: Layout) -> dict:
     return plan
 
 
-def _markers(layout: Layout) -> dict[str, dict]:
-    folder = layout.path("_shards")
-    if not storage.exists(layout.fs, folder):
-        return {}
-    out = {}
-    for path in storage.list_files(layout.fs, folder):
-        if path.endswith(".json"):
-            info = json.loads(storage.read_bytes(layout.fs, path))
-            out[info["shard"]] = info
-    return out
-
-
 def _collect_garbage(layout: Layout, markers: dict[str, dict]) -> None:
     """Remove files of retry passes that died before their marker was written."""
     live = {p for m in markers.values() for p in m["parts"] + [m["dropped_file"]]}
-    for sub in ("parquet", "webdataset", "dropped"):
+    for sub in (PARQUET, WEBDATASET, DROPPED):
         folder = layout.path(sub)
         if not storage.exists(layout.fs, folder):
             continue
@@ -99,7 +87,7 @@ def run(cfg: DataConfig) -> dict:
     if cfg.overwrite and storage.exists(layout.fs, layout.root):
         layout.fs.delete_dir_contents(layout.root)
     plan = ensure_plan(cfg, layout)
-    markers = _markers(layout)
+    markers = layout.markers()
     _collect_garbage(layout, markers)
     todo = [{"shard": s, "file_idx": f, "row_group": g, "retry": False}
             for s, f, g in reader.shard_ids(plan) if s not in markers]
@@ -127,8 +115,7 @@ def run(cfg: DataConfig) -> dict:
     seconds = time.time() - t0
     stats = summarize(plan, markers, seconds, cfg)
     stats["rows_per_s_this_run"] = round(rows_todo / seconds, 1) if seconds else 0.0
-    storage.write_bytes(layout.fs, layout.path("stats.json"),
-                        json.dumps(stats, indent=1, ensure_ascii=False).encode())
+    layout.write_stats(stats)
     return stats
 
 

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from align_ray import storage
 from align_ray.data.config import DataConfig
 from align_ray.data.errors import InputError
-from align_ray.data.writer import Layout
+from align_ray.layout import Layout
 
 _COMPRESSED = (".gz", ".bz2", ".zst", ".lz4")
 _FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl",
@@ -139,19 +139,19 @@ def plan_key(cfg: DataConfig, files: list[str]) -> dict:
 
 
 def load_plan(layout: Layout) -> dict | None:
-    path = layout.path("_manifest", "plan.json")
+    path = layout.manifest("plan.json")
     if not storage.exists(layout.fs, path):
         return None
     return json.loads(storage.read_bytes(layout.fs, path))
 
 
 def save_plan(layout: Layout, plan: dict) -> None:
-    storage.write_bytes(layout.fs, layout.path("_manifest", "plan.json"),
+    storage.write_bytes(layout.fs, layout.manifest("plan.json"),
                         json.dumps(plan, indent=1).encode())
 
 
 def manifest_path(layout: Layout, file_idx: int) -> str:
-    return layout.path("_manifest", f"{file_idx:05d}.parquet")
+    return layout.manifest(f"{file_idx:05d}.parquet")
 
 
 def shard_ids(plan: dict) -> list[tuple[str, int, int]]:

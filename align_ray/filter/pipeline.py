@@ -24,8 +24,6 @@ import ray.data
 
 from align_ray import storage
 from align_ray.data.errors import InputError
-from align_ray.data.pipeline import _markers
-from align_ray.data.writer import Layout
 from align_ray.filter import plan as plan_lib
 from align_ray.filter import report as report_lib
 from align_ray.filter.config import FilterConfig
@@ -33,22 +31,22 @@ from align_ray.filter.evalset import load_hashes
 from align_ray.filter.safety import load_hook
 from align_ray.filter.shuffle import map_groups
 from align_ray.filter.writer import ShardWriter
+from align_ray.layout import PARQUET, Layout
 
 log = logging.getLogger("align_ray.filter")
 
 
 def _stage1(cfg: FilterConfig) -> tuple[Layout, dict, list[dict]]:
     src = Layout(cfg.input)
-    stats_path = src.path("stats.json")
-    if not storage.exists(src.fs, stats_path):
+    stats = src.stats()
+    if stats is None:
         raise InputError(f"{cfg.input} is not a download-stage output (no stats.json); "
                          "run `align-ray data` first")
-    stats = json.loads(storage.read_bytes(src.fs, stats_path))
     if not stats.get("complete"):
         raise InputError(f"{cfg.input}: the download stage is not complete "
                          "(rerun `align-ray data` with the same arguments to finish it)")
-    shards = [m for _, m in sorted(_markers(src).items())]
-    if any(m["output_rows"] and not any(p.startswith("parquet/") for p in m["parts"])
+    shards = [m for _, m in sorted(src.markers().items())]
+    if any(m["output_rows"] and not any(p.startswith(f"{PARQUET}/") for p in m["parts"])
            for m in shards):
         raise InputError(f"{cfg.input}: the download stage wrote no parquet "
                          "(write_parquet: false); the filter reads parquet")
@@ -63,7 +61,7 @@ def _with_shard(batch: pa.Table, index: dict[str, int]) -> pa.Table:
 
 def read_rows(src: Layout, shards: list[dict]) -> ray.data.Dataset:
     """The metadata columns of every downloaded row, tagged with its shard's index."""
-    files = [src.path(p) for m in shards for p in m["parts"] if p.startswith("parquet/")]
+    files = [src.path(p) for m in shards for p in m["parts"] if p.startswith(f"{PARQUET}/")]
     if not files:
         raise InputError(f"{src.uri}: the download stage produced no rows")
     index = {m["shard"]: i for i, m in enumerate(shards)}
@@ -105,12 +103,9 @@ def run(cfg: FilterConfig) -> dict:
         raise ValueError("filter: input and output are required")
     src, stats1, shards = _stage1(cfg)
     dst = Layout(cfg.output)
-    done = dst.path("stats.json")
-    if storage.exists(dst.fs, done) and not cfg.overwrite:
-        old = json.loads(storage.read_bytes(dst.fs, done))
-        if old.get("complete") and old.get("input") == cfg.input:
-            log.info("filter: %s is complete; nothing to do (--overwrite redoes it)", cfg.output)
-            return old
+    if not cfg.overwrite and dst.is_complete(input=cfg.input):
+        log.info("filter: %s is complete; nothing to do (--overwrite redoes it)", cfg.output)
+        return dst.stats()
     if storage.exists(dst.fs, dst.root):
         dst.fs.delete_dir_contents(dst.root, missing_dir_ok=True)
     if cfg.safety_hook:
@@ -161,7 +156,7 @@ def run(cfg: FilterConfig) -> dict:
         rep["plots"] = report_lib.plot(rep, cfg.output)
         stats["report"] = report_lib.text_summary(rep)
     stats["seconds"] = round(time.time() - t0, 3)
-    storage.write_bytes(dst.fs, done, json.dumps(stats, indent=1, ensure_ascii=False).encode())
+    dst.write_stats(stats)
     return stats
 
 

@@ -17,18 +17,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from align_ray import storage
-from align_ray.data.writer import Layout, _parquet_bytes, _tar_bytes, write_marker
 from align_ray.filter import report as report_lib
 from align_ray.filter.config import FilterConfig
 from align_ray.filter.safety import load_hook
-
-_DROPPED_FIRST = ["key", "url", "text", "reason", "detail", "retryable"]
+from align_ray.layout import DROPPED_COLUMNS, PARQUET, Layout
 
 
 def read_parts(src: Layout, parts: list[str]) -> pa.Table:
     tables = [pq.read_table(src.path(p), filesystem=src.fs) for p in parts
-              if p.startswith("parquet/")]
+              if p.startswith(f"{PARQUET}/")]
     return pa.concat_tables(tables, promote_options="default") if tables else None
 
 
@@ -37,7 +34,7 @@ def _dropped_table(rows: pa.Table, reasons: list[str], details: list[str]) -> pa
     meta = meta.append_column("reason", pa.array(reasons, pa.string()))
     meta = meta.append_column("detail", pa.array(details, pa.string()))
     meta = meta.append_column("retryable", pa.array([False] * meta.num_rows, pa.bool_()))
-    order = _DROPPED_FIRST + [c for c in meta.column_names if c not in _DROPPED_FIRST]
+    order = DROPPED_COLUMNS + [c for c in meta.column_names if c not in DROPPED_COLUMNS]
     return meta.select(order)
 
 
@@ -72,19 +69,13 @@ class ShardWriter:
         drop_idx = np.flatnonzero(~keep)
         dropped = _dropped_table(rows.take(pa.array(drop_idx, pa.int64())),
                                  [reasons[i] for i in drop_idx], [details[i] for i in drop_idx])
-        parts = []
-        if kept.num_rows and self.cfg.write_parquet:
-            storage.write_bytes(self.dst.fs, self.dst.parquet(name), _parquet_bytes(kept))
-            parts.append(f"parquet/{name}.parquet")
-        if kept.num_rows and self.cfg.write_webdataset:
-            storage.write_bytes(self.dst.fs, self.dst.tar(name), _tar_bytes(kept))
-            parts.append(f"webdataset/{name}.tar")
-        storage.write_bytes(self.dst.fs, self.dst.dropped(name), _parquet_bytes(dropped))
+        parts = self.dst.write_samples(name, kept, parquet=self.cfg.write_parquet,
+                                       webdataset=self.cfg.write_webdataset)
+        dropped_file = self.dst.write_dropped(name, dropped)
         counts = Counter(reasons[i] for i in drop_idx)
         marker = {"shard": name, "input_rows": rows.num_rows, "output_rows": kept.num_rows,
-                  "dropped": dict(counts), "parts": parts,
-                  "dropped_file": f"dropped/{name}.parquet"}
-        write_marker(self.dst, name, marker)
+                  "dropped": dict(counts), "parts": parts, "dropped_file": dropped_file}
+        self.dst.write_marker(name, marker)
         hist = report_lib.histograms(kept)
         return pa.table({"stats": [json.dumps({**marker, "hist_after": hist})]})
 

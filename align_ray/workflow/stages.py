@@ -2,8 +2,9 @@
 outputs are complete (so a rerun after a failure resumes at the first incomplete stage; the
 data and train stages also resume *inside* themselves: finished shards, the last checkpoint).
 
-Completion markers: data/filter ``stats.json`` with ``complete: true``; train ``eval.json`` +
-``model/config.json`` (eval.json is written last); index ``index.json``.
+Completion: data/filter directories by :func:`align_ray.layout.Layout.is_complete` (their
+``stats.json`` says ``complete: true``); train ``eval.json`` + ``model/config.json`` (eval.json
+is written last); index ``index.json``.
 
 Training writes its run directory locally, so for an ``s3://`` train output the workflow trains
 into a local cache folder and uploads the result (Ray Train's checkpoints go straight to S3
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from align_ray import storage
+from align_ray.layout import Layout
 from align_ray.workflow.config import RunConfig, to_dict
 
 
@@ -95,8 +97,9 @@ def data(run: Run) -> dict:
 
     cfg = run.cfg
     with run.stage("data") as rec:
-        old = read_json(f"{cfg.data.output.rstrip('/')}/stats.json")
-        if old and old.get("complete") and not cfg.data.overwrite:
+        out = Layout(cfg.data.output)
+        if out.is_complete() and not cfg.data.overwrite:
+            old = out.stats()
             rec.update(status="skipped", summary=old)
             print(f"[data] {cfg.data.output} is complete: " + pipeline.summary_line(old))
             return old
@@ -117,9 +120,9 @@ def filter_(run: Run) -> dict:
 
     cfg = run.cfg
     with run.stage("filter") as rec:
-        old = read_json(f"{cfg.filter.output.rstrip('/')}/stats.json")
-        if (old and old.get("complete") and old.get("input") == cfg.filter.input
-                and not cfg.filter.overwrite):
+        out = Layout(cfg.filter.output)
+        if out.is_complete(input=cfg.filter.input) and not cfg.filter.overwrite:
+            old = out.stats()
             rec.update(status="skipped", summary=old)
             print(f"[filter] {cfg.filter.output} is complete: " + fpipe.summary_line(old))
             return old
