@@ -1,12 +1,16 @@
 """One typed config per stage, shared by Python, YAML (``--config``) and CLI flags.
 
 Precedence: dataclass defaults < YAML file < explicitly given CLI flags.  Unknown YAML keys are
-an error (a typo must not silently fall back to a default).
+an error (a typo must not silently fall back to a default), at every level: a field whose type is
+a dataclass (``TrainConfig.model``, ``ServeConfig.image_encoder``, a workflow's stage sections) is
+a nested mapping, built by the same rules.  The flags themselves come from the same fields
+(:mod:`align_ray.cli_args`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,24 +20,28 @@ import yaml
 T = TypeVar("T")
 
 
-def _coerce(value: Any, tp: Any) -> Any:
+def _coerce(value: Any, tp: Any, source: str = "config") -> Any:
     """Best-effort conversion of YAML scalars/lists to the annotated field type."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if value is None:
         return None
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0]) if len(inner) == 1 else value
+        return _coerce(value, inner[0], source) if len(inner) == 1 else value
     if origin in (list, tuple):
         seq = value if isinstance(value, (list, tuple)) else [value]
         item = args[0] if args else Any
-        out = [_coerce(v, item) for v in seq]
+        out = [_coerce(v, item, source) for v in seq]
         return tuple(out) if origin is tuple else out
     if origin is dict:
         return dict(value)
-    if dataclasses.is_dataclass(tp) and isinstance(tp, type) and isinstance(value, dict):
-        return _nested(tp, value)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"{source}: expected a mapping, got {type(value).__name__}")
+        return _nested(tp, value, source)
     if tp in (int, float, str) and not isinstance(value, bool):
         return tp(value)
     if tp is bool and isinstance(value, str):
@@ -41,17 +49,17 @@ def _coerce(value: Any, tp: Any) -> Any:
     return value
 
 
-def _nested(tp: type, value: dict[str, Any]) -> Any:
+def _nested(tp: type, value: dict[str, Any], source: str) -> Any:
     """A nested dataclass from a mapping.  ``preset: NAME`` (optional) starts from the class's
     classmethod ``NAME(**rest)`` (e.g. ``ModelConfig.tiny``); otherwise from the field defaults."""
     data = dict(value)
     preset = data.pop("preset", None)
     if preset is None:
-        return from_dict(tp, data, source=tp.__name__)
+        return from_dict(tp, data, source=source)
     factory = getattr(tp, str(preset), None)
     if not callable(factory) or str(preset).startswith("_"):
-        raise ValueError(f"{tp.__name__}: unknown preset {preset!r}")
-    return factory(**_typed(tp, data, tp.__name__))
+        raise ValueError(f"{source}: unknown {tp.__name__} preset {preset!r}")
+    return factory(**_typed(tp, data, source))
 
 
 def from_dict(cls: type[T], data: dict[str, Any], *, source: str = "config") -> T:
@@ -66,7 +74,7 @@ def _typed(cls: type, data: dict[str, Any], source: str) -> dict[str, Any]:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"{source}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
-    return {k: _coerce(v, hints[k]) for k, v in data.items()}
+    return {k: _coerce(v, hints[k], f"{source}.{k}") for k, v in data.items()}
 
 
 def load(cls: type[T], yaml_path: str | None = None, **overrides: Any) -> T:

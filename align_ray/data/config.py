@@ -17,7 +17,7 @@ class DataConfig:
     extra_cols: list[str] = field(default_factory=list)
     # image processing
     image_size: int = 256
-    resize_mode: str = "center_crop"
+    resize_mode: str = field(default="center_crop", metadata={"choices": RESIZE_MODES})
     resize_only_if_bigger: bool = False
     border_color: list[int] = field(default_factory=lambda: [255, 255, 255])
     jpeg_quality: int = 95

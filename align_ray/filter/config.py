@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 RULES = ("image_too_small", "aspect_ratio", "too_few_tokens", "too_many_tokens",
          "eval_near_duplicate", "image_too_many_texts", "text_too_many_images", "rare_token",
          "exact_duplicate", "unsafe")
+IMAGE_IDENTITIES = ("sha256", "phash")  # exact bytes, or near-identical re-encodings too
 
 
 @dataclass
@@ -33,7 +34,7 @@ class FilterConfig:
     min_tokens: int = 3                   # keep if min_tokens <= unigrams <= max_tokens
     max_tokens: int = 20
     # global rules
-    image_identity: str = "sha256"        # or "phash"
+    image_identity: str = field(default="sha256", metadata={"choices": IMAGE_IDENTITIES})  # phash: re-encodings are one
     max_texts_per_image: int = 1000       # drop images with more distinct alt-texts
     max_images_per_text: int = 10         # drop alt-texts shared by more distinct images
     vocab_size: int = 100_000_000         # ALIGN: top 100 M unigrams + bigrams
@@ -43,7 +44,8 @@ class FilterConfig:
     eval_sets: list[str] = field(default_factory=list)   # parquet files/folders with images
     eval_image_col: str = ""              # "" = first of jpg / image / img present
     eval_max_distance: int = 8            # pHash Hamming distance counted as a near-duplicate
-    disabled_rules: list[str] = field(default_factory=list)  # names from RULES
+    disabled_rules: list[str] = field(default_factory=list,
+                                      metadata={"choices": RULES, "help": "turn a rule off (repeatable)"})
     # optional per-row safety hook "package.module:function" (off by default; see safety.py)
     safety_hook: str = ""
     # execution
@@ -55,7 +57,7 @@ class FilterConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        if self.image_identity not in ("sha256", "phash"):
+        if self.image_identity not in IMAGE_IDENTITIES:
             raise ValueError(f"image_identity must be sha256 or phash, not {self.image_identity!r}")
         unknown = sorted(set(self.disabled_rules) - set(RULES))
         if unknown:

@@ -1,7 +1,8 @@
 """``ServeConfig``: one typed config for ``align-ray serve``, the Serve app builder and the YAML.
 
 Nested sections (``image_encoder``, ``text_encoder``, ``router``, ``limits``) are plain dicts in
-YAML / app-builder ``args``; unknown keys are an error at every level.  A Serve config file's
+YAML / app-builder ``args``, loaded by the project's one loader (:mod:`align_ray.config`);
+unknown keys are an error at every level.  A Serve config file's
 ``deployments:`` entries (``autoscaling_config``, ``ray_actor_options``, ``max_ongoing_requests``,
 ``user_config``) override what is built from here, whole, as Serve documents.
 """
@@ -9,11 +10,12 @@ YAML / app-builder ``args``; unknown keys are an error at every level.  A Serve 
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from align_ray import config as config_lib
+
+BACKENDS = ("exact", "faiss")   # normalised dot product in NumPy, or a faiss index
 
 
 @dataclass
@@ -123,7 +125,7 @@ class ServeConfig:
     port: int = 8000
     app_name: str = "align"
     route_prefix: str = "/"
-    backend: str = "exact"
+    backend: str = field(default="exact", metadata={"choices": BACKENDS})
     faiss_factory: str = "HNSW32"
     dedup_hamming: int = 6            # image hits within this pHash distance are duplicates
     page_k: int = 12
@@ -135,37 +137,16 @@ class ServeConfig:
     def __post_init__(self) -> None:
         self.image_encoder.validate("image_encoder")
         self.text_encoder.validate("text_encoder")
-        if self.backend not in ("exact", "faiss"):
+        if self.backend not in BACKENDS:
             raise ValueError(f"backend must be 'exact' or 'faiss', got {self.backend!r}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ServeConfig":
-        return _from_dict(cls, dict(data or {}), "serve config")
+        """From YAML / the Serve app builder's ``args`` (nested sections as mappings)."""
+        return config_lib.from_dict(cls, dict(data or {}), source="serve config")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _from_dict(cls: type, data: dict[str, Any], source: str) -> Any:
-    """Like :func:`align_ray.config.from_dict`, recursing into nested dataclass sections."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"{source}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
-    kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            if isinstance(value, tp):
-                kwargs[name] = value
-            elif isinstance(value, dict):
-                kwargs[name] = _from_dict(tp, dict(value), f"{source}.{name}")
-            else:
-                raise ValueError(f"{source}.{name}: expected a mapping, got {type(value).__name__}")
-        else:
-            kwargs[name] = config_lib._coerce(value, tp)
-    return cls(**kwargs)
 
 
 @dataclass

@@ -23,18 +23,26 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EvalConfig:
-    model: str = ""
-    data: list[str] = field(default_factory=list)
+    """``align-ray eval`` (flags, ``--config`` YAML) and the workflow's eval stage."""
+
+    model: str = ""                       # a save_pretrained dir (RUN_DIR/model)
+    data: list[str] = field(default_factory=list)  # stage output dir, parquet file/folder/glob
     image_col: str = "image"
     text_col: str = "text"
-    match_col: str | None = None
-    classify_col: str | None = None
+    match_col: str | None = None          # rows sharing this value are correct for each other
+    classify_col: str | None = None       # class label column (zero-shot classification)
     templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
-    split_col: str | None = None
+    split_col: str | None = None          # only rows whose split_col == split
     split: str | None = None
-    max_rows: int | None = None
+    max_rows: int | None = None           # evaluate the first N selected rows only
     batch_size: int = 128
     device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        if bool(self.split_col) != bool(self.split):
+            raise ValueError("split_col and split go together (--split-col / --split)")
 
 
 def _embed_images_skipping(embedder: Embedder, images: list) -> tuple[np.ndarray, np.ndarray]:

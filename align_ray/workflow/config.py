@@ -142,7 +142,7 @@ def _join(root: str, name: str) -> str:
 
 def _chain(raw: dict[str, Any]) -> dict[str, Any]:
     """Fill every empty location from the output root and the previous stage's output."""
-    root = str(raw.get("output") or RunConfig.output)
+    root = raw["output"] = str(raw.get("output") or RunConfig.output)
     d, f, t = raw.setdefault("data", {}), raw.setdefault("filter", {}), raw.setdefault("train", {})
     i, s = raw.setdefault("index", {}), raw.setdefault("serve", {})
     d["output"] = d.get("output") or _join(root, "data")
@@ -160,24 +160,11 @@ def _chain(raw: dict[str, Any]) -> dict[str, Any]:
 
 def build(raw: dict[str, Any]) -> RunConfig:
     """A RunConfig from a merged mapping (sections as dicts); chains locations first."""
-    unknown = sorted(set(raw) - set(TOP_LEVEL))
-    if unknown:
-        raise ValueError(f"run config: unknown key(s) {unknown}; valid keys: {list(TOP_LEVEL)}")
     raw = _chain(copy.deepcopy(raw))
     if not raw["data"].get("input"):
         raw["data"] = _merge(EMBEDDED_DATA, raw["data"])
         raw["data"]["input"] = ""
-    return RunConfig(
-        output=str(raw.get("output") or RunConfig.output),
-        web=config_lib.from_dict(WebConfig, raw.get("web") or {}, source="web"),
-        queries=[str(q) for q in raw.get("queries") or DEFAULT_QUERIES],
-        top_k=int(raw.get("top_k") or 6),
-        data=config_lib.from_dict(DataConfig, raw["data"], source="data"),
-        filter=config_lib.from_dict(FilterConfig, raw["filter"], source="filter"),
-        train=config_lib.from_dict(TrainConfig, raw["train"], source="train"),
-        index=config_lib.from_dict(IndexConfig, raw["index"], source="index"),
-        serve=ServeConfig.from_dict(raw["serve"]),
-    )
+    return config_lib.from_dict(RunConfig, raw, source="run config")
 
 
 def load(config: str | Path | None = None, *, smoke: bool = False,

@@ -38,3 +38,23 @@ def test_eval_prints_one_json(small_parquet, tmp_path, capsys):
                "--text-col", "alt_text", "--split-col", "dev_split", "--split", "train",
                "--max-rows", "70"])
     assert rc == 0 and json.loads(capsys.readouterr().out)["skipped_images"] == 1
+
+
+def test_eval_takes_a_config_and_flags_win(small_parquet, tmp_path, capsys):
+    tok = train_wordpiece(["grinning face", "red apple"], 200, 32)
+    model = DualEncoder(ModelConfig.tiny(embed_dim=16, max_length=32), len(tok))
+    save_pretrained(model, tok, model.cfg, str(tmp_path / "m"))
+    y = tmp_path / "eval.yaml"
+    y.write_text(f"model: {tmp_path / 'm'}\ndata: [{small_parquet}]\ntext_col: alt_text\n"
+                 "split_col: dev_split\nsplit: val\nmax_rows: 8\n")
+    assert main(["eval", "--config", str(y)]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 8
+    assert main(["eval", "--config", str(y), "--max-rows", "5"]) == 0     # the flag wins
+    assert json.loads(capsys.readouterr().out)["n"] == 5
+    y.write_text("max_row: 5\n")
+    assert main(["eval", "--config", str(y), "--model", "m", "--data", "d"]) == 2
+    assert "unknown key" in capsys.readouterr().err
+    assert main(["eval", "--data", small_parquet]) == 2                   # no model anywhere
+    assert "--model" in capsys.readouterr().err
+    assert main(["eval", "--model", "m", "--data", "d", "--split", "val"]) == 2
+    assert "go together" in capsys.readouterr().err
