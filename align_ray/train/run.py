@@ -40,7 +40,8 @@ def cpus_needed(cfg: TrainConfig) -> int:
 
 
 def ensure_ray(cfg: TrainConfig, address: str | None = None) -> None:
-    """Join/start Ray; a local start gets enough logical CPUs for the workers and the data actors
+    """Join/start Ray (through :func:`align_ray.ray_env.init`) for ``align-ray train`` and the
+    workflow alike; a local start gets enough logical CPUs for the workers and the data actors
     (Ray Data only uses what Train leaves; on a 2-core box the defaults would otherwise starve)."""
     from align_ray import ray_env
 

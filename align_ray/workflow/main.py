@@ -16,7 +16,6 @@ output root skips every stage whose outputs are complete.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import signal
 import sys
@@ -65,17 +64,11 @@ def init_ray(cfg: RunConfig, address: str | None) -> bool:
     import ray
     import ray.data
 
-    from align_ray import ray_env
-    from align_ray.train.run import cpus_needed
+    from align_ray.train.run import ensure_ray
 
     was_up = ray.is_initialized()
-    if not was_up:
-        local = address in (None, "local") and not os.environ.get("RAY_ADDRESS")
-        try:
-            kwargs = {"num_cpus": max(os.cpu_count() or 1, cpus_needed(cfg.train))} if local else {}
-            ray_env.init(address, **kwargs)
-        except ValueError:  # address=None found a running cluster: it has its own resources
-            ray_env.init(address)
+    # the train stage's own start-up: the stage that needs the most of a local cluster sizes it
+    ensure_ray(cfg.train, address)
     node = getattr(ray._private.worker, "_global_node", None)
     owned = not was_up and bool(getattr(node, "head", False))
     # Ray Data's progress bars are for terminals; in job logs our own progress lines suffice

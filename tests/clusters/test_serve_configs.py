@@ -14,6 +14,7 @@ from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import (DeploymentSchema, RayActorOptionsSchema, ServeApplicationSchema,
                               ServeDeploySchema)
 
+from align_ray.serve.config import ServeConfig
 from tests.clusters.conftest import KUBERAY_YAMLS, load
 
 IMPORT_PATH = "align_ray.serve.app:app_builder"
@@ -109,9 +110,8 @@ def test_rayservice_app_equals_serve_yaml_plus_runtime_env():
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_args_are_valid_align_ray_serve_config(name):
-    mod = pytest.importorskip("align_ray.serve.config")
     (app,) = CONFIGS[name]()["applications"]
-    cfg = mod.ServeConfig.from_dict(app["args"])
+    cfg = ServeConfig.from_dict(app["args"])
     assert cfg.image_encoder.num_gpus > 0 and cfg.text_encoder.num_gpus > 0
 
 
