@@ -2,7 +2,7 @@
 
 Starts the noisy web on 127.0.0.1, writes its URL list (ALIGN-style noise plus a few of every
 transport/decoding fault), runs the download stage on it with Ray, and prints where everything
-went.  (Later stages will extend this into the end-to-end workflow.)
+went.  The whole chain, data to serve, is ``python workflows/end_to_end.py``.
 """
 
 from __future__ import annotations

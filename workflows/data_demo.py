@@ -3,7 +3,7 @@
     ray job submit --working-dir . -- python workflows/data_demo.py --rows 2000
     python workflows/data_demo.py            # local: starts a throwaway Ray cluster
 
-(The end-to-end workflow, data -> filter -> train -> serve, will live in end_to_end.py.)
+The whole chain (data -> filter -> train -> eval -> index -> serve) is workflows/end_to_end.py.
 """
 
 import sys
