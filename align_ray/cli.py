@@ -7,66 +7,118 @@ mappings (``data``'s ``resolve``) are YAML only.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
 from align_ray import cli_args
 from align_ray import config as config_lib
 
+RAY_ADDRESS_HELP = "Ray cluster to use (default: ray.init()'s own choice; 'local' starts one)"
 
-def _data_parser(sub: argparse._SubParsersAction) -> None:
+
+def _stage_parser(sub: argparse._SubParsersAction, name: str, cls: type, summary: str,
+                  description: str = "", ray: bool = True, **flags) -> argparse.ArgumentParser:
+    """A subcommand whose flags are ``cls``'s fields, plus ``--config`` (and ``--ray-address``)."""
+    p = sub.add_parser(name, help=summary, description=(
+        f"{description} Every field of {cls.__name__} is a flag and a key of --config YAML; "
+        "flags given here win over the YAML.").strip())
+    cli_args.add_flags(p, cls, **flags)
+    p.add_argument("--config", help=f"YAML file with {cls.__name__} fields")
+    if ray:
+        p.add_argument("--ray-address", default=None, help=RAY_ADDRESS_HELP)
+    return p
+
+
+def _load(cls: type, args: argparse.Namespace, *required: str):
+    """The stage config: defaults < ``--config`` YAML < the flags given; ``required`` fields
+    must be set by one of them."""
+    cfg = config_lib.load(cls, args.config, **cli_args.given(args, cls))
+    missing = [cli_args.flag(n) for n in required if not getattr(cfg, n)]
+    if missing:
+        raise ValueError(f"{' and '.join(missing)} required (flags or config)")
+    return cfg
+
+
+def _error(command: str, e: Exception) -> int:
+    print(f"align-ray {command}: error: {e}", file=sys.stderr)
+    return 2
+
+
+def _parsers(sub: argparse._SubParsersAction) -> None:
     from align_ray.data.config import DataConfig
+    from align_ray.filter.config import FilterConfig
+    from align_ray.serve.config import IndexConfig, ServeConfig
+    from align_ray.train.config import LOSSES, OPTIMIZERS, SCHEDULES, TrainConfig
+    from align_ray.train.eval_parquet import EvalConfig
 
-    p = sub.add_parser("data", help="download, resize and hash a URL + alt-text list (Ray Data)",
-                       description="Stage 1. Every field of DataConfig is a flag and can be set in "
-                                   "--config YAML; flags given here win over the YAML.")
-    cli_args.add_flags(p, DataConfig, help={
-        "input": "URL list: parquet/csv/tsv/jsonl[.gz] file, folder or glob, local or s3://",
-        "output": "output folder, local or s3://",
-        "allow_cidr": "admit this address range despite the SSRF guard (repeatable)",
-        "allow_private_network": "admit loopback and private ranges (link-local/metadata stay "
-                                 "blocked)",
-        "processes": "download actors (default: one per CPU)",
-        "threads": "in-flight downloads per actor",
-        "retry_failed": "re-attempt only rows dropped for retryable reasons"})
-    p.add_argument("--config", help="YAML file with DataConfig fields")
-    p.add_argument("--ray-address", default=None,
-                   help="Ray cluster to use (default: ray.init()'s own choice; 'local' starts one)")
+    p = _stage_parser(sub, "data", DataConfig, "download, resize and hash a URL + alt-text list "
+                      "(Ray Data)", "Stage 1.", help={
+                          "input": "URL list: parquet/csv/tsv/jsonl[.gz] file, folder or glob, "
+                                   "local or s3://",
+                          "output": "output folder, local or s3://",
+                          "allow_cidr": "admit this address range despite the SSRF guard "
+                                        "(repeatable)",
+                          "allow_private_network": "admit loopback and private ranges "
+                                                   "(link-local/metadata stay blocked)",
+                          "processes": "download actors (default: one per CPU)",
+                          "threads": "in-flight downloads per actor",
+                          "retry_failed": "re-attempt only rows dropped for retryable reasons"})
     p.add_argument("--filter", action="store_true",
                    help="then run ALIGN's frequency filter (align-ray filter) in the same job")
     p.add_argument("--filter-output", default=None,
                    help="where the filtered output goes (default: OUTPUT_filtered)")
     p.add_argument("--filter-config", default=None, help="YAML file with FilterConfig fields")
+    _stage_parser(sub, "filter", FilterConfig, "ALIGN's frequency filtering of a download-stage "
+                  "output (Ray Data)", "Stage 2.", aliases={"eval_sets": "--eval-set"}, help={
+                      "input": "download-stage output folder (local or s3://)",
+                      "output": "output folder, same layout (local or s3://)",
+                      "eval_sets": "parquet file/folder of evaluation images; near-duplicates of "
+                                   "them are removed (repeatable)",
+                      "safety_hook": "package.module:function"})
+    _stage_parser(
+        sub, "train", TrainConfig, "train the dual encoder on Ray Train (gathered negatives)",
+        "Stage 3. The model section (model: {preset: tiny|align, ...}) is YAML only. Re-running "
+        "with the same --output (and name) resumes.",
+        choices={"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "loss": LOSSES},
+        help={"data": "parquet input: stage output dir, file, folder or glob, local or s3:// "
+                      "(repeatable)",
+              "output": "run directory (model/, metrics.jsonl, curves.png, eval.json)",
+              "batch_size": "per worker",
+              "storage_path": "checkpoints (local or s3://)",
+              "name": "run name under the storage path (resume key)"})
+    _stage_parser(
+        sub, "eval", EvalConfig, "zero-shot retrieval (+ classification) of a saved model",
+        "Prints one JSON object: image_to_text / text_to_image (R@1, R@5, R@10, mean_rank, "
+        "median_rank), chance, and zero_shot (top1, top5) with --classify-col.", ray=False,
+        aliases={"templates": "--template"},
+        help={"templates": "prompt template with {} (repeatable; default: "
+                           "'a photo of a {}.', '{}')"})
+    _stage_parser(sub, "index", IndexConfig, "embed a corpus into a search index (Ray Data batch "
+                  "inference)", help={
+                      "model": "save_pretrained model directory",
+                      "data": "data-stage output dir, or any parquet file/dir/glob with image "
+                              "bytes + text columns (local or s3://)",
+                      "output": "index directory to write",
+                      "image_col": "default: jpg if present, else image",
+                      "concurrency": "encoder actors",
+                      "num_gpus": "GPUs per encoder actor",
+                      "limit": "index only the first N rows"})
+    _stage_parser(sub, "serve", ServeConfig, "serve embedding, search and classification over "
+                  "HTTP (Ray Serve)", "Nested sections (image_encoder, text_encoder, router, "
+                  "limits) are YAML only.", help={
+                      "model": "save_pretrained model directory",
+                      "index": "index directory from `align-ray index`"})
 
 
-def _filter_parser(sub: argparse._SubParsersAction) -> None:
-    from align_ray.filter.config import FilterConfig
-
-    p = sub.add_parser("filter", help="ALIGN's frequency filtering of a download-stage output "
-                                      "(Ray Data)",
-                       description="Stage 2. Every field of FilterConfig is a flag and can be set "
-                                   "in --config YAML; flags given here win over the YAML.")
-    cli_args.add_flags(p, FilterConfig, aliases={"eval_sets": "--eval-set"}, help={
-        "input": "download-stage output folder (local or s3://)",
-        "output": "output folder, same layout (local or s3://)",
-        "eval_sets": "parquet file/folder of evaluation images; near-duplicates of them are "
-                     "removed (repeatable)",
-        "safety_hook": "package.module:function"})
-    p.add_argument("--config", help="YAML file with FilterConfig fields")
-    p.add_argument("--ray-address", default=None)
-
-
-def _run_filter_stage(config: str | None, fields: dict) -> int:
+def _run_filter_stage(cfg) -> int:
     from align_ray.data.errors import InputError
     from align_ray.filter import pipeline as fpipe
-    from align_ray.filter.config import FilterConfig
 
     try:
-        cfg = config_lib.load(FilterConfig, config, **fields)
         stats = fpipe.run(cfg)
     except (InputError, ValueError, FileNotFoundError) as e:
-        print(f"align-ray filter: error: {e}", file=sys.stderr)
-        return 2
+        return _error("filter", e)
     if stats.get("report"):
         print(stats["report"])
     print(fpipe.summary_line(stats))
@@ -77,54 +129,62 @@ def _run_filter(args: argparse.Namespace) -> int:
     from align_ray import ray_env
     from align_ray.filter.config import FilterConfig
 
-    fields = cli_args.given(args, FilterConfig)
-    if not fields.get("input") or not fields.get("output"):
-        print("align-ray filter: error: --input and --output are required", file=sys.stderr)
-        return 2
+    try:
+        cfg = _load(FilterConfig, args, "input", "output")
+    except ValueError as e:
+        return _error("filter", e)
     ray_env.init(args.ray_address)
-    return _run_filter_stage(args.config, fields)
+    return _run_filter_stage(cfg)
 
 
 def _run_data(args: argparse.Namespace) -> int:
     from align_ray import ray_env
+    from align_ray.data import pipeline
     from align_ray.data.config import DataConfig
     from align_ray.data.errors import InputError
-    from align_ray.data import pipeline
+    from align_ray.filter.config import FilterConfig
 
     try:
-        cfg = config_lib.load(DataConfig, args.config, **cli_args.given(args, DataConfig))
-        if not cfg.input or not cfg.output:
-            raise ValueError("--input and --output are required (flags or config)")
+        cfg = _load(DataConfig, args, "input", "output")
+        fcfg = None
+        if args.filter:  # checked before any download, like the data stage's own config
+            out = args.filter_output or f"{cfg.output.rstrip('/')}_filtered"
+            fcfg = config_lib.load(FilterConfig, args.filter_config, input=cfg.output, output=out)
         pipeline.reader.validate_first(cfg)  # fail fast, before starting Ray
         ray_env.init(args.ray_address)
         stats = pipeline.run(cfg)
     except (InputError, ValueError, FileNotFoundError) as e:
-        print(f"align-ray data: error: {e}", file=sys.stderr)
-        return 2
+        return _error("data", e)
     print(pipeline.summary_line(stats))
-    if args.filter:
-        out = args.filter_output or f"{cfg.output.rstrip('/')}_filtered"
-        return _run_filter_stage(args.filter_config, {"input": cfg.output, "output": out})
+    return _run_filter_stage(fcfg) if fcfg is not None else 0
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from align_ray.train.config import TrainConfig
+
+    try:
+        cfg = _load(TrainConfig, args, "data", "output")
+        from align_ray.train.ingest import resolve_inputs
+
+        resolve_inputs(cfg.data)  # fail fast, before starting Ray
+        from align_ray.train.run import run
+
+        summary = run(cfg, address=args.ray_address)
+    except (ValueError, FileNotFoundError) as e:
+        return _error("train", e)
+    print(json.dumps(summary, default=str))
     return 0
 
 
-def _index_parser(sub: argparse._SubParsersAction) -> None:
-    from align_ray.serve.config import IndexConfig
+def _run_eval(args: argparse.Namespace) -> int:
+    from align_ray.train.eval_parquet import EvalConfig, evaluate
 
-    p = sub.add_parser("index", help="embed a corpus into a search index (Ray Data batch inference)",
-                       description="Every field of IndexConfig is a flag and can be set in "
-                                   "--config YAML.")
-    cli_args.add_flags(p, IndexConfig, help={
-        "model": "save_pretrained model directory",
-        "data": "data-stage output dir, or any parquet file/dir/glob with image bytes + text "
-                "columns (local or s3://)",
-        "output": "index directory to write",
-        "image_col": "default: jpg if present, else image",
-        "concurrency": "encoder actors",
-        "num_gpus": "GPUs per encoder actor",
-        "limit": "index only the first N rows"})
-    p.add_argument("--config", help="YAML file with IndexConfig fields")
-    p.add_argument("--ray-address", default=None)
+    try:
+        result = evaluate(_load(EvalConfig, args, "model", "data"))
+    except (ValueError, FileNotFoundError, OSError) as e:
+        return _error("eval", e)
+    print(json.dumps(result))
+    return 0
 
 
 def _run_index(args: argparse.Namespace) -> int:
@@ -133,31 +193,15 @@ def _run_index(args: argparse.Namespace) -> int:
     from align_ray.serve.config import IndexConfig
 
     try:
-        cfg = config_lib.load(IndexConfig, args.config, **cli_args.given(args, IndexConfig))
-        if not (cfg.model and cfg.data and cfg.output):
-            raise ValueError("--model, --data and --output are required (flags or config)")
+        cfg = _load(IndexConfig, args, "model", "data", "output")
         index.resolve_input(cfg)  # fail fast, before starting Ray
         ray_env.init(args.ray_address)
         manifest = index.build(cfg)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"align-ray index: error: {e}", file=sys.stderr)
-        return 2
+        return _error("index", e)
     print(f"index: {manifest['count']} pairs ({manifest['dropped']} dropped), dim {manifest['dim']}, "
           f"{manifest['seconds']} s -> {cfg.output}")
     return 0
-
-
-def _serve_parser(sub: argparse._SubParsersAction) -> None:
-    from align_ray.serve.config import ServeConfig
-
-    p = sub.add_parser("serve", help="serve embedding, search and classification over HTTP "
-                                     "(Ray Serve)",
-                       description="Every field of ServeConfig can be set in --config YAML "
-                                   "(nested sections: image_encoder, text_encoder, router, limits).")
-    cli_args.add_flags(p, ServeConfig, help={"model": "save_pretrained model directory",
-                                             "index": "index directory from `align-ray index`"})
-    p.add_argument("--config", help="YAML file with ServeConfig fields")
-    p.add_argument("--ray-address", default=None)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -165,102 +209,22 @@ def _run_serve(args: argparse.Namespace) -> int:
     from align_ray.serve.config import ServeConfig
 
     try:
-        cfg = config_lib.load(ServeConfig, args.config, **cli_args.given(args, ServeConfig))
+        cfg = _load(ServeConfig, args)
         app.check_paths(cfg)
     except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"align-ray serve: error: {e}", file=sys.stderr)
-        return 2
+        return _error("serve", e)
     return app.run(cfg, args.ray_address)
 
 
-def _train_parser(sub: argparse._SubParsersAction) -> None:
-    from align_ray.train.config import LOSSES, OPTIMIZERS, SCHEDULES, TrainConfig
-
-    p = sub.add_parser("train", help="train the dual encoder on Ray Train (gathered negatives)",
-                       description="Every field of TrainConfig is a flag and (model: {preset: "
-                                   "tiny|align, ...} included) can be set in --config YAML; flags "
-                                   "win over it. Re-running with the same --output (and name) "
-                                   "resumes.")
-    cli_args.add_flags(
-        p, TrainConfig, choices={"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "loss": LOSSES},
-        help={"data": "parquet input: stage output dir, file, folder or glob, local or s3:// "
-                      "(repeatable)",
-              "output": "run directory (model/, metrics.jsonl, curves.png, eval.json)",
-              "batch_size": "per worker",
-              "storage_path": "checkpoints (local or s3://)",
-              "name": "run name under the storage path (resume key)"})
-    p.add_argument("--config", help="YAML file with TrainConfig fields")
-    p.add_argument("--ray-address", default=None,
-                   help="Ray cluster to use (default: ray.init()'s own choice; 'local' starts one)")
-
-
-def _run_train(args: argparse.Namespace) -> int:
-    import json
-
-    from align_ray.train.config import TrainConfig
-
-    try:
-        cfg = config_lib.load(TrainConfig, args.config, **cli_args.given(args, TrainConfig))
-        if not cfg.data or not cfg.output:
-            raise ValueError("--data and --output are required (flags or config)")
-        from align_ray.train.ingest import resolve_inputs
-
-        resolve_inputs(cfg.data)  # fail fast, before starting Ray
-        from align_ray.train.run import run
-
-        summary = run(cfg, address=args.ray_address)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"align-ray train: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, default=str))
-    return 0
-
-
-def _eval_parser(sub: argparse._SubParsersAction) -> None:
-    from align_ray.train.eval_parquet import EvalConfig
-
-    p = sub.add_parser("eval", help="zero-shot retrieval (+ classification) of a saved model",
-                       description="Prints one JSON object: image_to_text / text_to_image "
-                                   "(R@1, R@5, R@10, mean_rank, median_rank), chance, and "
-                                   "zero_shot (top1, top5) with --classify-col. Every field of "
-                                   "EvalConfig is a flag and can be set in --config YAML.")
-    cli_args.add_flags(p, EvalConfig, aliases={"templates": "--template"}, help={
-        "model": "a save_pretrained dir (RUN_DIR/model)",
-        "data": "parquet: stage output dir, file, folder or glob (repeatable)",
-        "match_col": "rows sharing this value count as correct for each other",
-        "classify_col": "class label column (zero-shot)",
-        "templates": "prompt template with {} (repeatable; default: 'a photo of a {}.', '{}')",
-        "split_col": "only rows whose SPLIT_COL == --split"})
-    p.add_argument("--config", help="YAML file with EvalConfig fields")
-
-
-def _run_eval(args: argparse.Namespace) -> int:
-    import json
-
-    from align_ray.train.eval_parquet import EvalConfig, evaluate
-
-    try:
-        cfg = config_lib.load(EvalConfig, args.config, **cli_args.given(args, EvalConfig))
-        if not cfg.model or not cfg.data:
-            raise ValueError("--model and --data are required (flags or config)")
-        result = evaluate(cfg)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"align-ray eval: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(result))
-    return 0
+COMMANDS = {"data": _run_data, "filter": _run_filter, "train": _run_train, "eval": _run_eval,
+            "index": _run_index, "serve": _run_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = argparse.ArgumentParser(prog="align-ray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    _data_parser(sub)
-    _filter_parser(sub)
-    _train_parser(sub)
-    _eval_parser(sub)
-    _index_parser(sub)
-    _serve_parser(sub)
+    _parsers(sub)
     sub.add_parser("demo-web", add_help=False,
                    help="serve the built-in noisy web on 127.0.0.1 and write its URL list")
     sub.add_parser("demo", add_help=False,
@@ -273,20 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         from align_ray.demo import main as demo_main
         return demo_main(argv[1:])
     args = parser.parse_args(argv)
-    if args.command == "data":
-        return _run_data(args)
-    if args.command == "filter":
-        return _run_filter(args)
-    if args.command == "train":
-        return _run_train(args)
-    if args.command == "eval":
-        return _run_eval(args)
-    if args.command == "index":
-        return _run_index(args)
-    if args.command == "serve":
-        return _run_serve(args)
-    parser.error(f"unknown command {args.command}")
-    return 2
+    return COMMANDS[args.command](args)
 
 
 if __name__ == "__main__":
