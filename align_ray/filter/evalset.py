@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from align_ray import storage
+from align_ray import layout
 from align_ray.data.config import DataConfig
 from align_ray.data.errors import Drop
 from align_ray.data.resizer import process_image
@@ -45,16 +45,15 @@ def image_phash(data: bytes) -> int:
 
 
 def load_hashes(paths: list[str], image_col: str = "") -> np.ndarray:
-    """uint64 pHashes of every image in the eval sets (parquet files/folders, local or s3://).
+    """uint64 pHashes of every image in the eval sets (a stage output dir, parquet files,
+    folders or globs, local or s3://).
 
     An eval image that cannot be decoded is an error: silently skipping it would let its
     near-duplicates into training."""
     hashes: list[int] = []
     for uri in paths:
-        fs, root = storage.filesystem(uri)
-        for path in storage.list_files(fs, root):
-            if not path.endswith(".parquet"):
-                continue
+        fs, files = layout.parquet_files(uri)   # a stage DIR reads its DIR/parquet
+        for path in files:
             with fs.open_input_file(path) as f:
                 pf = pq.ParquetFile(f)
                 column = _image_column(pf.schema_arrow, image_col, path)

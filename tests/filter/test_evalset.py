@@ -52,3 +52,15 @@ def test_unreadable_eval_image_is_an_error_not_a_silent_skip(tmp_path):
 def test_eval_hash_matches_the_download_stage():
     data = encode(picture(300, 300, seed=7), "JPEG")
     assert image_phash(data) == process_image(data, DataConfig(resize_mode="keep_ratio")).phash
+
+
+def test_a_stage_dir_reads_only_its_samples(tmp_path):
+    """A stage output as an eval set: its parquet/ is read, never dropped/ or _manifest/."""
+    from align_ray.layout import Layout
+
+    good = tmp_path / "eval.parquet"
+    pq.write_table(pa.table({"jpg": [encode(picture(300, 200, seed=7), "JPEG")]}), good)
+    stage = Layout(str(tmp_path / "stage"))
+    stage.write_samples("s", pq.read_table(good), parquet=True, webdataset=False)
+    stage.write_dropped("s", pa.table({"key": ["k"], "reason": ["x"]}))   # no image column
+    assert list(load_hashes([stage.uri])) == list(load_hashes([str(good)]))
