@@ -1,0 +1,271 @@
+"""Training quality: align-ray against a plain single-process PyTorch loop at equal compute.
+
+Both sides train the same towers (timm efficientnet_b0 at 64 px, a 2-layer h=128 BERT on a
+WordPiece vocabulary trained on the training captions), on the dev set's train split, with the same
+global batch, steps, label-smoothed symmetric InfoNCE (open_clip's ``ClipLoss`` logits and labels),
+AdamW, warm-up then linear decay and temperature init.  The plain side builds its model from timm
+and transformers directly, samples batches uniformly at random from decoded images in memory and
+flips horizontally; the align-ray side is the real ``align-ray train`` CLI in a subprocess, with no
+tuning flags unless ``--ar-flags`` adds some.  Both are scored on the val split (concept groups never
+seen in training; rows of one concept match each other) as R@1/5/10 multiples of chance, and both
+loss curves go in one PNG.
+
+    .venv/bin/python benchmarks/quality_vs_plain.py --steps 300 --batch 128 --seeds 0 1 2
+    .venv/bin/python benchmarks/quality_vs_plain.py --only plain --steps 60   # one side
+
+Writes benchmarks/results/quality-vs-plain-<date>.json (+ .png next to it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import io
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+DEV = REPO.parent / "shared/data/emoji_noto_dev.parquet"
+KS = (1, 5, 10)
+
+
+def load_split(path: str, split: str, text_col: str) -> tuple[list[bytes], list[str], list[str]]:
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(path, columns=["image", text_col, "dev_split", "concept"]).to_pydict()
+    idx = [i for i, s in enumerate(t["dev_split"]) if s == split]
+    return [t["image"][i] for i in idx], [t[text_col][i] for i in idx], [t["concept"][i] for i in idx]
+
+
+def decode(images: list[bytes], size: int) -> np.ndarray:
+    """uint8 [N, 3, size, size]; the dev set is 64 px RGB already (resize only if it is not)."""
+    from PIL import Image
+
+    out = []
+    for b in images:
+        im = Image.open(io.BytesIO(b)).convert("RGB")
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BICUBIC)
+        out.append(np.asarray(im).transpose(2, 0, 1))
+    return np.stack(out)
+
+
+def build_plain_model(vocab: int, embed_dim: int, temperature_init: float):
+    import timm
+    import torch
+    from torch import nn
+    from transformers import BertConfig, BertModel
+
+    class Plain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.image = timm.create_model("efficientnet_b0", pretrained=False, num_classes=0)
+            self.image_proj = nn.Linear(self.image.num_features, embed_dim)
+            self.text = BertModel(BertConfig(vocab_size=vocab, hidden_size=128, num_hidden_layers=2,
+                                             num_attention_heads=2, intermediate_size=512,
+                                             max_position_embeddings=128), add_pooling_layer=False)
+            self.text_proj = nn.Linear(128, embed_dim)
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / temperature_init)))
+
+        def encode_image(self, x):
+            return nn.functional.normalize(self.image_proj(self.image(x)), dim=-1)
+
+        def encode_text(self, ids, mask):
+            h = self.text(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
+            return nn.functional.normalize(self.text_proj(h), dim=-1)
+
+    return Plain()
+
+
+def smoothed_clip_loss(label_smoothing: float):
+    """open_clip's ``ClipLoss`` (its logits and labels) with label-smoothed cross-entropy."""
+    import torch.nn.functional as F
+    from open_clip.loss import ClipLoss
+
+    class Smoothed(ClipLoss):
+        def forward(self, img, txt, logit_scale):
+            li, lt = self.get_logits(img, txt, logit_scale)
+            labels = self.get_ground_truth(img.device, li.shape[0])
+            return 0.5 * (F.cross_entropy(li, labels, label_smoothing=label_smoothing)
+                          + F.cross_entropy(lt, labels, label_smoothing=label_smoothing))
+
+    return Smoothed()
+
+
+def plain_run(args, seed: int) -> dict:
+    """The 40-line loop: uniform random batches, hflip, AdamW, warm-up + linear decay."""
+    import torch
+
+    from align_ray.model.tokenizer import train_wordpiece
+
+    torch.manual_seed(seed)
+    imgs, texts, _ = load_split(args.data, "train", args.text_col)
+    tok = train_wordpiece(texts, 4000, 64)
+    pixels = torch.from_numpy(decode(imgs, 64))
+    enc = tok(texts, padding="max_length", truncation=True, max_length=64, return_tensors="pt",
+              return_token_type_ids=False)
+    model = build_plain_model(len(tok), 128, args.temperature_init)
+    mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
+    std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-5)
+    warm = args.warmup
+
+    def factor(s: int) -> float:
+        return (s + 1) / warm if s < warm else max(0.0, 1 - (s - warm) / max(1, args.steps - warm))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    loss_fn = smoothed_clip_loss(0.1)
+    g = torch.Generator().manual_seed(seed)
+    curve, win, t0 = [], [], time.perf_counter()
+    model.train()
+    for step in range(1, args.steps + 1):
+        idx = torch.randint(len(texts), (args.batch,), generator=g) if args.with_replacement \
+            else torch.randperm(len(texts), generator=g)[: args.batch]
+        px = pixels[idx].clone()
+        flip = torch.rand(len(idx), generator=g) < 0.5
+        px[flip] = px[flip].flip(-1)
+        x = (px.float() / 255 - mean) / std
+        loss = loss_fn(model.encode_image(x), model.encode_text(enc["input_ids"][idx],
+                                                                enc["attention_mask"][idx]),
+                       model.logit_scale.exp())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        win.append(float(loss.detach()))
+        if step % 10 == 0 or step == args.steps:
+            curve.append({"step": step, "loss": float(np.mean(win))})
+            print(f"plain seed {seed} step {step} loss {curve[-1]['loss']:.3f} "
+                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
+            win = []
+    train_s = time.perf_counter() - t0
+    model.eval()
+    vimgs, vtexts, vconcepts = load_split(args.data, "val", args.text_col)
+    with torch.no_grad():
+        vx = (torch.from_numpy(decode(vimgs, 64)).float() / 255 - mean) / std
+        venc = tok(vtexts, padding=True, truncation=True, max_length=64, return_tensors="pt",
+                   return_token_type_ids=False)
+        ie = model.encode_image(vx).numpy()
+        te = model.encode_text(venc["input_ids"], venc["attention_mask"]).numpy()
+    from align_ray.train.evaluate import retrieval_metrics
+
+    return {"curve": curve, "train_s": train_s, "eval": retrieval_metrics(ie, te, vconcepts)}
+
+
+def align_ray_run(args, seed: int, out: Path) -> dict:
+    """The real CLI, one subprocess (its own local Ray), then ``align-ray eval`` on the val split."""
+    run_dir = out / f"ar-seed{seed}"
+    cmd = [sys.executable, "-m", "align_ray.cli", "train", "--data", args.data,
+           "--image-col", "image", "--text-col", args.text_col, "--split-col", "dev_split",
+           "--output", str(run_dir), "--workers", str(args.workers),
+           "--batch-size", str(args.batch // args.workers), "--steps", str(args.steps),
+           "--ray-address", "local"]
+    # seed and the val match column have no CLI flags; --ar-set adds TrainConfig keys (a sweep)
+    cfg = run_dir.with_suffix(".yaml")
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    cfg.write_text("".join(f"{line}\n" for line in
+                           [f"seed: {seed}", "val_match_col: concept", *args.ar_set]))
+    cmd += ["--config", str(cfg), *shlex.split(args.ar_flags)]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    t0 = time.perf_counter()
+    print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
+    subprocess.run(cmd, check=True, env=env, cwd=str(REPO), stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - t0
+    from align_ray.train.eval_parquet import EvalConfig, evaluate
+
+    ev = evaluate(EvalConfig(model=str(run_dir / "model"), data=[args.data], image_col="image",
+                             text_col=args.text_col, match_col="concept", split_col="dev_split",
+                             split="val"))
+    curve = [{"step": r["step"], "loss": r["loss"]}
+             for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+             if "loss" in r]
+    return {"curve": curve, "wall_s": wall, "eval": ev, "run_dir": str(run_dir)}
+
+
+def x_chance(ev: dict) -> dict:
+    return {d: {f"R@{k}": ev[d][f"R@{k}"] / ev["chance"][f"R@{k}"] for k in KS}
+            for d in ("image_to_text", "text_to_image")}
+
+
+def median_x(runs: list[dict]) -> dict:
+    return {d: {f"R@{k}": float(np.median([r["x_chance"][d][f"R@{k}"] for r in runs])) for k in KS}
+            for d in ("image_to_text", "text_to_image")}
+
+
+def plot(result: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for side, color in (("plain", "tab:blue"), ("align_ray", "tab:orange")):
+        for i, r in enumerate(result.get(side, {}).get("runs", [])):
+            c = r["curve"]
+            ax.plot([p["step"] for p in c], [p["loss"] for p in c], color=color, alpha=0.8,
+                    label=side if i == 0 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"global batch {result['batch']}, {result['steps']} steps")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default=str(DEV))
+    ap.add_argument("--text-col", default="alt_text")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=128, help="global batch (both sides)")
+    ap.add_argument("--workers", type=int, default=2, help="align-ray workers")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--lr", type=float, default=1e-3, help="plain loop")
+    ap.add_argument("--warmup", type=int, default=30, help="plain loop")
+    ap.add_argument("--temperature-init", type=float, default=0.07, help="plain loop")
+    ap.add_argument("--with-replacement", action="store_true", help="plain loop sampling")
+    ap.add_argument("--ar-flags", default="", help="extra align-ray train flags")
+    ap.add_argument("--ar-set", nargs="*", default=[],
+                    help="TrainConfig YAML lines for align-ray, e.g. 'grad_clip: 1.0'")
+    ap.add_argument("--only", choices=["plain", "align_ray"])
+    ap.add_argument("--out", default="/tmp/quality-vs-plain")
+    ap.add_argument("--results", default=str(REPO / "benchmarks/results"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                    "steps": args.steps, "batch": args.batch, "workers": args.workers,
+                    "seeds": args.seeds, "plain_lr": args.lr, "plain_warmup": args.warmup,
+                    "ar_flags": args.ar_flags, "ar_set": args.ar_set,
+                    "cpus": os.cpu_count()}
+    for side in ("plain", "align_ray"):
+        if args.only and side != args.only:
+            continue
+        runs = []
+        for seed in args.seeds:
+            r = plain_run(args, seed) if side == "plain" else align_ray_run(args, seed, out)
+            r["seed"], r["x_chance"] = seed, x_chance(r["eval"])
+            print(side, seed, json.dumps(r["x_chance"]), flush=True)
+            runs.append(r)
+        result[side] = {"runs": runs, "median_x_chance": median_x(runs)}
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d-%H%M")
+    dest = Path(args.results) / f"quality-vs-plain-{stamp}.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(result, indent=1))
+    plot(result, dest.with_suffix(".png"))
+    print(json.dumps({k: v["median_x_chance"] for k, v in result.items()
+                      if isinstance(v, dict) and "median_x_chance" in v}, indent=1))
+    print("wrote", dest)
+
+
+if __name__ == "__main__":
+    main()
