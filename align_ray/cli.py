@@ -133,7 +133,7 @@ def _run_filter(args: argparse.Namespace) -> int:
         cfg = _load(FilterConfig, args, "input", "output")
     except ValueError as e:
         return _error("filter", e)
-    ray_env.init(args.ray_address)
+    ray_env.init_for_command(args.ray_address)
     return _run_filter_stage(cfg)
 
 
@@ -151,7 +151,7 @@ def _run_data(args: argparse.Namespace) -> int:
             out = args.filter_output or f"{cfg.output.rstrip('/')}_filtered"
             fcfg = config_lib.load(FilterConfig, args.filter_config, input=cfg.output, output=out)
         pipeline.reader.validate_first(cfg)  # fail fast, before starting Ray
-        ray_env.init(args.ray_address)
+        ray_env.init_for_command(args.ray_address)
         stats = pipeline.run(cfg)
     except (InputError, ValueError, FileNotFoundError) as e:
         return _error("data", e)

@@ -3,6 +3,8 @@
 * ``run_ours_stage``: ``align_ray.data.pipeline.run`` on the Ray cluster of this process
   (:class:`Cluster`, started untimed, as a job on a running cluster finds it);
 * ``run_ours_cli``: ``align-ray data --ray-address local`` as a command (pays for its own Ray);
+  ``phases_s`` splits its wall time into ``start`` (interpreter, imports, ``ray.init``),
+  ``stage`` (``pipeline.run``: plan, actors, downloads) and ``exit`` (Ray shutdown, exit);
 * ``run_img2dataset``: the ``img2dataset`` command (webdataset, sha256, center crop 256).
 
 Each returns ``{"wall_s", "ok", "failures", "shards": [{shard, start_s, end_s, rows}],
@@ -100,7 +102,14 @@ def run_ours_cli(args, url_list: Path, out: Path, env: dict, logs: Path) -> dict
         "--shard-size", str(cfg.shard_size), "--config", str(cfg_path), "--ray-address", "local"]
     t0 = time.time()
     _call(cmd, logs / f"{out.name}.log", env, REPO, args.run_timeout)
-    return {"wall_s": time.time() - t0, "command": cmd, **ours_summary(out, t0)}
+    t1 = time.time()
+    res = {"wall_s": t1 - t0, "command": cmd, **ours_summary(out, t0)}
+    # where the whole process's time went: stats.json is written as pipeline.run returns
+    stage_end = (out / "stats.json").stat().st_mtime
+    res["phases_s"] = {"start": round(stage_end - res["stage_seconds"] - t0, 2),
+                       "stage": round(res["stage_seconds"], 2),
+                       "exit": round(t1 - stage_end, 2)}
+    return res
 
 
 class Cluster:

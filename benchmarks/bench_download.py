@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                 elif tool != "ours-stage":
                     cluster.down()  # before the clock: the commands start a cluster of their own
                 settle()
+                load = os.getloadavg()[0]
                 busy0, srv0 = machine_busy_seconds(), web.cpu_seconds()
                 with CpuSampler(web.proc.pid) as cpu:
                     res = once(tool, web.url_list, out)
@@ -148,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                            cpu_s_by_group=cpu.by_group(), cpu_s_other_top=cpu.top_other(),
                            disturbed_by=cpu.matching(args.wait_for),
                            round=rnd, tool=tool, rows=args.rows, wall_s=round(res["wall_s"], 3),
+                           load_avg_1m_before=round(load, 2),
                            images_per_s=round(res["ok"] / res["wall_s"], 1))
                 results.append(res)
                 print(f"round {rnd} {tool:<12} {res['ok']:>6}/{args.rows} ok  "
@@ -156,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
                       + ("" if res["ok"] == args.rows else
                          f"  FAILURES: {fmt_failures(res['failures'])}")
                       + ("" if res["sha256_column"] else "  NO sha256 COLUMN")
+                      + (f"  [start {res['phases_s']['start']:.1f}s, stage "
+                         f"{res['phases_s']['stage']:.1f}s, exit {res['phases_s']['exit']:.1f}s]"
+                         if "phases_s" in res else "")
+                      + f"  load {load:.1f}"
                       + (f"  DISTURBED by {res['disturbed_by']}" if res["disturbed_by"] else ""),
                       flush=True)
                 if not args.keep:
@@ -197,14 +204,24 @@ def summarize(args, argv, tools, results, workdir) -> dict:
             "wall_s": round(statistics.median(r["wall_s"] for r in runs), 2),
             "ok_fraction": round(min(r["ok"] for r in runs) / args.rows, 4),
             "busy_core_s_per_1k": _median_per_1k(runs, lambda r: r["busy_core_s"]),
+            "images_per_s_range": [min(r["images_per_s"] for r in runs),
+                                   max(r["images_per_s"] for r in runs)],
             "cpu_s_per_1k_by_group": {
                 g: _median_per_1k(runs, lambda r, g=g: r["cpu_s_by_group"].get(g, 0.0))
                 for g in groups}}
-    ratios = {}
+        if all("phases_s" in r for r in runs):
+            medians[tool]["phases_s"] = {
+                k: round(statistics.median(r["phases_s"][k] for r in runs), 2)
+                for k in runs[0]["phases_s"]}
+    ratios, per_round = {}, {}
     base = medians.get("img2dataset", {}).get("images_per_s")
     for tool in ("ours-stage", "ours-cli"):
         if base and tool in medians:
             ratios[f"{tool}/img2dataset"] = round(medians[tool]["images_per_s"] / base, 2)
+            pairs = [(a["images_per_s"], b["images_per_s"]) for a in results for b in results
+                     if a["tool"] == tool and b["tool"] == "img2dataset"
+                     and a["round"] == b["round"]]
+            per_round[f"{tool}/img2dataset"] = [round(x / y, 2) for x, y in pairs]
     ours = {k: v for k, v in vars(ours_config(args, Path("-"), Path("-"))).items()
             if k not in ("input", "output")}
     return {
@@ -224,6 +241,7 @@ def summarize(args, argv, tools, results, workdir) -> dict:
         "runs": results,
         "medians": medians,
         "ratios": ratios,
+        "ratios_per_round": per_round,
         "workdir": str(workdir) if args.keep else None,
     }
 
@@ -260,7 +278,12 @@ def print_report(report: dict) -> None:
         print(f"  {tool:<12} " + ", ".join(f"{g} {v:.2f}" for g, v in groups if v >= 0.01))
     print()
     for name, ratio in report["ratios"].items():
-        print(f"  ratio {name}: {ratio:.2f}x")
+        print(f"  ratio {name}: {ratio:.2f}x (per round: "
+              f"{', '.join(f'{x:.2f}' for x in report['ratios_per_round'].get(name, []))})")
+    for tool, m in report["medians"].items():
+        if "phases_s" in m:
+            print(f"  {tool} phases (medians, s): " +
+                  ", ".join(f"{k} {v:.2f}" for k, v in m["phases_s"].items()))
 
 
 if __name__ == "__main__":

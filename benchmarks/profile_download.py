@@ -90,6 +90,7 @@ def main() -> int:
     p.add_argument("--pool-size", type=int, default=128)
     p.add_argument("--image-size-range", type=int, nargs=2, default=(640, 1024))
     p.add_argument("--py-spy", action="store_true", help="also sample with py-spy")
+    p.add_argument("--json", help="also write the figures here")
     args = p.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="profile-download-"))
@@ -173,12 +174,18 @@ def main() -> int:
           f"{proc_cpu / wall:.2f} cores")
     print("\nCPU ms per image:")
     print(f"  {'decode threads (process_image + sha256)':<46} {decode_cpu * per:6.2f}")
+    ms = {"decode threads (process_image + sha256)": decode_cpu * per}
     known = 0.0
     for name in ("jpeg_decode (cv2.imdecode, DCT-scaled)", "phash (on the scaled picture)",
                  "resize", "crop"):
         known += timers.cpu[name]
         print(f"    {name:<44} {timers.cpu[name] * per:6.2f}")
+        ms[name] = timers.cpu[name] * per
     rest = timers.cpu["process_image (total)"] - known
+    ms.update({"sniff + PIL header/EXIF + JPEG encode": rest * per,
+               "sha256": timers.cpu["sha256"] * per,
+               "fetch loop thread (aiohttp + asyncio + rows)": loop_cpu_s * per,
+               "main thread (read rows, write parquet+tar+marker)": main_cpu * per})
     print(f"    {'sniff + PIL header/EXIF + JPEG encode':<44} {rest * per:6.2f}")
     print(f"    {'sha256':<44} {timers.cpu['sha256'] * per:6.2f}")
     print(f"  {'fetch loop thread (aiohttp + asyncio + rows)':<46} {loop_cpu_s * per:6.2f}")
@@ -189,6 +196,19 @@ def main() -> int:
     print(f"  {'other threads of the process':<46} {other * per:6.2f}")
     print(f"  {'= actor process total':<46} {proc_cpu * per:6.2f}")
     print(f"  {'web server process (separate)':<46} {srv_cpu * per:6.2f}")
+    ms.update({"other threads of the process": other * per,
+               "actor process total": proc_cpu * per, "web server process (separate)": srv_cpu * per})
+    if args.json:
+        import json
+
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({
+            "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
+            "load_avg_end": os.getloadavg(), "images": rows, "wall_s": round(wall, 2),
+            "images_per_s": round(rows / wall, 1), "process_cores": round(proc_cpu / wall, 2),
+            "settings": {k: v for k, v in vars(args).items() if k != "json"},
+            "cpu_ms_per_image": {k: round(v, 3) for k, v in ms.items()}}, indent=1))
+        print(f"results written to {args.json}")
     if args.py_spy and (workdir / "py-spy.txt").exists():
         summarize_pyspy(workdir / "py-spy.txt")
     shutil.rmtree(workdir, ignore_errors=True)
