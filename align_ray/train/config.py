@@ -3,9 +3,9 @@
 Model presets: the default ``model`` is :meth:`ModelConfig.tiny` (efficientnet_b0 at 64 px, 2-layer
 128-wide BERT, **temperature_init 0.07**, CLIP's) because it learns in a few hundred steps (tests,
 demo, CPU runs).  ALIGN-faithful long runs use ``model: {preset: align}`` in the YAML (EfficientNet,
-BERT-base-sized text tower, **temperature_init 1.0**) with ``optimizer: lamb, lr: 1e-3``.  A ``model:`` mapping without ``preset`` is
-applied on ``ModelConfig``'s own defaults (224 px, temperature 1.0); ``preset: tiny`` plus keys
-overrides the tiny preset, e.g.::
+BERT-base-sized text tower, **temperature_init 1.0**) with ``optimizer: lamb, lr: 1e-3``.  A
+``model:`` mapping without ``preset`` is applied on ``ModelConfig``'s own defaults (224 px,
+temperature 1.0); ``preset: tiny`` plus keys overrides the tiny preset, e.g.::
 
     model: {preset: tiny, image_size: 96, temperature_init: 1.0}
 
@@ -43,19 +43,27 @@ class TrainConfig:
         Re-running with the same (storage_path, name) resumes from the latest checkpoint.
     batch_size: per worker; global batch = batch_size * workers (the gathered negatives).
     steps: total optimizer steps (epochs repeat as needed).
-    optimizer: "adamw" (default, lr 5e-4: learns in a few hundred steps) or "lamb" (ALIGN-faithful:
-        timm Lamb, lr 1e-3, for long large-batch runs; measured on the dev set, LAMB at lr 1e-3 left
-        the loss at chance, ln(64), for 120 steps where AdamW 5e-4 fell to 3.75).  weight_decay
-        (ALIGN 1e-5) skips biases, norms, the temperature and the SigLIP bias.  schedule: "linear" (warm-up then linear decay to
-        ``min_lr_ratio * lr``, ALIGN), "cosine" or "constant" (after warm-up).
+    optimizer: "adamw" (default) or "lamb" (ALIGN-faithful: timm Lamb, for long large-batch runs;
+        short runs on the dev set barely left chance with it, see BENCHMARKS.md).
+        weight_decay (ALIGN 1e-5) skips biases, norms, the temperature and the SigLIP bias.
+        schedule: "linear" (warm-up then linear decay to ``min_lr_ratio * lr``, ALIGN), "cosine" or
+        "constant" (after warm-up).
+    Defaults are the short-run recipe of a plain PyTorch loop (issue 13, BENCHMARKS.md "Training
+        quality"): AdamW lr 1e-3, warm-up 30 steps then linear decay, no gradient clipping
+        (``grad_clip`` > 0 clips the global norm; from-scratch towers have gradient norms well
+        above 1, so clipping at 1 rescaled nearly every step and slowed learning), no random crop
+        (``crop_scale`` (1, 1)), horizontal flip 0.5.  For long ALIGN-faithful runs on web data see
+        README ("Training"): LAMB, warm-up ~1-10 % of the steps, random resized crop (0.5, 1),
+        ``model: {preset: align}``.
     loss: "infonce" (symmetric, label smoothing) or "siglip" (pairwise sigmoid, learnable bias).
     checkpoint_every: steps between checkpoints (a final one is always written).
     eval_every: steps between validation retrieval evals on rank 0 (0 = only the final eval).
     bf16: autocast to bfloat16 on GPU (ignored on CPU).
     data_workers / data_cpus: Ray Data actors that decode, augment and tokenize, CPUs each.
     crop_scale / hflip: training augmentation (ALIGN: random resized crop + horizontal flip):
-        the crop's area range and the flip probability.  Set ``hflip: 0`` when captions name
-        left and right (a flipped image then contradicts its caption).
+        the crop's area range ((1, 1), the default: no random crop, the centre square) and the
+        flip probability.  Set ``hflip: 0`` when captions name left and right (a flipped image
+        then contradicts its caption).
     stream_epochs: epochs of the training files that one Ray Data execution streams (each epoch
         in its own random file order).  0 = auto: enough for the whole run (1 on a corpus larger
         than steps x global batch).  Every new execution of a ``streaming_split`` dataset pays
@@ -81,13 +89,13 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     batch_size: int = 64
     steps: int = 500
-    lr: float = 5e-4
+    lr: float = 1e-3
     weight_decay: float = 1e-5
     optimizer: str = "adamw"
     schedule: str = "linear"
-    warmup_steps: int = 50
+    warmup_steps: int = 30
     min_lr_ratio: float = 0.0
-    grad_clip: float = 1.0
+    grad_clip: float = 0.0
     loss: str = "infonce"
     label_smoothing: float = 0.1
     checkpoint_every: int = 100
@@ -103,7 +111,7 @@ class TrainConfig:
     data_batch_size: int = 64
     shuffle_buffer: int = 512
     stream_epochs: int = 0
-    crop_scale: tuple[float, float] = (0.5, 1.0)
+    crop_scale: tuple[float, float] = (1.0, 1.0)
     hflip: float = 0.5
     max_image_pixels: int = 1 << 26
     model: ModelConfig = field(default_factory=ModelConfig.tiny)
