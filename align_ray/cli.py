@@ -237,7 +237,13 @@ def main(argv: list[str] | None = None) -> int:
         from align_ray.demo import main as demo_main
         return demo_main(argv[1:])
     args = parser.parse_args(argv)
-    return COMMANDS[args.command](args)
+    from align_ray.watchdog import StageStalled
+
+    try:
+        return COMMANDS[args.command](args)
+    except StageStalled as e:  # the watchdog's diagnosis instead of a silent hang
+        print(f"align-ray {args.command}: error: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

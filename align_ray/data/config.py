@@ -51,6 +51,8 @@ class DataConfig:
     # run control
     retry_failed: bool = False
     overwrite: bool = False
+    # fail (exit 3, naming the stuck operator) after this long without progress; <= 0: never
+    stall_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.resize_mode not in RESIZE_MODES:

@@ -9,7 +9,7 @@ from collections import Counter
 
 import ray
 
-from align_ray import storage
+from align_ray import storage, watchdog
 from align_ray.data import reader
 from align_ray.data.config import DataConfig
 from align_ray.data.downloader import ShardDownloader
@@ -83,6 +83,7 @@ def summarize(plan: dict, markers: dict[str, dict], seconds: float, cfg: DataCon
 def run(cfg: DataConfig) -> dict:
     """Run (or resume) the download stage; returns the stats also written to stats.json."""
     t0 = time.time()
+    watchdog.install("data", cfg.stall_timeout_s)
     layout = Layout(cfg.output)
     if cfg.overwrite and storage.exists(layout.fs, layout.root):
         layout.fs.delete_dir_contents(layout.root)

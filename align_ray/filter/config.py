@@ -55,6 +55,8 @@ class FilterConfig:
     report: bool = True
     report_top: int = 20
     overwrite: bool = False
+    # fail (exit 3, naming the stuck operator) after this long without progress; <= 0: never
+    stall_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.image_identity not in IMAGE_IDENTITIES:

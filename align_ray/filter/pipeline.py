@@ -22,7 +22,7 @@ import pyarrow as pa
 import ray
 import ray.data
 
-from align_ray import storage
+from align_ray import storage, watchdog
 from align_ray.data.errors import InputError
 from align_ray.filter import plan as plan_lib
 from align_ray.filter import report as report_lib
@@ -101,6 +101,7 @@ def run(cfg: FilterConfig) -> dict:
     t0 = time.time()
     if not cfg.input or not cfg.output:
         raise ValueError("filter: input and output are required")
+    watchdog.install("filter", cfg.stall_timeout_s)
     src, stats1, shards = _stage1(cfg)
     dst = Layout(cfg.output)
     if not cfg.overwrite and dst.is_complete(input=cfg.input):

@@ -155,7 +155,7 @@ class IndexConfig:
 
     ``data``: a data-stage output dir (its ``parquet/`` is read), or any parquet file / dir / glob
     (local or s3://) with image-bytes and text columns.  ``image_col`` None = ``jpg`` if present,
-    else ``image``.  ``concurrency`` encoder actors, each ``num_cpus``/``num_gpus``.
+    else ``image``.  Up to ``concurrency`` encoder actors, each ``num_cpus``/``num_gpus``.
     """
 
     model: str = ""
@@ -164,14 +164,21 @@ class IndexConfig:
     image_col: str | None = None
     text_col: str = "text"
     batch_size: int = 64
-    concurrency: int = 2
+    # Most encoder actors (the pool starts at 1 and grows while input queues up).  None = what
+    # the cluster can hold *after* one CPU is left for the read and write tasks that feed the
+    # pool: a pool that takes every CPU starves its own reader (a resource deadlock).
+    concurrency: int | None = None
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     thumbnails: bool = True
     thumb_size: int = 256
     limit: int | None = None
     overwrite: bool = False
+    # Fail (exit 3, naming the stuck operator) after this long without progress; <= 0: never.
+    stall_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.concurrency < 1:
+        if self.batch_size < 1 or (self.concurrency is not None and self.concurrency < 1):
             raise ValueError("batch_size and concurrency must be >= 1")
+        if self.num_cpus <= 0 and self.num_gpus <= 0:
+            raise ValueError("an encoder actor needs num_cpus > 0 or num_gpus > 0")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -25,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from align_ray import layout, storage
+from align_ray import layout, storage, watchdog
 from align_ray.serve import store
 from align_ray.serve.config import IndexConfig
 
@@ -51,9 +52,14 @@ class _EmbedBatch:
     """Actor-pool UDF: one Embedder per actor; batch in -> embeddings + metadata out."""
 
     def __init__(self, model_dir: str, image_col: str, text_col: str, extra: list[str],
-                 thumb_size: int, device: str):
+                 thumb_size: int, device: str, threads: int = 1):
+        import torch
+
         from align_ray.model.pretrained import Embedder
 
+        # as many intra-op threads as CPUs reserved for the actor: more would steal the cores
+        # the other actors and the read/write tasks were promised
+        torch.set_num_threads(max(1, threads))
         self.embedder = Embedder.load(model_dir, device=device)
         self.image_col, self.text_col, self.extra = image_col, text_col, extra
         self.thumb_size = thumb_size
@@ -111,6 +117,23 @@ def _fixed_list(x: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
 
 
+def pool_size(cfg: IndexConfig, resources: dict[str, float] | None = None) -> int:
+    """Most encoder actors: ``cfg.concurrency``, else what the cluster holds with one CPU left
+    over for the read / repartition / write tasks (GPU actors: one per ``num_gpus`` share).
+    ``resources`` defaults to ``ray.cluster_resources()``; at least 1."""
+    if cfg.concurrency:
+        return cfg.concurrency
+    if resources is None:
+        import ray
+
+        resources = ray.cluster_resources()
+    cpus = float(resources.get("CPU", 0))
+    fits = [math.floor((cpus - 1) / cfg.num_cpus + 1e-9)] if cfg.num_cpus > 0 else []
+    if cfg.num_gpus > 0:
+        fits.append(math.floor(float(resources.get("GPU", 0)) / cfg.num_gpus + 1e-9))
+    return max(1, min(fits) if fits else 1)
+
+
 def build(cfg: IndexConfig) -> dict[str, Any]:
     """Run the Ray Data job and assemble the index dir; returns the manifest (``index.json``).
 
@@ -135,8 +158,10 @@ def build(cfg: IndexConfig) -> dict[str, Any]:
     t0 = time.time()
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True   # ids follow corpus order
+    watchdog.install("index", cfg.stall_timeout_s)
+    actors = pool_size(cfg)
     ds = ray.data.read_parquet(files, filesystem=fs, columns=[image_col, cfg.text_col, *extra])
-    if len(files) < 2 * cfg.concurrency:   # few files: cut them into batch-sized blocks, so
+    if len(files) < 2 * actors:   # few files: cut them into batch-sized blocks, so
         ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)  # every actor gets work
     if cfg.limit:
         ds = ds.limit(cfg.limit)
@@ -145,11 +170,13 @@ def build(cfg: IndexConfig) -> dict[str, Any]:
     model = cfg.model if "://" in cfg.model else os.path.abspath(cfg.model)
     ds = ds.map_batches(
         _EmbedBatch, batch_format="pyarrow", batch_size=cfg.batch_size,
-        concurrency=cfg.concurrency, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
+        num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
         fn_constructor_kwargs=dict(model_dir=model, image_col=image_col,
                                    text_col=cfg.text_col, extra=extra,
                                    thumb_size=cfg.thumb_size if cfg.thumbnails else 0,
-                                   device="cuda" if cfg.num_gpus > 0 else "cpu"))
+                                   device="cuda" if cfg.num_gpus > 0 else "cpu",
+                                   threads=max(1, math.ceil(cfg.num_cpus))))
     ds.write_parquet(shards, filesystem=out_fs)
     try:
         manifest = assemble(stage, shards, model=model, source=cfg.data, rows_in=rows_in,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 import uuid
@@ -34,26 +33,43 @@ from align_ray.train.metrics import plot_curves
 log = logging.getLogger(__name__)
 
 
-def cpus_needed(cfg: TrainConfig) -> int:
-    """Logical CPUs a local cluster needs: train workers + data actors + one for the rest."""
-    return math.ceil(cfg.workers * cfg.cpus_per_worker + cfg.data_workers * cfg.data_cpus + 1)
+def cpus_needed(cfg: TrainConfig) -> float:
+    """CPUs training asks Ray for at once: the train workers plus the data tasks feeding them."""
+    return cfg.workers * cfg.cpus_per_worker + cfg.data_workers * cfg.data_cpus
+
+
+def fit_to_cluster(cfg: TrainConfig, cluster_cpus: float | None = None) -> TrainConfig:
+    """Shrink ``cpus_per_worker`` and ``data_cpus`` in proportion when the cluster has fewer
+    CPUs than :func:`cpus_needed` (e.g. the defaults on a 2-core machine).
+
+    Train's workers hold their CPUs for the whole run; a data task that cannot get a CPU then
+    never runs and training waits for ever on its first batch.  Fractional CPUs keep every
+    process schedulable.  A cluster reporting 0 CPUs (an autoscaling head with no workers yet)
+    is left alone: its nodes are still to come.  Returns ``cfg`` (changed in place)."""
+    if cluster_cpus is None:
+        cluster_cpus = float(ray.cluster_resources().get("CPU", 0))
+    need = cpus_needed(cfg)
+    if cluster_cpus <= 0 or need <= cluster_cpus + 1e-9:
+        return cfg
+    scale = cluster_cpus / need
+    cpw, dcpu = cfg.cpus_per_worker * scale, cfg.data_cpus * scale
+    log.warning("train: %g workers x %g CPU + %d data tasks x %g CPU do not fit the cluster's "
+                "%g CPUs; using %.3g CPU per worker and %.3g per data task",
+                cfg.workers, cfg.cpus_per_worker, cfg.data_workers, cfg.data_cpus,
+                cluster_cpus, cpw, dcpu)
+    cfg.cpus_per_worker, cfg.data_cpus = cpw, dcpu
+    return cfg
 
 
 def ensure_ray(cfg: TrainConfig, address: str | None = None) -> None:
     """Join/start Ray (through :func:`align_ray.ray_env.init`) for ``align-ray train`` and the
-    workflow alike; a local start gets enough logical CPUs for the workers and the data actors
-    (Ray Data only uses what Train leaves; on a 2-core box the defaults would otherwise starve)."""
+    workflow alike.  A local start has the machine's real CPU count (over-subscribed logical
+    CPUs hide deadlocks that every small machine then hits); :func:`fit_to_cluster` sizes the
+    run to it."""
     from align_ray import ray_env
 
-    if ray.is_initialized():
-        return
-    if address in (None, "local") and not os.environ.get("RAY_ADDRESS"):
-        try:
-            ray_env.init(address, num_cpus=max(os.cpu_count() or 1, cpus_needed(cfg)))
-            return
-        except ValueError:  # address=None found a running cluster: resources are its own
-            pass
-    ray_env.init(address)
+    if not ray.is_initialized():
+        ray_env.init(address)
 
 
 def _tokenizer(cfg: TrainConfig, paths: list[str], sel: ingest.Selection) -> tuple[Any, dict]:
@@ -109,6 +125,7 @@ def run(cfg: TrainConfig, *, step_hook: Callable[[int, int], None] | None = None
     out.mkdir(parents=True, exist_ok=True)
     cfg.output = str(out)
     ensure_ray(cfg, address)
+    fit_to_cluster(cfg)
     t0 = time.perf_counter()
     (train_paths, train_sel), val = ingest.selections(cfg)
     tokenizer, tok_files = _tokenizer(cfg, train_paths, train_sel)

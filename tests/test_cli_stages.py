@@ -1,0 +1,199 @@
+"""Every ``align-ray`` stage as a user runs it: a subprocess, default flags, on a Ray cluster with
+exactly 2 CPUs (``ray start --head --num-cpus=2``), whatever this machine has.  Each command
+has a wall-clock bound; a hang fails the test with the command's last output instead of eating
+CI's budget.  (The session fixture elsewhere starts Ray in-process; a fixture with more logical
+CPUs than the smallest user machine once hid a resource deadlock in ``align-ray index``.)
+
+The chain mirrors the README's newcomer sequence: data -> filter on the noisy web; train 20
+steps -> eval -> index -> serve on the dev set, then one request to every endpoint.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import DEV_SET, REPO, free_port
+
+pytestmark = pytest.mark.skipif(not DEV_SET.exists(), reason="needs the shared dev set")
+
+
+def _ray_pids(marker: str) -> list[int]:
+    import psutil
+
+    pids = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        if any(marker in a for a in (p.info["cmdline"] or [])):
+            pids.append(p.info["pid"])
+    return pids
+
+
+@pytest.fixture(scope="module")
+def ray2():
+    """A 2-CPU Ray head started with ``ray start``; torn down by killing exactly its processes
+    (found by its private temp dir), never with a machine-wide ``ray stop``."""
+    temp = tempfile.mkdtemp(prefix="ray2-", dir="/tmp")
+    port = free_port()
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    subprocess.run([ray_bin, "start", "--head", "--num-cpus=2", "--num-gpus=0", f"--port={port}",
+                    f"--temp-dir={temp}", "--include-dashboard=false", "--disable-usage-stats"],
+                   check=True, timeout=120, capture_output=True, env=os.environ.copy())
+    yield f"127.0.0.1:{port}" if _listening(port) else _node_address(port)
+    for pid in _ray_pids(temp):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _node_address(port: int) -> str:
+    import socket
+
+    # Ray binds the GCS to the node's own address (not loopback) on some machines
+    return f"{socket.gethostbyname(socket.gethostname())}:{port}"
+
+
+def cli(*args: str, address: str, timeout: float, cwd: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "align_ray.cli", *args, "--ray-address", address]
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"")[-3000:] if isinstance(e.stdout, bytes) else (e.stdout or "")[-3000:]
+        err = (e.stderr or b"")[-3000:] if isinstance(e.stderr, bytes) else (e.stderr or "")[-3000:]
+        pytest.fail(f"{' '.join(args[:1])} did not finish in {timeout} s on a 2-CPU Ray\n"
+                    f"stdout: {out}\nstderr: {err}")
+    assert proc.returncode == 0, f"{args[0]} exited {proc.returncode}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cli")
+
+
+def test_data_then_filter(ray2, web, work):
+    rows = web.url_rows(60, noise=True)
+    urls = web.write_url_list(work / "urls.parquet", rows)
+    cli("data", "--input", str(urls), "--output", str(work / "dl"), "--allow-cidr", "127.0.0.0/8",
+        address=ray2, timeout=180, cwd=work)
+    stats = json.loads((work / "dl" / "stats.json").read_text())
+    assert stats["input_rows"] == 60 == stats["output_rows"] + sum(stats["dropped"].values())
+    cli("filter", "--input", str(work / "dl"), "--output", str(work / "flt"),
+        address=ray2, timeout=180, cwd=work)
+    fstats = json.loads((work / "flt" / "stats.json").read_text())
+    assert fstats["input_rows"] == 60 == fstats["output_rows"] + sum(fstats["dropped"].values())
+
+
+@pytest.fixture(scope="module")
+def trained(ray2, work) -> Path:
+    """The README's first command: 20 steps on the dev set, otherwise default flags."""
+    t0 = time.monotonic()
+    cli("train", "--data", str(DEV_SET), "--image-col", "image", "--text-col", "alt_text",
+        "--output", str(work / "run"), "--workers", "1", "--batch-size", "32", "--steps", "20",
+        address=ray2, timeout=300, cwd=work)
+    print(f"train: {time.monotonic() - t0:.0f} s")
+    return work / "run" / "model"
+
+
+def test_train_default_workers_fit_two_cpus(ray2, work):
+    """Default workers (2 x 1 CPU) plus the data tasks would need 4 CPUs: the run is sized to
+    the 2 the cluster has, instead of waiting for ever on its first batch."""
+    proc = cli("train", "--data", str(DEV_SET), "--image-col", "image", "--text-col", "alt_text",
+               "--output", str(work / "run2"), "--batch-size", "8", "--steps", "3",
+               address=ray2, timeout=300, cwd=work)
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["step"] == 3 and summary["global_batch"] == 16
+
+
+def test_eval(trained, work):
+    proc = subprocess.run(
+        [sys.executable, "-m", "align_ray.cli", "eval", "--model", str(trained), "--data",
+         str(DEV_SET), "--image-col", "image", "--text-col", "text", "--max-rows", "200"],
+        cwd=work, capture_output=True, text=True, timeout=180,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["image_to_text"]["R@10"] >= 0 and result["n"] == 200
+
+
+@pytest.fixture(scope="module")
+def index(ray2, trained, work) -> Path:
+    t0 = time.monotonic()
+    cli("index", "--model", str(trained), "--data", str(DEV_SET), "--image-col", "image",
+        "--text-col", "text", "--output", str(work / "index"), address=ray2, timeout=120, cwd=work)
+    print(f"index: {time.monotonic() - t0:.0f} s")
+    meta = json.loads((work / "index" / "index.json").read_text())
+    assert meta["count"] + meta["dropped"] == 1540
+    return work / "index"
+
+
+def test_index_and_serve_answer_every_endpoint(ray2, trained, index, work):
+    port = free_port()
+    cmd = [sys.executable, "-m", "align_ray.cli", "serve", "--model", str(trained), "--index",
+           str(index), "--port", str(port), "--ray-address", ray2]
+    proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        base = None
+        os.set_blocking(proc.stdout.fileno(), False)
+        while base is None:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                pytest.fail("serve did not come up in 120 s on a 2-CPU Ray:\n" + "".join(lines[-40:]))
+            line = proc.stdout.readline()
+            if not line:
+                time.sleep(0.2)
+                continue
+            lines.append(line)
+            if line.startswith("align-ray serve: http"):
+                base = line.split()[2].rstrip("/")
+        image = base64.b64encode(_first_image()).decode()
+        post = lambda path, body: requests.post(base + path, json=body, timeout=60)  # noqa: E731
+        assert requests.get(base + "/healthz", timeout=30).status_code == 200
+        r = post("/v1/embed/text", {"texts": ["a red apple"]})
+        assert r.status_code == 200 and len(r.json()["embeddings"][0]) > 0
+        r = post("/v1/embed/image", {"images": [image]})
+        assert r.status_code == 200, r.text
+        r = post("/v1/search", {"text": "a red apple", "k": 5})
+        assert r.status_code == 200 and len(r.json()["results"]) == 5, r.text
+        hit = r.json()["results"][0]["id"]
+        assert requests.get(f"{base}/v1/image/{hit}", timeout=30).status_code == 200
+        r = post("/v1/classify", {"image": image, "labels": ["apple", "car"]})
+        assert r.status_code == 200, r.text
+        assert requests.get(base + "/", timeout=30).status_code == 200
+        assert post("/v1/search", {"k": 5}).status_code == 422   # bad request: 4xx, not 5xx
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            assert proc.wait(60) == 0
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail("serve did not stop within 60 s of SIGINT")
+
+
+def _first_image() -> bytes:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(DEV_SET, columns=["image"]).column("image")[0].as_py()
