@@ -237,6 +237,7 @@ def main() -> None:
     ap.add_argument("--ar-set", nargs="*", default=[],
                     help="TrainConfig YAML lines for align-ray, e.g. 'grad_clip: 1.0'")
     ap.add_argument("--only", choices=["plain", "align_ray"])
+    ap.add_argument("--tag", default="", help="suffix of the results file name")
     ap.add_argument("--out", default="/tmp/quality-vs-plain")
     ap.add_argument("--results", default=str(REPO / "benchmarks/results"))
     args = ap.parse_args()
@@ -245,7 +246,7 @@ def main() -> None:
     result: dict = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                     "steps": args.steps, "batch": args.batch, "workers": args.workers,
                     "seeds": args.seeds, "plain_lr": args.lr, "plain_warmup": args.warmup,
-                    "ar_flags": args.ar_flags, "ar_set": args.ar_set,
+                    "ar_flags": args.ar_flags, "ar_set": args.ar_set, "tag": args.tag,
                     "cpus": os.cpu_count()}
     for side in ("plain", "align_ray"):
         if args.only and side != args.only:
@@ -258,7 +259,7 @@ def main() -> None:
             runs.append(r)
         result[side] = {"runs": runs, "median_x_chance": median_x(runs)}
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d-%H%M")
-    dest = Path(args.results) / f"quality-vs-plain-{stamp}.json"
+    dest = Path(args.results) / f"quality-vs-plain-{stamp}{'-' + args.tag if args.tag else ''}.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(result, indent=1))
     plot(result, dest.with_suffix(".png"))
