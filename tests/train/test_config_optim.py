@@ -17,6 +17,9 @@ from align_ray.train.optim import build_optimizer, lr_factor, param_groups
 def test_defaults_learn_and_yaml_presets(tmp_path):
     cfg = TrainConfig()
     assert cfg.model.temperature_init == 0.07 and cfg.model.image_size == 64  # short-run default
+    # a plain loop's short-run recipe (issue 13): AdamW 1e-3, short warm-up, no clip, no crop
+    assert (cfg.optimizer, cfg.lr, cfg.warmup_steps, cfg.grad_clip, cfg.crop_scale, cfg.hflip) == \
+        ("adamw", 1e-3, 30, 0.0, (1.0, 1.0), 0.5)
     y = tmp_path / "t.yaml"
     y.write_text("steps: '7'\nloss: siglip\nmodel: {preset: align, image_size: 96}\n")
     cfg = load(TrainConfig, str(y), data=["a.parquet"], batch_size=None)
