@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--lr", type=float, default=None, help="default: TrainConfig's")
     ap.add_argument("--optimizer", default="adamw", choices=["lamb", "adamw"])
     ap.add_argument("--temperature-init", type=float, default=0.07)
     ap.add_argument("--eval-every", type=int, default=100)
@@ -50,7 +50,8 @@ def main() -> None:
     cfg = TrainConfig(data=[args.data], image_col="image", text_col=args.text_col,
                       split_col="dev_split", val_match_col="concept", output=args.out,
                       workers=args.workers, batch_size=args.batch_size, steps=args.steps,
-                      lr=args.lr, optimizer=args.optimizer, warmup_steps=min(50, args.steps // 10), log_every=10,
+                      optimizer=args.optimizer, log_every=10,
+                      **({"lr": args.lr} if args.lr is not None else {}),
                       eval_every=args.eval_every, checkpoint_every=max(100, args.steps // 4),
                       model=ModelConfig.tiny(temperature_init=args.temperature_init))
     ensure_ray(cfg, "local")
@@ -68,7 +69,7 @@ def main() -> None:
     save_pretrained(fresh, tok, fresh.cfg, str(untrained_dir))
     ev = dict(data=[args.data], image_col="image", text_col=args.text_col, match_col="concept",
               classify_col="label", split_col="dev_split", split="val")
-    result = {"steps": args.steps, "optimizer": args.optimizer, "lr": args.lr, "global_batch": cfg.global_batch,
+    result = {"steps": args.steps, "optimizer": args.optimizer, "lr": cfg.lr, "global_batch": cfg.global_batch,
               "samples_seen": summary["samples_seen"], "train_wall_s": train_s,
               "final_loss": summary["final_loss"], "temperature": summary["temperature"],
               "trained": evaluate(EvalConfig(model=str(model_dir), **ev)),
