@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from align_ray.data.hashing import text_hash
-from align_ray.data.writer import DROPPED_FIELDS, SAMPLE_FIELDS
+from align_ray.layout import DROPPED_FIELDS, SAMPLE_FIELDS
 
 W = [f"w{i}" for i in range(20)]            # the common words (each seen >= 1500 times)
 S1 = " ".join(W[:10])                       # skew: one text on 3000 distinct images
