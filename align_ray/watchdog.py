@@ -140,7 +140,16 @@ def callback_class() -> type:
     use, so importing this module -- as the CLI does for :class:`StageStalled` -- stays cheap)."""
     from ray.data._internal.execution.execution_callback import ExecutionCallback
 
-    return type("StallWatchdogCallback", (StallWatchdog, ExecutionCallback), {})
+    return type("StallWatchdogCallback", (StallWatchdog, ExecutionCallback),
+                {"__module__": __name__})
+
+
+def __getattr__(name: str) -> Any:
+    # A DataContext holding the callback travels with a Dataset to other processes (Train's
+    # split coordinator); pickle finds the class there by this module attribute.
+    if name == "StallWatchdogCallback":
+        return callback_class()
+    raise AttributeError(name)
 
 
 class StallWatchdog:
