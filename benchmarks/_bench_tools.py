@@ -133,9 +133,17 @@ class Cluster:
             logging.getLogger(name).setLevel(logging.ERROR)
         self.temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths
         t = time.time()
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, self.processes),
-                 include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-                 _temp_dir=self.temp)
+        for attempt in (1, 2):  # a loaded box can time out a node's start once
+            try:
+                ray.init(address="local", num_cpus=max(os.cpu_count() or 1, self.processes),
+                         include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+                         _temp_dir=self.temp)
+                break
+            except Exception as e:  # noqa: BLE001 - retried once, then raised
+                ray.shutdown()
+                if attempt == 2:
+                    raise
+                print(f"  (ray.init failed, retrying: {e})", flush=True)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False

@@ -167,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
                 if not args.keep:
                     shutil.rmtree(out, ignore_errors=True)
+                if args.json:  # every finished run is kept, even if a later one fails
+                    write_json(args.json, {**summarize(args, argv, tools, results, workdir),
+                                           "partial": True})
     finally:
         cluster.down()
         web.stop()
@@ -174,14 +177,18 @@ def main(argv: list[str] | None = None) -> int:
     report = summarize(args, argv, tools, results, workdir)
     print_report(report)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+        write_json(args.json, report)
         print(f"\nresults written to {args.json}")
     if args.keep:
         print(f"work dir kept: {workdir}")
     else:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0 if all(r["ok"] >= 0.99 * r["rows"] and not r["disturbed_by"] for r in results) else 1
+
+
+def write_json(path: str, report: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=1, default=str))
 
 
 def fmt_failures(failures: dict) -> str:
