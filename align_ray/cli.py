@@ -15,6 +15,8 @@ from align_ray import cli_args
 from align_ray import config as config_lib
 
 RAY_ADDRESS_HELP = "Ray cluster to use (default: ray.init()'s own choice; 'local' starts one)"
+MODEL_HELP = ("our save_pretrained dir, a Hugging Face save_pretrained dir (ALIGN, CLIP, SigLIP) "
+              "or open_clip:ARCH[:CHECKPOINT]")
 
 
 def _stage_parser(sub: argparse._SubParsersAction, name: str, cls: type, summary: str,
@@ -96,7 +98,7 @@ def _parsers(sub: argparse._SubParsersAction) -> None:
                            "'a photo of a {}.', '{}')"})
     _stage_parser(sub, "index", IndexConfig, "embed a corpus into a search index (Ray Data batch "
                   "inference)", help={
-                      "model": "save_pretrained model directory",
+                      "model": MODEL_HELP,
                       "data": "data-stage output dir, or any parquet file/dir/glob with image "
                               "bytes + text columns (local or s3://)",
                       "output": "index directory to write",
@@ -107,7 +109,7 @@ def _parsers(sub: argparse._SubParsersAction) -> None:
     _stage_parser(sub, "serve", ServeConfig, "serve embedding, search and classification over "
                   "HTTP (Ray Serve)", "Nested sections (image_encoder, text_encoder, router, "
                   "limits) are YAML only.", help={
-                      "model": "save_pretrained model directory",
+                      "model": MODEL_HELP,
                       "index": "index directory from `align-ray index`"})
 
 
@@ -189,12 +191,14 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 def _run_index(args: argparse.Namespace) -> int:
     from align_ray import ray_env
+    from align_ray.model.pretrained import check_model_spec
     from align_ray.serve import index
     from align_ray.serve.config import IndexConfig
 
     try:
         cfg = _load(IndexConfig, args, "model", "data", "output")
         index.resolve_input(cfg)  # fail fast, before starting Ray
+        check_model_spec(cfg.model)
         ray_env.init(args.ray_address)
         manifest = index.build(cfg)
     except (ValueError, FileNotFoundError, FileExistsError) as e:

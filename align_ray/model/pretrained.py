@@ -186,3 +186,31 @@ class Embedder:
         bs = batch_size or self.batch_size
         out = [self.embed_pixels(self.preprocess(images[i : i + bs], start=i), bs) for i in range(0, len(images), bs)]
         return np.concatenate(out) if out else self._empty()
+
+
+def load_embedder(spec: str | os.PathLike, device: str = "cpu", batch_size: int = 64) -> Embedder:
+    """The one entry point of eval, index and serve: our own dir, a Hugging Face dir or an
+    ``open_clip:`` spec (see :mod:`align_ray.model.external`), each behind the Embedder API."""
+    from align_ray.model import external
+
+    spec = str(spec)
+    if external.model_kind(spec) == "ours":
+        return Embedder.load(spec, device=device, batch_size=batch_size)
+    return external.load_external(spec, device=device, batch_size=batch_size)
+
+
+def check_model_spec(spec: str | os.PathLike) -> int | None:
+    """Fail fast (before Ray starts) on a malformed ``--model``; returns the embedding dim where
+    known.  A library model is loaded once on CPU here: only loading shows weights that belong
+    to another architecture (transformers would random-init the missing ones silently)."""
+    from align_ray.model import external
+
+    spec = str(spec)
+    if external.model_kind(spec) != "ours":
+        return external.load_external(spec, device="cpu", batch_size=1).dim
+    if "://" in spec:
+        return None
+    meta = _read_meta(Path(spec))
+    if not (Path(spec) / WEIGHTS_NAME).is_file():
+        raise external.SpecError(f"{spec}: no {WEIGHTS_NAME} beside {CONFIG_NAME}")
+    return int(meta["model_config"]["embed_dim"])

@@ -7,7 +7,6 @@ any :class:`~align_ray.serve.config.ServeConfig` field).  ``align-ray serve`` ca
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -38,20 +37,18 @@ def _encoder_options(enc: EncoderConfig) -> dict[str, Any]:
 
 
 def check_paths(cfg: ServeConfig) -> None:
-    """Fail fast (before Ray starts) on a missing model or index directory."""
+    """Fail fast (before Ray starts) on a malformed model spec or a missing index directory,
+    and on an index whose embedding dim is not the model's."""
+    from align_ray.model.pretrained import check_model_spec
     from align_ray.serve.store import read_manifest
 
     if not cfg.model:
-        raise ValueError("model is required (a save_pretrained directory)")
-    if "://" not in cfg.model and not os.path.exists(os.path.join(cfg.model, "config.json")):
-        raise FileNotFoundError(f"{cfg.model}: not a saved model (no config.json)")
+        raise ValueError("model is required (our save_pretrained dir, an HF dir or open_clip:ARCH:CKPT)")
+    dim = check_model_spec(cfg.model)
     if cfg.index:
         meta = read_manifest(cfg.index)
-        model_cfg = os.path.join(cfg.model, "config.json")
-        if os.path.exists(model_cfg):
-            dim = json.load(open(model_cfg)).get("model_config", {}).get("embed_dim")
-            if dim is not None and int(dim) != int(meta["dim"]):
-                raise ValueError(f"index {cfg.index} has dim {meta['dim']}, model {cfg.model} has {dim}")
+        if dim is not None and int(dim) != int(meta["dim"]):
+            raise ValueError(f"index {cfg.index} has dim {meta['dim']}, model {cfg.model} has {dim}")
 
 
 def build_app(cfg: ServeConfig) -> Application:

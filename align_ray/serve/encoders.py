@@ -43,9 +43,9 @@ class _EncoderBase:
     kind = "?"
 
     def __init__(self, model_dir: str, device: str = "cpu", max_pixels: int = 25_000_000):
-        from align_ray.model.pretrained import Embedder
+        from align_ray.model.pretrained import load_embedder
 
-        self.embedder = Embedder.load(model_dir, device=device)
+        self.embedder = load_embedder(model_dir, device=device)
         self.max_pixels = max_pixels
         self.forward_batch_size = 64
         self.batches = 0

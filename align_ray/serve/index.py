@@ -55,12 +55,12 @@ class _EmbedBatch:
                  thumb_size: int, device: str, threads: int = 1):
         import torch
 
-        from align_ray.model.pretrained import Embedder
+        from align_ray.model.pretrained import load_embedder
 
         # as many intra-op threads as CPUs reserved for the actor: more would steal the cores
         # the other actors and the read/write tasks were promised
         torch.set_num_threads(max(1, threads))
-        self.embedder = Embedder.load(model_dir, device=device)
+        self.embedder = load_embedder(model_dir, device=device)
         self.image_col, self.text_col, self.extra = image_col, text_col, extra
         self.thumb_size = thumb_size
 

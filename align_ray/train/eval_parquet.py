@@ -1,4 +1,5 @@
-"""``align-ray eval``: a saved model (``save_pretrained`` dir) on a parquet of image bytes + captions.
+"""``align-ray eval``: a saved model (``save_pretrained`` dir, HF dir or ``open_clip:`` spec; see
+:func:`~align_ray.model.pretrained.load_embedder`) on a parquet of image bytes + captions.
 
 Streams the file(s) in record batches with pyarrow (local or ``s3://``; no Ray), embeds images and
 captions with :class:`~align_ray.model.pretrained.Embedder`, skips undecodable images (counted),
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow.dataset as pads
 
-from align_ray.model.pretrained import Embedder
+from align_ray.model.pretrained import Embedder, load_embedder
 from align_ray.train.evaluate import DEFAULT_TEMPLATES, retrieval_metrics, zero_shot_classify
 from align_ray.train.ingest import Selection, resolve_inputs
 
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 class EvalConfig:
     """``align-ray eval`` (flags, ``--config`` YAML) and the workflow's eval stage."""
 
-    model: str = ""                       # a save_pretrained dir (RUN_DIR/model)
+    model: str = ""                       # our RUN_DIR/model, an HF save_pretrained dir, open_clip:ARCH:CKPT
     data: list[str] = field(default_factory=list)  # stage output dir, parquet file/folder/glob
     image_col: str = "image"
     text_col: str = "text"
@@ -66,7 +67,7 @@ def _embed_images_skipping(embedder: Embedder, images: list) -> tuple[np.ndarray
 
 def evaluate(cfg: EvalConfig, embedder: Embedder | None = None,
              selection: Selection | None = None) -> dict[str, Any]:
-    embedder = embedder or Embedder.load(cfg.model, device=cfg.device, batch_size=cfg.batch_size)
+    embedder = embedder or load_embedder(cfg.model, device=cfg.device, batch_size=cfg.batch_size)
     if selection is None:
         selection = (Selection(cfg.split_col, cfg.split) if cfg.split_col else Selection())
     fs, files = resolve_inputs(cfg.data)

@@ -1,0 +1,261 @@
+"""Published dual encoders behind the :class:`~align_ray.model.pretrained.Embedder` interface.
+
+``--model`` in eval, index and serve names one of three kinds (:func:`model_kind`):
+
+* our own ``save_pretrained`` directory (``config.json`` with ``model_config``);
+* a Hugging Face ``save_pretrained`` directory of ``AlignModel``, ``CLIPModel`` or ``SiglipModel``
+  (the class comes from ``config.json``'s ``model_type``), with its processor saved beside it;
+* ``open_clip:ARCH[:CHECKPOINT]``: an open_clip architecture (a built-in name, ``hf-hub:``/
+  ``local-dir:`` names, or a path to a model-config ``.json``) and a checkpoint file.
+
+Each wrapper is thin, as open_clip's tower wrappers are: the library's model and the library's
+own preprocessing (the HF processor, open_clip's val transform and tokenizer), nothing of ours
+in between, so the embeddings are the library's feature functions, L2-normalised.  Everything
+downstream (index, Serve encoders, ``/v1/classify``, eval metrics) only sees the Embedder API.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from align_ray.model.pretrained import CONFIG_NAME, Embedder
+
+OPEN_CLIP_PREFIX = "open_clip:"
+# model_type -> transformers class name; SigLIP pools the last token, so it was trained on
+# text padded to a fixed length and must be fed that way ("max_length"), the others pool a
+# position that padding does not move
+HF_MODEL_TYPES = {"align": "AlignModel", "clip": "CLIPModel", "siglip": "SiglipModel"}
+_TEXT_PADDING = {"siglip": "max_length"}
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+class SpecError(ValueError):
+    """A malformed ``--model`` value (the CLI turns it into exit code 2)."""
+
+
+def model_kind(spec: str) -> str:
+    """``"ours"``, ``"hf"`` or ``"open_clip"`` (from the prefix or the dir's ``config.json``)."""
+    if spec.startswith(OPEN_CLIP_PREFIX):
+        return "open_clip"
+    if "://" in spec:  # s3:// dirs: only our own format is read from object storage
+        return "ours"
+    cfg = Path(spec) / CONFIG_NAME
+    if not cfg.is_file():
+        raise SpecError(f"{spec}: not a saved model (no {CONFIG_NAME}); expected our own "
+                        "save_pretrained dir, a Hugging Face save_pretrained dir of "
+                        f"{'/'.join(HF_MODEL_TYPES.values())}, or {OPEN_CLIP_PREFIX}ARCH[:CHECKPOINT]")
+    meta = json.loads(cfg.read_text())
+    if "model_config" in meta:
+        return "ours"
+    mtype = meta.get("model_type")
+    if mtype not in HF_MODEL_TYPES:
+        raise SpecError(f"{spec}: unknown model_type {mtype!r} in {CONFIG_NAME}; expected one of "
+                        f"{sorted(HF_MODEL_TYPES)} (or our own model_config)")
+    if not any((Path(spec) / w).is_file() for w in HF_WEIGHTS):
+        raise SpecError(f"{spec}: no weights file (expected one of {', '.join(HF_WEIGHTS)})")
+    return "hf"
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x.float(), dim=-1)
+
+
+def _features(out: Any) -> torch.Tensor:
+    # transformers 5 returns a model output whose pooler_output is the projected embedding
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+class HFDualEncoder(nn.Module):
+    """An HF ``AlignModel`` / ``CLIPModel`` / ``SiglipModel``: its ``get_*_features``, L2-normalised."""
+
+    def __init__(self, model: nn.Module, model_type: str):
+        super().__init__()
+        self.model, self.model_type = model, model_type
+        self._text_args = set(inspect.signature(model.get_text_features).parameters)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return _unit(_features(self.model.get_image_features(pixel_values=pixels)))
+
+    def encode_text(self, **tokens: torch.Tensor) -> torch.Tensor:
+        tokens = {k: v for k, v in tokens.items() if k in self._text_args}
+        return _unit(_features(self.model.get_text_features(**tokens)))
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        if self.model_type == "align":  # ALIGN divides by its learnt temperature
+            return self.model.temperature.detach()
+        return 1.0 / self.model.logit_scale.detach().exp()  # CLIP/SigLIP multiply by exp(scale)
+
+
+class OpenClipDualEncoder(nn.Module):
+    """An open_clip model: ``encode_image`` / ``encode_text`` with ``normalize=True``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels, normalize=True).float()
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(input_ids, normalize=True).float()
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return 1.0 / self.model.logit_scale.detach().exp()
+
+
+class ExternalEmbedder(Embedder):
+    """The Embedder API over a library model: ``tokenize(texts) -> dict of tensors`` and
+    ``image_transform(PIL) -> [3,H,W]`` are the library's own; decoding, batching and the
+    ``[N,3,S,S]`` pixel hand-off (Serve's image batching) are the Embedder's."""
+
+    def __init__(self, model: nn.Module, tokenize: Callable[[list[str]], dict],
+                 image_transform: Callable[[Image.Image], Any], device: str = "cpu",
+                 batch_size: int = 64, name: str = "") -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenize, self.image_transform = tokenize, image_transform
+        self.batch_size, self.name = int(batch_size), name
+        self.tokenizer = self.cfg = None  # no ModelConfig: the library owns these
+        probe = self.transform(Image.new("RGB", (32, 32)))
+        if probe.ndim != 3 or probe.shape[0] != 3 or probe.shape[1] != probe.shape[2]:
+            raise SpecError(f"{name}: image preprocessing gives {probe.shape}, expected [3,S,S]")
+        self._image_size = int(probe.shape[-1])
+        self._dim = int(self.embed_texts(["a"]).shape[1])
+        image_dim = int(self.embed_pixels(probe[None]).shape[1])
+        if image_dim != self._dim:  # no shared space: nothing downstream could compare them
+            raise SpecError(f"{name}: image embeddings have dim {image_dim}, text {self._dim}")
+
+    def transform(self, img: Image.Image) -> np.ndarray:
+        out = self.image_transform(img)
+        return np.asarray(out.numpy() if isinstance(out, torch.Tensor) else out, np.float32)
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def image_size(self) -> int:
+        return self._image_size
+
+    def embed_texts(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
+        texts = [t if isinstance(t, str) else "" for t in texts]
+        bs = batch_size or self.batch_size
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(texts), bs):
+                enc = {k: v.to(self.device) for k, v in self.tokenize(texts[i:i + bs]).items()}
+                out.append(self.model.encode_text(**enc).cpu().numpy())
+        return np.concatenate(out).astype(np.float32, copy=False) if out else self._empty()
+
+    def embed_pixels(self, pixels: np.ndarray | torch.Tensor, batch_size: int | None = None) -> np.ndarray:
+        bs = batch_size or self.batch_size
+        x = torch.as_tensor(pixels, dtype=torch.float32)
+        out = []
+        with torch.inference_mode():
+            for i in range(0, x.shape[0], bs):
+                out.append(self.model.encode_image(x[i:i + bs].to(self.device)).cpu().numpy())
+        return np.concatenate(out).astype(np.float32, copy=False) if out else self._empty()
+
+
+def _hf_loader(spec: str, model_type: str) -> tuple[nn.Module, Callable, Callable]:
+    import transformers
+
+    cls = getattr(transformers, HF_MODEL_TYPES[model_type])
+    try:
+        model, info = cls.from_pretrained(spec, output_loading_info=True)
+    except (OSError, RuntimeError) as e:  # unreadable weights, or shapes for another config
+        raise SpecError(f"{spec}: cannot load {cls.__name__}: {e}") from e
+    if info.get("missing_keys") or info.get("mismatched_keys"):
+        # transformers would random-init these silently: the weights are another architecture's
+        missing = sorted(info.get("missing_keys") or []) + sorted(info.get("mismatched_keys") or [])
+        raise SpecError(f"{spec}: weights do not fit {cls.__name__} from {CONFIG_NAME} "
+                        f"(missing or mismatched: {missing[:5]}...)")
+    try:
+        proc = transformers.AutoProcessor.from_pretrained(spec)
+    except (OSError, ValueError, TypeError) as e:
+        raise SpecError(f"{spec}: no usable processor saved with the model "
+                        f"(processor_config / tokenizer files): {e}") from e
+    tok, improc = proc.tokenizer, proc.image_processor
+    text_cfg = model.config.text_config
+    max_len = int(getattr(text_cfg, "max_position_embeddings", 0) or tok.model_max_length)
+    padding = _TEXT_PADDING.get(model_type, True)
+
+    def tokenize(texts: list[str]) -> dict:
+        return dict(tok(texts, padding=padding, truncation=True, max_length=max_len, return_tensors="pt"))
+
+    def image_transform(img: Image.Image):
+        return improc(images=[img], return_tensors="pt")["pixel_values"][0]
+
+    return HFDualEncoder(model, model_type), tokenize, image_transform
+
+
+def parse_open_clip(spec: str) -> tuple[str, str | None]:
+    """``open_clip:ARCH[:CHECKPOINT]`` -> (arch, checkpoint); ARCH may itself carry a schema
+    (``hf-hub:org/repo``, ``local-dir:/path``), which then names the weights too."""
+    rest = spec[len(OPEN_CLIP_PREFIX):]
+    for schema in ("hf-hub:", "local-dir:"):
+        if rest.startswith(schema):
+            return rest, None
+    arch, _, ckpt = rest.partition(":")
+    if not arch:
+        raise SpecError(f"{spec}: expected {OPEN_CLIP_PREFIX}ARCH[:CHECKPOINT]")
+    return arch, ckpt or None
+
+
+def _open_clip_arch(arch: str) -> str:
+    """The registered name of ``arch``; a ``.json`` model config is registered (in this process:
+    Ray actors call this too) under its file stem."""
+    import open_clip
+
+    if arch.startswith(("hf-hub:", "local-dir:")):
+        return arch
+    if arch.endswith(".json"):
+        if not os.path.isfile(arch):
+            raise SpecError(f"open_clip model config {arch} does not exist")
+        open_clip.add_model_config(arch)
+        return Path(arch).stem
+    if arch not in open_clip.list_models():
+        raise SpecError(f"unknown open_clip architecture {arch!r}: expected a name from "
+                        "open_clip.list_models(), hf-hub:ORG/REPO, local-dir:DIR or a model-config .json")
+    return arch
+
+
+def _open_clip_loader(spec: str) -> tuple[nn.Module, Callable, Callable]:
+    import open_clip
+
+    arch, ckpt = parse_open_clip(spec)
+    name = _open_clip_arch(arch)
+    if ckpt and not ckpt.startswith("hf-hub:") and not os.path.isfile(ckpt):
+        raise SpecError(f"{spec}: checkpoint file {ckpt} does not exist")
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=ckpt)
+    except (RuntimeError, AssertionError, KeyError) as e:
+        # load_state_dict(strict=True) and open_clip's resizing asserts: another architecture's weights
+        raise SpecError(f"{spec}: checkpoint does not fit open_clip architecture {name}: "
+                        f"{str(e)[:500]}") from e
+    tok = open_clip.get_tokenizer(name)
+    return OpenClipDualEncoder(model), (lambda texts: {"input_ids": tok(texts)}), preprocess
+
+
+def load_external(spec: str, device: str = "cpu", batch_size: int = 64) -> ExternalEmbedder:
+    """An :class:`ExternalEmbedder` for an HF dir or an ``open_clip:`` spec; SpecError if malformed."""
+    kind = model_kind(spec)
+    if kind == "open_clip":
+        model, tokenize, transform = _open_clip_loader(spec)
+    elif kind == "hf":
+        mtype = json.loads((Path(spec) / CONFIG_NAME).read_text())["model_type"]
+        model, tokenize, transform = _hf_loader(spec, mtype)
+    else:
+        raise SpecError(f"{spec}: our own model format, load it with Embedder.load")
+    return ExternalEmbedder(model, tokenize, transform, device=device, batch_size=batch_size, name=spec)

@@ -1,0 +1,127 @@
+"""Published dual encoders (HF ALIGN / CLIP / SigLIP dirs, ``open_clip:ARCH:CKPT``) behind the
+Embedder API: our embeddings are the library's own, ``align-ray eval`` scores exactly what the
+library's embeddings score, and malformed ``--model`` values exit 2 before any work."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from align_ray.cli import main
+from align_ray.model.external import ExternalEmbedder
+from align_ray.model.pretrained import check_model_spec, load_embedder
+from align_ray.model.transforms import decode_rgb
+from align_ray.train.evaluate import retrieval_metrics, zero_shot_classify
+from tests.model.external_models import SIZE, build_open_clip, captions, external_spec, png, reference
+
+N = 8
+LABELS = ["cat", "dog", "car", "tree"]
+
+
+@pytest.fixture(scope="module")
+def rows() -> dict:
+    return {"image": [png(i) for i in range(N)], "text": captions(N),
+            "label": [LABELS[i % len(LABELS)] for i in range(N)]}
+
+
+def test_embeddings_are_the_librarys_own(external_spec, rows):
+    emb = load_embedder(external_spec)
+    assert isinstance(emb, ExternalEmbedder) and emb.image_size == SIZE
+    ref_img, ref_txt = reference(external_spec, [decode_rgb(b) for b in rows["image"]], rows["text"])
+    img, txt = emb.embed_images(rows["image"], batch_size=3), emb.embed_texts(rows["text"], batch_size=3)
+    assert img.shape == ref_img.shape == txt.shape == ref_txt.shape == (N, emb.dim)
+    assert (img * ref_img).sum(1).min() >= 0.9999
+    assert (txt * ref_txt).sum(1).min() >= 0.9999
+    # Serve's path: preprocess in one place, the forward pass on the stacked pixels in another
+    pixels = emb.preprocess(rows["image"])
+    assert pixels.shape == (N, 3, SIZE, SIZE)
+    np.testing.assert_allclose(emb.embed_pixels(pixels), img, atol=1e-5)
+    assert 0 < float(emb.model.temperature) < 100
+    assert check_model_spec(external_spec) == emb.dim
+
+
+class _Ref:
+    """The library's own text embeddings, in the shape zero_shot_classify wants."""
+
+    def __init__(self, spec: str, image) -> None:
+        self.spec, self.image = spec, image
+
+    def embed_texts(self, texts):
+        return reference(self.spec, [self.image], list(texts))[1]
+
+
+def test_eval_cli_scores_the_librarys_embeddings(external_spec, rows, tmp_path, capsys):
+    path = tmp_path / "eval.parquet"
+    pq.write_table(pa.table(rows), path)
+    assert main(["eval", "--model", external_spec, "--data", str(path), "--classify-col", "label",
+                 "--batch-size", "3"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    pil = [decode_rgb(b) for b in rows["image"]]
+    ref_img, ref_txt = reference(external_spec, pil, rows["text"])
+    want = retrieval_metrics(ref_img, ref_txt)
+    assert got["n"] == N and got["image_to_text"] == want["image_to_text"]
+    assert got["text_to_image"] == want["text_to_image"]
+    assert got["zero_shot"] == zero_shot_classify(_Ref(external_spec, pil[0]), ref_img, rows["label"])
+
+
+@pytest.fixture(scope="module")
+def eval_parquet(rows, tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("eval") / "eval.parquet"
+    pq.write_table(pa.table(rows), path)
+    return str(path)
+
+
+def _exit_2(args: list[str], capsys, *expect: str) -> None:
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    for e in expect:
+        assert e in err, err
+
+
+@pytest.mark.parametrize("command", ["eval", "index", "serve"])
+def test_malformed_hf_dirs_exit_2(command, eval_parquet, tmp_path_factory, capsys):
+    from tests.model.external_models import build_clip, build_siglip
+
+    base = tmp_path_factory.mktemp("bad")
+    clip, siglip = build_clip(base / "clip"), build_siglip(base / "siglip")
+    extra = {"eval": ["--data", eval_parquet], "index": ["--data", eval_parquet, "--output",
+                                                         str(base / "idx")], "serve": []}[command]
+
+    unknown = shutil.copytree(clip, base / "unknown")
+    cfg = json.loads((unknown / "config.json").read_text())
+    (unknown / "config.json").write_text(json.dumps({**cfg, "model_type": "blip"}))
+    _exit_2([command, "--model", str(unknown), *extra], capsys, "unknown model_type 'blip'", "'clip'")
+
+    no_weights = shutil.copytree(clip, base / "no-weights")
+    (no_weights / "model.safetensors").unlink()
+    _exit_2([command, "--model", str(no_weights), *extra], capsys, "no weights file", "model.safetensors")
+
+    other = shutil.copytree(clip, base / "other-arch")
+    shutil.copy(base / "siglip" / "model.safetensors", other / "model.safetensors")
+    _exit_2([command, "--model", str(other), *extra], capsys, "CLIPModel")
+    assert siglip  # the donor of the wrong weights
+
+    _exit_2([command, "--model", str(base / "nothing-here"), *extra], capsys, "not a saved model")
+
+
+@pytest.mark.parametrize("command", ["eval", "index", "serve"])
+def test_malformed_open_clip_specs_exit_2(command, eval_parquet, tmp_path_factory, capsys):
+    base = tmp_path_factory.mktemp("bad-oc")
+    spec = build_open_clip(base / "oc")
+    _, cfg, ckpt = spec.split(":")
+    extra = {"eval": ["--data", eval_parquet], "index": ["--data", eval_parquet, "--output",
+                                                         str(base / "idx")], "serve": []}[command]
+    _exit_2([command, "--model", "open_clip:no-such-arch", *extra], capsys,
+            "unknown open_clip architecture 'no-such-arch'")
+    _exit_2([command, "--model", f"open_clip:{cfg}:{base / 'missing.pt'}", *extra], capsys,
+            "missing.pt does not exist")
+    wider = base / "tiny-clip-wider.json"
+    oc = json.loads(open(cfg).read())
+    wider.write_text(json.dumps({**oc, "text_cfg": {**oc["text_cfg"], "width": 48}}))
+    _exit_2([command, "--model", f"open_clip:{wider}:{ckpt}", *extra], capsys,
+            "checkpoint does not fit open_clip architecture tiny-clip-wider")
