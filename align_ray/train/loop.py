@@ -200,8 +200,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss = loss_fn(img.float(), txt.float(), temp.float())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                         if cfg.grad_clip > 0 else torch.zeros(()))
+            # max_norm=inf measures without clipping, so grad_norm is logged with clipping off too
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()

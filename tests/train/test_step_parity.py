@@ -11,6 +11,7 @@ transform, mis-scaled normalisation, optimizer group or schedule quirk in the lo
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -133,6 +134,8 @@ def test_train_step_matches_plain_pytorch(monkeypatch, tmp_path):
     finally:
         torch.set_num_threads(threads)
     np.testing.assert_allclose(seen["losses"], plain_losses, rtol=2e-4)
+    logged = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert len(logged) == STEPS and all(r["grad_norm"] > 0 for r in logged)  # measured, not clipped
     assert plain_losses[-1] != plain_losses[0]  # it trained
     got, want, init = seen["model"].state_dict(), plain.state_dict(), seen["init"]
     num = den = 0.0
