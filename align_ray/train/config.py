@@ -59,6 +59,10 @@ class TrainConfig:
     checkpoint_every: steps between checkpoints (a final one is always written).
     eval_every: steps between validation retrieval evals on rank 0 (0 = only the final eval).
     bf16: autocast to bfloat16 on GPU (ignored on CPU).
+    sync_bn: BatchNorm statistics over the global batch (SyncBatchNorm) instead of each worker's
+        slice, so 2 workers x B normalise like 1 x 2B.  None (auto) = on when ``use_gpu``, more
+        than one worker and the image tower has BatchNorm.  GPU only (torch's SyncBatchNorm has
+        no CPU kernel): ``sync_bn: true`` without ``use_gpu`` is an error.
     data_workers / data_cpus: Ray Data actors that decode, augment and tokenize, CPUs each.
     crop_scale / hflip: training augmentation (ALIGN: random resized crop + horizontal flip):
         the crop's area range ((1, 1), the default: no random crop, the centre square) and the
@@ -106,6 +110,7 @@ class TrainConfig:
     max_failures: int = 3
     seed: int = 0
     bf16: bool = True
+    sync_bn: bool | None = None
     data_workers: int = 2
     data_cpus: float = 1.0
     data_batch_size: int = 64
@@ -144,6 +149,8 @@ class TrainConfig:
             raise ValueError("warmup_steps/eval_every must be >= 0, max_failures >= -1")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError("val_fraction must be in [0, 1)")
+        if self.sync_bn and not self.use_gpu:
+            raise ValueError("sync_bn needs use_gpu (torch's SyncBatchNorm has no CPU kernel)")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError("label_smoothing must be in [0, 1)")
         self.model.loss = LOSSES[self.loss]

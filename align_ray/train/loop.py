@@ -92,6 +92,24 @@ def _gather_rng() -> list[dict]:
     return out
 
 
+def wants_sync_bn(model: torch.nn.Module, cfg: TrainConfig, world: int) -> bool:
+    """``cfg.sync_bn``, or (None = auto) a multi-worker GPU run whose model has BatchNorm."""
+    if cfg.sync_bn is not None:
+        return bool(cfg.sync_bn) and world > 1
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return bool(cfg.use_gpu and world > 1 and has_bn)
+
+
+def maybe_sync_bn(model: torch.nn.Module, cfg: TrainConfig, world: int) -> torch.nn.Module:
+    """BatchNorm -> SyncBatchNorm when :func:`wants_sync_bn` (timm's converter also handles its
+    fused BatchNorm+activation layers, which torch's would strip of their activation)."""
+    if not wants_sync_bn(model, cfg, world):
+        return model
+    from timm.layers import convert_sync_batchnorm
+
+    return convert_sync_batchnorm(model)
+
+
 class Normalize:
     """uint8 [B,3,S,S] from the data workers -> float32 normalised with the model's mean/std."""
 
@@ -141,7 +159,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
-    model = DualEncoder(cfg.model, config["vocab_size"])
+    model = maybe_sync_bn(DualEncoder(cfg.model, config["vocab_size"]), cfg, world)
     ddp = ray.train.torch.prepare_model(model)
     core = unwrap(ddp)
     optimizer = build_optimizer(core, cfg)

@@ -76,3 +76,25 @@ def test_resume_filter_skip_is_a_multiset():
                {"row_id": torch.tensor([2, 1, 3, 2]), "x": torch.tensor([21, 12, 31, 22])}]
     out = list(_without(iter(batches), np.array([1, 2, 1]), 1))
     assert [int(b["x"][0]) for b in out] == [30, 21, 12, 31, 22]  # 1 dropped twice, 2 once
+
+
+def test_sync_batchnorm_option():
+    from align_ray.train.loop import maybe_sync_bn, wants_sync_bn
+
+    model = DualEncoder(ModelConfig.tiny(embed_dim=16, vocab_size=100), 100)
+    auto_gpu = TrainConfig(use_gpu=True)
+    assert wants_sync_bn(model, auto_gpu, world=2)  # auto: GPU, >1 worker, BatchNorm
+    assert not wants_sync_bn(model, auto_gpu, world=1)
+    assert not wants_sync_bn(model, TrainConfig(), world=2)  # CPU: no SyncBatchNorm kernel
+    assert not wants_sync_bn(model, TrainConfig(use_gpu=True, sync_bn=False), world=2)
+    with pytest.raises(ValueError, match="sync_bn needs use_gpu"):
+        TrainConfig(sync_bn=True)
+    n_bn = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    acts = [type(m.act) for m in model.modules() if hasattr(m, "act") and
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    synced = maybe_sync_bn(model, auto_gpu, world=2)
+    sync = [m for m in synced.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
+    assert len(sync) == n_bn > 0
+    # timm's fused BatchNorm+activation layers keep their activation
+    assert [type(m.act) for m in sync if hasattr(m, "act")] == acts and acts
+    assert set(synced.state_dict()) == set(DualEncoder(model.cfg, 100).state_dict())
