@@ -28,6 +28,7 @@ from align_ray.data.fetcher import Fetcher
 from align_ray.data.hashing import sha256_hex, text_hash
 from align_ray.data.resizer import process_image
 from align_ray.data.writer import Layout, ShardResult, read_marker, write_marker, write_part
+from align_ray.layout import DROPPED_COLUMNS, SAMPLE_COLUMNS
 from align_ray import storage
 
 
@@ -147,10 +148,8 @@ def _decode(body: bytes, cfg: DataConfig):
     return process_image(body, cfg), sha256_hex(body)
 
 
-SAMPLE_KEYS = ["key", "url", "text", "jpg", "width", "height", "original_width",
-               "original_height", "format", "sha256", "phash", "text_hash", "final_url",
-               "num_bytes"]
-DROP_KEYS = ["key", "url", "text", "reason", "detail", "retryable"]
+SAMPLE_KEYS = SAMPLE_COLUMNS   # the stage contract's column order (align_ray/layout.py)
+DROP_KEYS = DROPPED_COLUMNS
 
 
 def _fill(cols: dict[str, list], names: list[str]) -> dict[str, list]:

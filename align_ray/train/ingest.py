@@ -180,6 +180,9 @@ class Preprocess:
         self.transform = (train_transform(image_size, *ident, scale=tuple(crop_scale), flip=hflip)
                           if train
                           else eval_transform(image_size, *ident))
+        # validation rows decode like the Embedder that serves the model (JPEG DCT draft at the
+        # model size), so train-time val metrics and served embeddings see the same pixels
+        self.draft = None if train else image_size
         self.bad_total = 0
 
     def _report_bad(self, ids: list[int]) -> None:
@@ -204,7 +207,8 @@ class Preprocess:
             try:
                 if data is None or len(data) == 0:
                     raise ValueError("empty image")
-                arr = self.transform(decode_rgb(bytes(data), max_pixels=self.max_pixels))
+                arr = self.transform(decode_rgb(bytes(data), max_pixels=self.max_pixels,
+                                                draft=self.draft))
             except ValueError:
                 bad.append(rid)
                 continue

@@ -83,6 +83,6 @@ def test_app_builder_builds_the_three_deployments(tmp_path):
 
 
 def test_index_config_checks():
-    assert IndexConfig(model="m", data="d", output="o").concurrency == 2
+    assert IndexConfig(model="m", data="d", output="o").concurrency is None   # sized to the cluster
     with pytest.raises(ValueError):
         IndexConfig(batch_size=0)

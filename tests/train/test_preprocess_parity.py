@@ -101,9 +101,6 @@ def test_norm_survives_save_and_load(saved):
     assert np.allclose(std.flatten().numpy() / 255, embedder.std)
 
 
-@pytest.mark.xfail(strict=True, reason="serving decodes JPEGs with a DCT draft at the model size "
-                   "(decode_rgb(draft=...)); ingest's validation rows decode in full. Needs "
-                   "Preprocess(train=False) to decode with draft=image_size.")
 def test_large_jpeg_train_validation_equals_embedder(saved):
     cfg, tok, embedder = saved
     data = _encode(Image.fromarray(_gradient(4 * SIZE, 3 * SIZE)), "JPEG", quality=90)
