@@ -221,6 +221,26 @@ def plot(result: dict, png: Path) -> None:
     fig.savefig(png, dpi=100)
 
 
+def merge(args) -> None:
+    parts = [json.loads(Path(f).read_text()) for f in args.merge]
+    keys = ("steps", "batch", "workers")
+    if len({tuple(p[k] for k in keys) for p in parts}) != 1:
+        raise SystemExit(f"results differ in {keys}; not one setting")
+    result = {**{k: parts[0][k] for k in keys}, "merged_from": [Path(f).name for f in args.merge],
+              **{k: [p.get(k) for p in parts] for k in ("date", "ar_set", "seeds")}}
+    for side in ("plain", "align_ray"):
+        runs = [r for p in parts for r in p.get(side, {}).get("runs", [])]
+        if runs:
+            result[side] = {"runs": runs, "median_x_chance": median_x(runs)}
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d-%H%M")
+    dest = Path(args.results) / f"quality-vs-plain-{stamp}{'-' + args.tag if args.tag else ''}.json"
+    dest.write_text(json.dumps(result, indent=1))
+    plot(result, dest.with_suffix(".png"))
+    print(json.dumps({k: v["median_x_chance"] for k, v in result.items()
+                      if isinstance(v, dict) and "median_x_chance" in v}, indent=1))
+    print("wrote", dest)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=str(DEV))
@@ -240,7 +260,12 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="suffix of the results file name")
     ap.add_argument("--out", default="/tmp/quality-vs-plain")
     ap.add_argument("--results", default=str(REPO / "benchmarks/results"))
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="combine results files of one setting (e.g. sides run in parallel) into "
+                         "one file + one PNG, nothing trained")
     args = ap.parse_args()
+    if args.merge:
+        return merge(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result: dict = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
