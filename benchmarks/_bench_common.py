@@ -86,7 +86,7 @@ class WebServer:
         self.proc: subprocess.Popen | None = None
         self.base_url = ""
 
-    def start(self, timeout: float = 180.0) -> "WebServer":
+    def start(self, timeout: float = 900.0) -> "WebServer":
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, cwd=REPO)
         lines: list[str] = []
