@@ -178,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {rnd} {variant:<12} rc {res['rc']} wall {res['wall_s']:6.2f}s  "
                       + "  ".join(f"{k} {v:.2f}" for k, v in res["phases_s"].items())
                       + f"  cpu {res['cpu_s_total']:.1f}s  load {load:.1f}", flush=True)
+                if args.json:  # every finished run is kept, even if a later one fails
+                    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                    Path(args.json).write_text(json.dumps(
+                        {"partial": True, "command": " ".join(argv), "rows": args.rows,
+                         "runs": runs}, indent=1))
     finally:
         web.stop()
     medians = {}
