@@ -42,6 +42,22 @@ class SpecError(ValueError):
     """A malformed ``--model`` value (the CLI turns it into exit code 2)."""
 
 
+def resolve_spec(spec: str) -> str:
+    """``spec`` with its local paths absolute (Ray actors may run elsewhere than the CLI's cwd).
+
+    Also undoes a plain ``os.path.abspath`` of an ``open_clip:`` spec (``/cwd/open_clip:...``),
+    which the index and Serve builders apply to ``--model`` as if it were always a directory."""
+    i = spec.find("/" + OPEN_CLIP_PREFIX)
+    if i >= 0 and os.path.abspath(spec[:i] + "/x") == spec[:i] + "/x":
+        spec = spec[i + 1:]
+    if spec.startswith(OPEN_CLIP_PREFIX):
+        arch, ckpt = parse_open_clip(spec)
+        arch = os.path.abspath(arch) if arch.endswith(".json") else arch
+        ckpt = os.path.abspath(ckpt) if ckpt and not ckpt.startswith("hf-hub:") else ckpt
+        return OPEN_CLIP_PREFIX + arch + (f":{ckpt}" if ckpt else "")
+    return spec if "://" in spec else os.path.abspath(spec)
+
+
 def model_kind(spec: str) -> str:
     """``"ours"``, ``"hf"`` or ``"open_clip"`` (from the prefix or the dir's ``config.json``)."""
     if spec.startswith(OPEN_CLIP_PREFIX):
@@ -250,6 +266,7 @@ def _open_clip_loader(spec: str) -> tuple[nn.Module, Callable, Callable]:
 
 def load_external(spec: str, device: str = "cpu", batch_size: int = 64) -> ExternalEmbedder:
     """An :class:`ExternalEmbedder` for an HF dir or an ``open_clip:`` spec; SpecError if malformed."""
+    spec = resolve_spec(spec)
     kind = model_kind(spec)
     if kind == "open_clip":
         model, tokenize, transform = _open_clip_loader(spec)

@@ -193,7 +193,7 @@ def load_embedder(spec: str | os.PathLike, device: str = "cpu", batch_size: int 
     ``open_clip:`` spec (see :mod:`align_ray.model.external`), each behind the Embedder API."""
     from align_ray.model import external
 
-    spec = str(spec)
+    spec = external.resolve_spec(str(spec))
     if external.model_kind(spec) == "ours":
         return Embedder.load(spec, device=device, batch_size=batch_size)
     return external.load_external(spec, device=device, batch_size=batch_size)
@@ -205,7 +205,7 @@ def check_model_spec(spec: str | os.PathLike) -> int | None:
     to another architecture (transformers would random-init the missing ones silently)."""
     from align_ray.model import external
 
-    spec = str(spec)
+    spec = external.resolve_spec(str(spec))
     if external.model_kind(spec) != "ours":
         return external.load_external(spec, device="cpu", batch_size=1).dim
     if "://" in spec:

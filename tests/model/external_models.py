@@ -76,7 +76,8 @@ def build_align(out: Path) -> str:
         vision_config=dict(image_size=SIZE, kernel_sizes=[3, 3], in_channels=[32, 16], out_channels=[16, 64],
                            strides=[1, 2], num_block_repeats=[1, 1], expand_ratios=[1, 6], hidden_dim=64,
                            width_coefficient=1.0, depth_coefficient=1.0),
-        projection_dim=64)  # ALIGN has no image projection: the last block's channels are the dim
+        projection_dim=64,  # ALIGN has no image projection: the last block's channels are the dim
+        temperature_init_value=0.5)  # not 1.0, so that T and 1/T differ
     torch.manual_seed(0)
     model = AlignModel(cfg).eval()
     with torch.no_grad():
@@ -131,7 +132,11 @@ def build_siglip(out: Path) -> str:
         vision_config=dict(image_size=SIZE, patch_size=8, hidden_size=32, num_hidden_layers=2,
                            num_attention_heads=2, intermediate_size=37))
     torch.manual_seed(0)
-    SiglipModel(cfg).eval().save_pretrained(out)
+    model = SiglipModel(cfg).eval()
+    with torch.no_grad():  # SigLIP's published init (scale log 10, bias -10), not a 0 that hides errors
+        model.logit_scale.fill_(np.log(10.0))
+        model.logit_bias.fill_(-10.0)
+    model.save_pretrained(out)
     SiglipProcessor(image_processor=SiglipImageProcessor(size={"height": SIZE, "width": SIZE}),
                     tokenizer=tok).save_pretrained(out)
     return str(out)
@@ -200,3 +205,32 @@ def external_spec(request, tmp_path_factory) -> str:
     if kind not in _BUILT:
         _BUILT[kind] = BUILDERS[kind](tmp_path_factory.mktemp(f"ext-{kind}") / kind)
     return _BUILT[kind]
+
+
+def library_logits(spec: str, images: list[Image.Image], texts: list[str]) -> tuple[np.ndarray, np.ndarray, float]:
+    """(image-text logits [I,T], cosines [I,T], bias) from the library's own forward pass: what
+    ``/v1/classify``'s temperature must reproduce (logits = cosine / temperature + bias)."""
+    with torch.no_grad():
+        if spec.startswith("open_clip:"):
+            import open_clip
+
+            _, cfg, ckpt = spec.split(":")
+            open_clip.add_model_config(cfg)
+            model, _, pre = open_clip.create_model_and_transforms(Path(cfg).stem, pretrained=ckpt)
+            img, txt, scale = model(torch.stack([pre(i) for i in images]),
+                                    open_clip.get_tokenizer(Path(cfg).stem)(texts))[:3]
+            cos = (img @ txt.T).numpy()
+            return cos * float(scale), cos, 0.0
+        from transformers import AutoModel, AutoProcessor
+
+        model, proc = AutoModel.from_pretrained(spec).eval(), AutoProcessor.from_pretrained(spec)
+        siglip = model.config.model_type == "siglip"
+        enc = proc.tokenizer(texts, padding="max_length" if siglip else True, truncation=True,
+                             max_length=16, return_tensors="pt")
+        if model.config.model_type != "align":
+            enc.pop("token_type_ids", None)
+        pix = proc.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        out = model(pixel_values=pix, **enc)
+        cos = (out.image_embeds @ out.text_embeds.T).numpy()
+        bias = float(model.logit_bias) if siglip else 0.0
+        return out.logits_per_image.numpy(), cos, bias

@@ -17,7 +17,8 @@ from align_ray.model.external import ExternalEmbedder
 from align_ray.model.pretrained import check_model_spec, load_embedder
 from align_ray.model.transforms import decode_rgb
 from align_ray.train.evaluate import retrieval_metrics, zero_shot_classify
-from tests.model.external_models import SIZE, build_open_clip, captions, external_spec, png, reference
+from tests.model.external_models import (SIZE, build_open_clip, captions, external_spec,  # noqa: F401
+                                         library_logits, png, reference)
 
 N = 8
 LABELS = ["cat", "dog", "car", "tree"]
@@ -41,8 +42,16 @@ def test_embeddings_are_the_librarys_own(external_spec, rows):
     pixels = emb.preprocess(rows["image"])
     assert pixels.shape == (N, 3, SIZE, SIZE)
     np.testing.assert_allclose(emb.embed_pixels(pixels), img, atol=1e-5)
-    assert 0 < float(emb.model.temperature) < 100
     assert check_model_spec(external_spec) == emb.dim
+
+
+def test_temperature_reproduces_the_librarys_logits(external_spec, rows):
+    """/v1/classify scores cosine / temperature: the library's own logits, less SigLIP's bias
+    (a softmax over labels does not see a constant bias)."""
+    logits, cos, bias = library_logits(external_spec, [decode_rgb(b) for b in rows["image"][:3]],
+                                       rows["text"][:4])
+    temperature = float(load_embedder(external_spec).model.temperature)
+    np.testing.assert_allclose(cos / temperature, logits - bias, rtol=1e-4, atol=1e-4)
 
 
 class _Ref:
