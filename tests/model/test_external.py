@@ -134,3 +134,22 @@ def test_malformed_open_clip_specs_exit_2(command, eval_parquet, tmp_path_factor
     wider.write_text(json.dumps({**oc, "text_cfg": {**oc["text_cfg"], "width": 48}}))
     _exit_2([command, "--model", f"open_clip:{wider}:{ckpt}", *extra], capsys,
             "checkpoint does not fit open_clip architecture tiny-clip-wider")
+
+
+def test_resolve_spec_survives_the_builders_abspath(tmp_path, monkeypatch):
+    """index.build and Serve's build_app os.path.abspath --model as if it were a directory; the
+    open_clip: spec must come out whole, with absolute paths (actors may have another cwd)."""
+    import os
+
+    from align_ray.model.external import resolve_spec
+
+    monkeypatch.chdir(tmp_path)
+    cwd = os.getcwd()
+    spec = "open_clip:cfg/tiny.json:ckpt/tiny.pt"
+    want = f"open_clip:{cwd}/cfg/tiny.json:{cwd}/ckpt/tiny.pt"
+    assert resolve_spec(spec) == want
+    assert resolve_spec(os.path.abspath(spec)) == want
+    assert resolve_spec(os.path.abspath("open_clip:hf-hub:org/repo")) == "open_clip:hf-hub:org/repo"
+    assert resolve_spec("open_clip:ViT-B-32") == "open_clip:ViT-B-32"
+    assert resolve_spec("runs/model") == f"{cwd}/runs/model"
+    assert resolve_spec("s3://bucket/model") == "s3://bucket/model"
