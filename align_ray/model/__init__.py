@@ -1,14 +1,31 @@
-"""The ALIGN dual encoder: config, transforms, tokenizer, model, save/load + Embedder, losses."""
+"""The ALIGN dual encoder: config, transforms, tokenizer, model, save/load + Embedder, losses.
 
-from align_ray.model.config import ModelConfig
-from align_ray.model.dual_encoder import DualEncoder, image_norm, unwrap
-from align_ray.model.loss import ClipLoss, SigLipLoss, all_gather_with_grad, build_loss
-from align_ray.model.pretrained import Embedder, load_pretrained, save_pretrained
-from align_ray.model.tokenizer import build_tokenizer, load_tokenizer, tokenize, train_wordpiece
-from align_ray.model.transforms import MEAN, STD, decode_rgb, eval_transform, train_transform
+Names resolve lazily (PEP 562): importing a submodule such as ``align_ray.model.config`` -- which
+every CLI subcommand's parser does through the stage configs -- must not import torch, timm and
+transformers, a fixed cost ``align-ray data`` would otherwise pay on every run.
+"""
 
-__all__ = [
-    "MEAN", "STD", "ClipLoss", "DualEncoder", "SigLipLoss", "all_gather_with_grad", "build_loss", "Embedder", "ModelConfig", "build_tokenizer", "decode_rgb",
-    "eval_transform", "image_norm", "load_pretrained", "load_tokenizer", "save_pretrained", "tokenize",
-    "train_transform", "train_wordpiece", "unwrap",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "ModelConfig": "config",
+    "DualEncoder": "dual_encoder", "unwrap": "dual_encoder",
+    "ClipLoss": "loss", "SigLipLoss": "loss", "all_gather_with_grad": "loss", "build_loss": "loss",
+    "Embedder": "pretrained", "load_pretrained": "pretrained", "save_pretrained": "pretrained",
+    "build_tokenizer": "tokenizer", "load_tokenizer": "tokenizer", "tokenize": "tokenizer",
+    "train_wordpiece": "tokenizer",
+    "MEAN": "transforms", "STD": "transforms", "decode_rgb": "transforms",
+    "eval_transform": "transforms", "image_norm": "transforms", "train_transform": "transforms",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.dataset as pads
 
-from align_ray.model.pretrained import Embedder, load_embedder
 from align_ray.train.evaluate import DEFAULT_TEMPLATES, retrieval_metrics, zero_shot_classify
-from align_ray.train.ingest import Selection, resolve_inputs
+
+if TYPE_CHECKING:  # EvalConfig is imported by every CLI parser: no torch/Ray at import time
+    from align_ray.model.pretrained import Embedder
+    from align_ray.train.ingest import Selection
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,9 @@ def _embed_images_skipping(embedder: Embedder, images: list) -> tuple[np.ndarray
 
 def evaluate(cfg: EvalConfig, embedder: Embedder | None = None,
              selection: Selection | None = None) -> dict[str, Any]:
+    from align_ray.model.pretrained import load_embedder
+    from align_ray.train.ingest import Selection, resolve_inputs
+
     embedder = embedder or load_embedder(cfg.model, device=cfg.device, batch_size=cfg.batch_size)
     if selection is None:
         selection = (Selection(cfg.split_col, cfg.split) if cfg.split_col else Selection())
