@@ -117,21 +117,27 @@ def _fixed_list(x: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
 
 
-def pool_size(cfg: IndexConfig, resources: dict[str, float] | None = None) -> int:
-    """Most encoder actors: ``cfg.concurrency``, else what the cluster holds with one CPU left
-    over for the read / repartition / write tasks (GPU actors: one per ``num_gpus`` share).
-    ``resources`` defaults to ``ray.cluster_resources()``; at least 1."""
+def pool_size(cfg: IndexConfig, resources: dict[str, float] | None = None) -> tuple[int, float]:
+    """(most encoder actors, CPUs per actor).  ``cfg.concurrency`` actors of ``cfg.num_cpus`` when
+    set; else as many as the cluster's *free* resources hold with one CPU left over for the read /
+    repartition / write tasks that feed them, shrinking a lone actor to a fractional CPU when
+    even one whole actor would not leave that room (e.g. next to a running Serve app).  GPU
+    actors: one per ``num_gpus`` share.  ``resources`` defaults to ``ray.available_resources()``;
+    a cluster with nothing free (still scaling up) gets one actor as configured."""
     if cfg.concurrency:
-        return cfg.concurrency
+        return cfg.concurrency, cfg.num_cpus
     if resources is None:
         import ray
 
-        resources = ray.cluster_resources()
-    cpus = float(resources.get("CPU", 0))
-    fits = [math.floor((cpus - 1) / cfg.num_cpus + 1e-9)] if cfg.num_cpus > 0 else []
+        resources = ray.available_resources()
+    free = float(resources.get("CPU", 0))
+    cpus, room = cfg.num_cpus, free - 1
+    if cpus > 0 and free > 0 and room < cpus:
+        cpus = round(room if room > 0 else free / 2, 3)
+    fits = [math.floor(room / cpus + 1e-9)] if cpus > 0 and room > 0 else []
     if cfg.num_gpus > 0:
         fits.append(math.floor(float(resources.get("GPU", 0)) / cfg.num_gpus + 1e-9))
-    return max(1, min(fits) if fits else 1)
+    return max(1, min(fits) if fits else 1), cpus
 
 
 def build(cfg: IndexConfig) -> dict[str, Any]:
@@ -159,7 +165,7 @@ def build(cfg: IndexConfig) -> dict[str, Any]:
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True   # ids follow corpus order
     watchdog.install("index", cfg.stall_timeout_s)
-    actors = pool_size(cfg)
+    actors, actor_cpus = pool_size(cfg)
     ds = ray.data.read_parquet(files, filesystem=fs, columns=[image_col, cfg.text_col, *extra])
     if len(files) < 2 * actors:   # few files: cut them into batch-sized blocks, so
         ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)  # every actor gets work
@@ -171,12 +177,12 @@ def build(cfg: IndexConfig) -> dict[str, Any]:
     ds = ds.map_batches(
         _EmbedBatch, batch_format="pyarrow", batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
-        num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+        num_cpus=actor_cpus, num_gpus=cfg.num_gpus,
         fn_constructor_kwargs=dict(model_dir=model, image_col=image_col,
                                    text_col=cfg.text_col, extra=extra,
                                    thumb_size=cfg.thumb_size if cfg.thumbnails else 0,
                                    device="cuda" if cfg.num_gpus > 0 else "cpu",
-                                   threads=max(1, math.ceil(cfg.num_cpus))))
+                                   threads=max(1, math.ceil(actor_cpus))))
     ds.write_parquet(shards, filesystem=out_fs)
     try:
         manifest = assemble(stage, shards, model=model, source=cfg.data, rows_in=rows_in,

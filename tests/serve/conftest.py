@@ -130,11 +130,13 @@ def serve_app(ray_cluster, tiny_model, index_dir):
     from align_ray.serve import app
     from align_ray.serve.config import ServeConfig
 
-    enc = dict(min_replicas=1, max_replicas=1, num_cpus=0.5, max_batch_size=8,
+    # 0.1 CPU per replica: the app lives for the whole session on a Ray with the machine's real
+    # CPU count (2 in CI), and the in-session index builds still need whole CPUs for their tasks
+    enc = dict(min_replicas=1, max_replicas=1, num_cpus=0.1, max_batch_size=8,
                batch_wait_timeout_s=0.01, max_ongoing_requests=16, target_ongoing_requests=4)
     cfg = ServeConfig.from_dict(dict(model=tiny_model, index=index_dir, port=free_port(),
                                      image_encoder=enc, text_encoder=enc, limits=TEST_LIMITS,
-                                     app_name="align-test"))
+                                     router={"num_cpus": 0.1}, app_name="align-test"))
     url = app.start(cfg)
     try:
         yield AlignClient(url, timeout=60), cfg

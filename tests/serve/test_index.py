@@ -154,17 +154,19 @@ def test_cli_index_errors_exit_2_before_ray(tmp_path, capsys):
     assert "not a saved model" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("resources, cfg, expect", [
-    ({"CPU": 2}, {}, 1),                      # one CPU left for the reads/writes feeding the pool
-    ({"CPU": 1}, {}, 1),                      # never 0
-    ({"CPU": 8}, {}, 7),
-    ({"CPU": 8}, {"num_cpus": 2}, 3),
-    ({"CPU": 8}, {"concurrency": 5}, 5),      # an explicit size wins
-    ({"CPU": 16, "GPU": 2}, {"num_gpus": 1, "num_cpus": 1}, 2),
-    ({"CPU": 16, "GPU": 1}, {"num_gpus": 0.25, "num_cpus": 1}, 4),
+@pytest.mark.parametrize("free, cfg, expect", [
+    ({"CPU": 2}, {}, (1, 1.0)),                  # one CPU left for the reads/writes feeding the pool
+    ({"CPU": 1.7}, {}, (1, 0.7)),                # next to a Serve app: a fractional actor
+    ({"CPU": 1}, {}, (1, 0.5)),
+    ({"CPU": 0}, {}, (1, 1.0)),                  # nothing free yet (autoscaling): as configured
+    ({"CPU": 8}, {}, (7, 1.0)),
+    ({"CPU": 8}, {"num_cpus": 2}, (3, 2.0)),
+    ({"CPU": 8}, {"concurrency": 5}, (5, 1.0)),  # an explicit size wins
+    ({"CPU": 16, "GPU": 2}, {"num_gpus": 1, "num_cpus": 1}, (2, 1.0)),
+    ({"CPU": 16, "GPU": 1}, {"num_gpus": 0.25, "num_cpus": 1}, (4, 1.0)),
 ])
-def test_pool_size_leaves_room_for_the_tasks_that_feed_it(resources, cfg, expect):
+def test_pool_size_leaves_room_for_the_tasks_that_feed_it(free, cfg, expect):
     from align_ray.serve.config import IndexConfig
     from align_ray.serve.index import pool_size
 
-    assert pool_size(IndexConfig(model="m", data="d", output="o", **cfg), resources) == expect
+    assert pool_size(IndexConfig(model="m", data="d", output="o", **cfg), free) == expect
