@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 import uuid
@@ -39,20 +40,22 @@ def cpus_needed(cfg: TrainConfig) -> float:
 
 
 def fit_to_cluster(cfg: TrainConfig, cluster_cpus: float | None = None) -> TrainConfig:
-    """Shrink ``cpus_per_worker`` and ``data_cpus`` in proportion when the cluster has fewer
+    """Shrink ``cpus_per_worker`` and ``data_cpus`` in proportion when the cluster has fewer free
     CPUs than :func:`cpus_needed` (e.g. the defaults on a 2-core machine).
 
     Train's workers hold their CPUs for the whole run; a data task that cannot get a CPU then
     never runs and training waits for ever on its first batch.  Fractional CPUs keep every
-    process schedulable.  A cluster reporting 0 CPUs (an autoscaling head with no workers yet)
+    process schedulable.  A cluster with 0 free CPUs (an autoscaling head with no workers yet)
     is left alone: its nodes are still to come.  Returns ``cfg`` (changed in place)."""
-    if cluster_cpus is None:
-        cluster_cpus = float(ray.cluster_resources().get("CPU", 0))
+    if cluster_cpus is None:  # free CPUs: a Serve app or another job may hold part of them
+        cluster_cpus = float(ray.available_resources().get("CPU", 0))
     need = cpus_needed(cfg)
     if cluster_cpus <= 0 or need <= cluster_cpus + 1e-9:
         return cfg
     scale = cluster_cpus / need
-    cpw, dcpu = cfg.cpus_per_worker * scale, cfg.data_cpus * scale
+    # rounded down to 1/1000 CPU: Ray's fixed-point accounting must not round the sum up past
+    # what is free
+    cpw, dcpu = (math.floor(v * scale * 1000) / 1000 for v in (cfg.cpus_per_worker, cfg.data_cpus))
     log.warning("train: %g workers x %g CPU + %d data tasks x %g CPU do not fit the cluster's "
                 "%g CPUs; using %.3g CPU per worker and %.3g per data task",
                 cfg.workers, cfg.cpus_per_worker, cfg.data_workers, cfg.data_cpus,

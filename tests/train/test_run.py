@@ -12,7 +12,7 @@ def test_defaults_shrink_to_fit_two_cpus():
     cfg = TrainConfig(data=["d"], output="o")
     assert cpus_needed(cfg) > 2                       # 2 workers x 1 + 2 data tasks x 1
     fit_to_cluster(cfg, cluster_cpus=2)
-    assert cpus_needed(cfg) == pytest.approx(2)
+    assert 1.99 <= cpus_needed(cfg) <= 2
     assert cfg.cpus_per_worker == pytest.approx(cfg.data_cpus)   # shrunk in proportion
     assert cfg.workers == 2 and cfg.global_batch == 2 * cfg.batch_size   # the objective is kept
 
