@@ -55,13 +55,14 @@ DEV_SET = SHARED / "data" / "emoji_noto_dev.parquet"
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One real local Ray cluster for the whole session, with the machine's real CPU count:
-    extra logical CPUs once hid a resource deadlock that every 2-core user hit."""
+    """One real local Ray cluster for the whole session.  It has 4 logical CPUs because a Serve
+    app lives for the whole session next to in-session Train fits; 2-CPU behaviour, as users
+    run it, is tested by tests/test_cli_stages.py on a ``ray start --num-cpus=2`` head."""
     import ray
     import ray.data
 
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    ray.init(address="local", include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              logging_level="WARNING", _temp_dir=temp)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
