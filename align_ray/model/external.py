@@ -174,14 +174,6 @@ class ExternalEmbedder(Embedder):
                 out.append(self.model.encode_text(**enc).cpu().numpy())
         return np.concatenate(out).astype(np.float32, copy=False) if out else self._empty()
 
-    def embed_pixels(self, pixels: np.ndarray | torch.Tensor, batch_size: int | None = None) -> np.ndarray:
-        bs = batch_size or self.batch_size
-        x = torch.as_tensor(pixels, dtype=torch.float32)
-        out = []
-        with torch.inference_mode():
-            for i in range(0, x.shape[0], bs):
-                out.append(self.model.encode_image(x[i:i + bs].to(self.device)).cpu().numpy())
-        return np.concatenate(out).astype(np.float32, copy=False) if out else self._empty()
 
 
 def _hf_loader(spec: str, model_type: str) -> tuple[nn.Module, Callable, Callable]:
