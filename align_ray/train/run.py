@@ -25,7 +25,7 @@ from ray.train.torch import TorchTrainer
 from align_ray import storage
 from align_ray.model import DualEncoder, save_pretrained
 from align_ray.train import checkpoint as ckpt_lib
-from align_ray.train import ingest
+from align_ray.train import ingest, resilience
 from align_ray.train.config import TrainConfig
 from align_ray.train.eval_parquet import EvalConfig, evaluate
 from align_ray.train.loop import train_loop_per_worker
@@ -93,6 +93,10 @@ def posixpath_name(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1]
 
 
+def worker_resources(cfg: TrainConfig) -> dict[str, float]:
+    return {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+
+
 def build_trainer(cfg: TrainConfig, datasets: dict, vocab_size: int,
                   step_hook: Callable[[int, int], None] | None = None) -> TorchTrainer:
     uri = cfg.resolved_storage()
@@ -102,16 +106,16 @@ def build_trainer(cfg: TrainConfig, datasets: dict, vocab_size: int,
         fs_kwargs = {"storage_path": path, "storage_filesystem": fs}
     else:
         fs_kwargs = {"storage_path": uri}
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "vocab_size": vocab_size, "has_val": "val" in datasets,
                            "step_hook": step_hook},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=worker_resources(cfg)),
         run_config=ray.train.RunConfig(
             name=cfg.name,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            # bounded wait for a worker group (never a silent hang after losing nodes)
+            failure_config=resilience.failure_config(cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             **fs_kwargs),
         datasets=datasets,
@@ -136,7 +140,9 @@ def run(cfg: TrainConfig, *, step_hook: Callable[[int, int], None] | None = None
     log.info("train: tokenizer (%d tokens) ready in %.1fs", vocab_size, time.perf_counter() - t0)
 
     counter_name = f"align-bad-images-{uuid.uuid4().hex[:8]}"
-    counter = ingest.BadImageCounter.options(name=counter_name).remote()
+    # on the driver's node: a counter on a worker node that dies would fail a finished run
+    counter = ingest.BadImageCounter.options(
+        name=counter_name, scheduling_strategy=resilience.on_driver_node()).remote()
     fs, files = ingest.resolve_inputs(train_paths)
     epochs = ingest.auto_stream_epochs(cfg, ingest.count_rows(fs, files), cfg.steps * cfg.global_batch)
     datasets = {"train": ingest.build_dataset(cfg, train_paths, train_sel, train=True,
@@ -151,10 +157,14 @@ def run(cfg: TrainConfig, *, step_hook: Callable[[int, int], None] | None = None
             with_match=True, concurrency=1).limit(cfg.val_max_rows).materialize()
     log.info("train: datasets ready in %.1fs", time.perf_counter() - t0)
     try:
-        result = build_trainer(cfg, datasets, vocab_size, step_hook).fit()
-        bad = int(ray.get(counter.count.remote()))
+        trainer = build_trainer(cfg, datasets, vocab_size, step_hook)
+        result = resilience.fit(trainer, cfg.workers, worker_resources(cfg))
+        bad = resilience.read_count(counter, "undecodable-image")
     finally:
-        ray.kill(counter)
+        try:
+            ray.kill(counter)
+        except ray.exceptions.RayActorError:  # already gone with its node: nothing to free
+            pass
     log.info("train: fit done in %.1fs", time.perf_counter() - t0)
     if bad:
         log.warning("train: skipped %d undecodable training/validation image(s)", bad)
