@@ -169,6 +169,10 @@ def _run_train(args: argparse.Namespace) -> int:
         from align_ray.train.ingest import resolve_inputs
 
         resolve_inputs(cfg.data)  # fail fast, before starting Ray
+        if cfg.init_from:  # a malformed --init-from exits 2 here, naming what was expected
+            from align_ray.model.finetune import prepare
+
+            prepare(cfg)
         from align_ray.train.run import run
 
         summary = run(cfg, address=args.ray_address)

@@ -30,6 +30,7 @@ from torch import nn
 from align_ray.model.pretrained import CONFIG_NAME, Embedder
 
 OPEN_CLIP_PREFIX = "open_clip:"
+OPEN_CLIP_CONFIG = "open_clip_config.json"  # open_clip's local-dir:/hf-hub: folder format
 # model_type -> transformers class name; SigLIP pools the last token, so it was trained on
 # text padded to a fixed length and must be fed that way ("max_length"), the others pool a
 # position that padding does not move
@@ -53,9 +54,18 @@ def resolve_spec(spec: str) -> str:
     if spec.startswith(OPEN_CLIP_PREFIX):
         arch, ckpt = parse_open_clip(spec)
         arch = os.path.abspath(arch) if arch.endswith(".json") else arch
+        if arch.startswith("local-dir:"):
+            arch = "local-dir:" + os.path.abspath(arch[len("local-dir:"):])
         ckpt = os.path.abspath(ckpt) if ckpt and not ckpt.startswith("hf-hub:") else ckpt
         return OPEN_CLIP_PREFIX + arch + (f":{ckpt}" if ckpt else "")
-    return spec if "://" in spec else os.path.abspath(spec)
+    if "://" in spec:
+        return spec
+    spec = os.path.abspath(spec)
+    # a folder in open_clip's own save format (train --init-from open_clip:... writes one)
+    if os.path.isfile(os.path.join(spec, OPEN_CLIP_CONFIG)) and not os.path.isfile(
+            os.path.join(spec, CONFIG_NAME)):
+        return f"{OPEN_CLIP_PREFIX}local-dir:{spec}"
+    return spec
 
 
 def model_kind(spec: str) -> str:

@@ -68,6 +68,17 @@ class TrainConfig:
         the crop's area range ((1, 1), the default: no random crop, the centre square) and the
         flip probability.  Set ``hflip: 0`` when captions name left and right (a flipped image
         then contradicts its caption).
+    init_from: fine-tune from a saved model instead of a fresh one: our own model dir, a
+        Hugging Face save_pretrained dir of AlignModel/CLIPModel/SiglipModel, or
+        open_clip:ARCH[:CHECKPOINT].  Keeps its architecture, tokenizer, image size/mean/std,
+        temperature (SigLIP: its bias and the sigmoid loss); the model section is then ignored
+        and the run's model/ is saved in the source's own format (see README "Bring your own
+        model").
+    lock_image / lock_text: LiT-style locking: that tower's weights (and BatchNorm statistics)
+        stay as loaded and are left out of the optimizer.
+    lock_image_unlocked_groups / lock_text_unlocked_groups: leave the last N groups of a locked
+        tower trainable, counted from its head (1 = final norm + projection, 2 = also the last
+        block, ...; like open_clip's lock_image_unlocked_groups).
     stream_epochs: epochs of the training files that one Ray Data execution streams (each epoch
         in its own random file order).  0 = auto: enough for the whole run (1 on a corpus larger
         than steps x global batch).  Every new execution of a ``streaming_split`` dataset pays
@@ -120,6 +131,11 @@ class TrainConfig:
     hflip: float = 0.5
     max_image_pixels: int = 1 << 26
     model: ModelConfig = field(default_factory=ModelConfig.tiny)
+    init_from: str | None = None
+    lock_image: bool = False
+    lock_text: bool = False
+    lock_image_unlocked_groups: int = 0
+    lock_text_unlocked_groups: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -153,6 +169,10 @@ class TrainConfig:
             raise ValueError("sync_bn needs use_gpu (torch's SyncBatchNorm has no CPU kernel)")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError("label_smoothing must be in [0, 1)")
+        for tower in ("image", "text"):
+            n = getattr(self, f"lock_{tower}_unlocked_groups")
+            if n < 0 or (n and not getattr(self, f"lock_{tower}")):
+                raise ValueError(f"lock_{tower}_unlocked_groups must be >= 0 and needs lock_{tower}")
         self.model.loss = LOSSES[self.loss]
         self.model.label_smoothing = float(self.label_smoothing)
 

@@ -170,11 +170,17 @@ class Preprocess:
                  train: bool, tokenizer: dict[str, bytes],
                  max_length: int, max_pixels: int, match_col: str | None = None,
                  with_match: bool = False, counter: str | None = None,
-                 crop_scale: tuple[float, float] = (0.5, 1.0), hflip: float = 0.5) -> None:
+                 crop_scale: tuple[float, float] = (0.5, 1.0), hflip: float = 0.5,
+                 text_spec: str | None = None) -> None:
         self.image_col, self.text_col, self.selection = image_col, text_col, selection
         self.match_col, self.with_match, self.size = match_col, with_match, image_size
         self.max_length, self.max_pixels, self.counter = max_length, max_pixels, counter
-        self.tok = tokenizer_from_files(tokenizer, max_length)
+        # a library model (train --init-from) brings its own tokenizer: model/finetune.py
+        self.tok = None if text_spec else tokenizer_from_files(tokenizer, max_length)
+        if text_spec:
+            from align_ray.model.finetune import text_tokenizer
+
+            self.text_tok = text_tokenizer(text_spec, max_length)
         # mean 0 / std 1/255 makes the transforms return the resized pixels as 0..255 floats
         ident = ((0.0, 0.0, 0.0), (1 / 255.0,) * 3)
         self.transform = (train_transform(image_size, *ident, scale=tuple(crop_scale), flip=hflip)
@@ -223,7 +229,9 @@ class Preprocess:
                        else np.zeros((0, 3, self.size, self.size), np.uint8)),
             "row_id": np.asarray(ids, dtype=np.int64),
         }
-        if n:
+        if n and self.tok is None:
+            out["input_ids"], out["attention_mask"] = self.text_tok([texts[i] for i in kept])
+        elif n:
             enc = self.tok([texts[i] for i in kept], padding="max_length", truncation=True,
                            max_length=L, return_tensors="np", return_token_type_ids=False)
             out["input_ids"] = enc["input_ids"].astype(np.int64)
@@ -295,6 +303,14 @@ def read_epochs(files: list[str], fs: pafs.FileSystem, columns: list[str], epoch
         fn_kwargs=dict(filesystem=fs, columns=columns, rows_per_block=rows_per_block))
 
 
+def _library_spec(cfg) -> str | None:
+    """``cfg.init_from`` when it is a library model (HF dir, ``open_clip:``), whose tokenizer the
+    workers load from it; None for ours (fresh or init_from), shipped as tokenizer files."""
+    from align_ray.model.finetune import kind_of
+
+    return cfg.init_from if cfg.init_from and kind_of(cfg) != "ours" else None
+
+
 def build_dataset(cfg, paths: list[str], selection: Selection, *, train: bool,
                   tokenizer: dict[str, bytes], counter: str | None = None,
                   with_match: bool = False, concurrency: int | None = None,
@@ -317,7 +333,8 @@ def build_dataset(cfg, paths: list[str], selection: Selection, *, train: bool,
         image_size=cfg.model.image_size, train=train,
         tokenizer=tokenizer, max_length=cfg.model.max_length,
         max_pixels=cfg.max_image_pixels, match_col=match_col, with_match=with_match,
-        counter=counter, crop_scale=tuple(cfg.crop_scale), hflip=cfg.hflip)
+        counter=counter, crop_scale=tuple(cfg.crop_scale), hflip=cfg.hflip,
+        text_spec=_library_spec(cfg))
     key = hashlib.sha1(repr(sorted((k, v) for k, v in kwargs.items() if k != "tokenizer"))
                        .encode() + b"".join(tokenizer[k] for k in sorted(tokenizer))).hexdigest()
     return ds.map_batches(

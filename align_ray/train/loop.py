@@ -21,7 +21,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from align_ray.model import DualEncoder, build_loss, unwrap
+from align_ray.model import DualEncoder, build_loss, finetune, unwrap
 from align_ray.train import checkpoint as ckpt_lib
 from align_ray.train.config import TrainConfig
 from align_ray.train.evaluate import retrieval_metrics
@@ -159,7 +159,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
-    model = maybe_sync_bn(DualEncoder(cfg.model, config["vocab_size"]), cfg, world)
+    # a fresh DualEncoder, or the --init-from model (ours, HF, open_clip) with its own weights
+    model = maybe_sync_bn(finetune.build_model(cfg, config["vocab_size"]), cfg, world)
+    counts = finetune.prepare_for_training(model, cfg)  # locks after SyncBN swapped the modules
+    if rank == 0:
+        log.info("train: %(trainable)d trainable, %(locked)d locked parameter tensors", counts)
     ddp = ray.train.torch.prepare_model(model)
     core = unwrap(ddp)
     optimizer = build_optimizer(core, cfg)

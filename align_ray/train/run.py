@@ -23,7 +23,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from align_ray import storage
-from align_ray.model import DualEncoder, save_pretrained
+from align_ray.model import finetune
 from align_ray.train import checkpoint as ckpt_lib
 from align_ray.train import ingest, resilience
 from align_ray.train.config import TrainConfig
@@ -134,9 +134,13 @@ def run(cfg: TrainConfig, *, step_hook: Callable[[int, int], None] | None = None
     ensure_ray(cfg, address)
     fit_to_cluster(cfg)
     t0 = time.perf_counter()
+    finetune.prepare(cfg)  # --init-from: the source's architecture, preprocessing and loss
     (train_paths, train_sel), val = ingest.selections(cfg)
-    tokenizer, tok_files = _tokenizer(cfg, train_paths, train_sel)
-    vocab_size = len(tokenizer)
+    if cfg.init_from:  # the source's own tokenizer (None for a library model: ingest loads it)
+        tokenizer, tok_files = finetune.source_tokenizer(cfg)
+    else:
+        tokenizer, tok_files = _tokenizer(cfg, train_paths, train_sel)
+    vocab_size = len(tokenizer) if tokenizer is not None else 0
     log.info("train: tokenizer (%d tokens) ready in %.1fs", vocab_size, time.perf_counter() - t0)
 
     counter_name = f"align-bad-images-{uuid.uuid4().hex[:8]}"
@@ -171,10 +175,11 @@ def run(cfg: TrainConfig, *, step_hook: Callable[[int, int], None] | None = None
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
 
-    model = DualEncoder(cfg.model, vocab_size)
+    model = finetune.build_model(cfg, vocab_size)
     with result.checkpoint.as_directory() as d:
         state, history = ckpt_lib.load(d, model=model)
-    model_dir = save_pretrained(model, tokenizer, model.cfg, str(out / "model"))
+    # in the source's format: ours, HF save_pretrained (+ processor) or an open_clip folder
+    model_dir = finetune.save_model(model, cfg, tokenizer, str(out / "model"))
     (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
     curves = plot_curves(history, out / "curves.png")
 

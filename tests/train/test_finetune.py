@@ -1,0 +1,174 @@
+"""``align-ray train --init-from``: each kind (our own dir, HF ALIGN / CLIP / SigLIP, open_clip)
+fine-tuned for a few steps on 2 Ray Train workers through the real ingest, loop and loss.
+
+The data set is 8 pairs = one global batch (2 workers x 4), no flip, no random crop: every step
+trains on exactly the batch the loss is measured on, so "lower at the end than at the start on
+the same batch" is a test that fails when nothing (or the wrong thing) learns.  The loss is
+measured outside training, on the embeddings of the saved model as its own library preprocesses
+them, with the model's own temperature (and SigLIP bias)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from align_ray.cli import main
+from align_ray.model import build_loss, finetune
+from align_ray.model.external import resolve_spec
+from align_ray.model.pretrained import load_embedder
+from align_ray.train.config import TrainConfig
+from align_ray.train.run import run
+from tests.model.external_models import BUILDERS, OPEN_CLIP_CFG, captions, png
+
+N = 8
+# kind -> the towers locked (LiT image locking; text locking; unlocking the head of CLIP's image)
+LOCKS = {
+    "ours": dict(lock_image=True),           # timm EfficientNet + BatchNorm
+    "align": dict(lock_image=True),          # HF EfficientNet + BatchNorm: statistics stay too
+    "clip": dict(lock_image=True, lock_image_unlocked_groups=1),
+    "siglip": dict(lock_text=True),
+    "open_clip": dict(lock_image=True),
+}
+# the library's own state_dict prefixes of each tower
+IMAGE = {"ours": ("image_tower.", "image_proj."), "hf": ("vision_model.", "visual_projection."),
+         "open_clip": ("visual.",)}
+SHARED = ("log_temperature", "temperature", "logit_scale", "logit_bias")
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> dict:
+    rows = {"image": [png(200 + i) for i in range(N)], "text": captions(N + 3)[3:]}
+    path = tmp_path_factory.mktemp("ft-data") / "pairs.parquet"
+    pq.write_table(pa.table(rows), path)
+    return {**rows, "path": str(path)}
+
+
+def _standardise(proj: torch.nn.Linear, feats: torch.Tensor) -> None:
+    proj.weight.div_(feats.std(0).clamp_min(1e-6))
+    proj.bias.copy_(-(proj.weight @ feats.mean(0)))
+
+
+def _ours(out: Path, pairs: dict) -> str:
+    """A tiny DualEncoder of ours, saved.  A random tower gives every input almost the same
+    embedding (the loss sits at ln 8 and nothing learns in 4 steps), so both projections are
+    standardised on the pairs first, as tests/model/external_models.py does for ALIGN's text."""
+    from align_ray.model import DualEncoder, Embedder, save_pretrained, tokenize, train_wordpiece
+    from tests.model.helpers import tiny_cfg
+
+    tok = train_wordpiece(pairs["text"] * 4, vocab_size=200, max_length=16)
+    cfg = tiny_cfg(image_size=32, embed_dim=32, max_length=16)
+    torch.manual_seed(0)
+    model = DualEncoder(cfg, len(tok), init_pretrained=False).eval()
+    with torch.no_grad():
+        px = torch.from_numpy(Embedder(model, tok, model.cfg).preprocess(pairs["image"]))
+        _standardise(model.image_proj, model.image_tower(px))
+        enc = tokenize(tok, pairs["text"], 16)
+        _standardise(model.text_proj, model.text_tower(**enc).last_hidden_state[:, 0])
+    save_pretrained(model, tok, model.cfg, out)
+    return str(out)
+
+
+def _state(kind: str, spec: str) -> dict[str, torch.Tensor]:
+    """The model's weights as its own library loads them (the saved model must load there)."""
+    if kind == "ours":
+        from align_ray.model.pretrained import load_pretrained
+
+        return load_pretrained(spec)[0].state_dict()
+    if kind == "open_clip":
+        import open_clip
+
+        spec = resolve_spec(spec)
+        if spec.startswith("open_clip:local-dir:"):  # our saved folder: a plain state_dict file
+            arch, ckpt = "tiny-clip-test", spec.split(":", 2)[2] + "/" + finetune.OPEN_CLIP_WEIGHTS
+        else:
+            _, cfg, ckpt = spec.split(":")
+            open_clip.add_model_config(cfg)
+            arch = Path(cfg).stem
+        model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=ckpt)
+        return model.state_dict()
+    import transformers
+
+    mtype = json.loads((Path(spec) / "config.json").read_text())["model_type"]
+    cls = getattr(transformers, {"align": "AlignModel", "clip": "CLIPModel",
+                                 "siglip": "SiglipModel"}[mtype])
+    model, info = cls.from_pretrained(spec, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    return model.state_dict()
+
+
+def _loss(spec: str, pairs: dict, siglip: bool) -> float:
+    """The training loss (label smoothing 0.1 / sigmoid) on the 8 pairs, from the library's own
+    preprocessing and features and the model's own temperature (and bias)."""
+    emb = load_embedder(spec)
+    img = torch.from_numpy(emb.embed_images(pairs["image"]))
+    txt = torch.from_numpy(emb.embed_texts(pairs["text"]))
+    inner = getattr(emb.model, "model", emb.model)
+    model_cfg = TrainConfig(data=["x"], output="o", loss="siglip" if siglip else "infonce").model
+    loss = build_loss(model_cfg, inner if siglip else None)
+    with torch.no_grad():
+        return float(loss(img, txt, emb.model.temperature.detach().float()))
+
+
+@pytest.mark.parametrize("name", list(LOCKS))
+def test_finetune_each_kind(name, ray_cluster, pairs, tmp_path):
+    src = (_ours(tmp_path / "src", pairs) if name == "ours"
+           else BUILDERS[name](tmp_path / "src"))
+    cfg = TrainConfig(data=[pairs["path"]], image_col="image", text_col="text",
+                      output=str(tmp_path / "run"), workers=2, batch_size=4, steps=4, lr=2e-3,
+                      warmup_steps=0, schedule="constant", log_every=1, checkpoint_every=4,
+                      data_workers=1, data_batch_size=8, shuffle_buffer=0, hflip=0.0,
+                      init_from=src, **LOCKS[name])
+    kind = finetune.kind_of(cfg)
+    s = run(cfg)
+    out = s["model_dir"]
+    assert s["step"] == 4 and s["samples_seen"] == 4 * N
+
+    before, after = _state(kind, src), _state(kind, out)   # loads back in its own library
+    assert set(before) == set(after)
+    image = [k for k in before if k.startswith(IMAGE[kind])]
+    text = [k for k in before if k not in image and k.rsplit(".", 1)[-1] not in SHARED]
+    assert image and text
+    locked, free = (image, text) if cfg.lock_image else (text, image)
+    if cfg.lock_image_unlocked_groups:  # CLIP's image head (final norm + projection) trains
+        head = [k for k in image if k.startswith(("vision_model.post_layernorm.", "visual_projection."))]
+        assert head and not all(torch.equal(before[k], after[k]) for k in head)
+        locked = [k for k in image if k not in head]
+    changed = [k for k in locked if not torch.equal(before[k], after[k])]
+    assert not changed, changed[:5]                         # bit-identical, BN statistics too
+    assert not all(torch.equal(before[k], after[k]) for k in free)
+
+    siglip = name == "siglip"
+    assert cfg.loss == ("siglip" if siglip else "infonce")
+    start, end = _loss(src, pairs, siglip), _loss(out, pairs, siglip)
+    assert end < start, (start, end)
+    if kind == "open_clip":  # the saved folder is a --model spec of its own
+        assert resolve_spec(out) == f"open_clip:local-dir:{out}"
+
+
+def test_malformed_init_from_exits_2(pairs, tmp_path, capsys):
+    base = ["train", "--data", pairs["path"], "--output", str(tmp_path / "o")]
+
+    def exit_2(args: list[str], *expect: str) -> None:
+        assert main(base + args) == 2
+        err = capsys.readouterr().err
+        for e in expect:
+            assert e in err, err
+
+    exit_2(["--init-from", str(tmp_path / "nothing")], "init_from", "not a saved model",
+           "open_clip:ARCH[:CHECKPOINT]")
+    clip = Path(BUILDERS["clip"](tmp_path / "clip"))
+    cfg = json.loads((clip / "config.json").read_text())
+    (clip / "config.json").write_text(json.dumps({**cfg, "model_type": "blip"}))
+    exit_2(["--init-from", str(clip)], "unknown model_type 'blip'", "'siglip'")
+    exit_2(["--init-from", "open_clip:no-such-arch"], "unknown open_clip architecture")
+    wider = tmp_path / "tiny-clip-wide.json"
+    wider.write_text(json.dumps({**OPEN_CLIP_CFG, "embed_dim": 48}))
+    spec = BUILDERS["open_clip"](tmp_path / "oc")
+    exit_2(["--init-from", f"open_clip:{wider}:{spec.rsplit(':', 1)[1]}"],
+           "checkpoint does not fit open_clip architecture tiny-clip-wide")
+    exit_2(["--lock-image-unlocked-groups", "2"], "needs lock_image")
