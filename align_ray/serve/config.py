@@ -114,6 +114,18 @@ class Limits:
 
 
 @dataclass
+class UrlFetchConfig:
+    """How ``image_url`` queries (clip-retrieval's ``/knn-service``) are fetched: by the download
+    stage's fetcher, behind its SSRF guard.  Loopback, private and other special-purpose
+    addresses are refused unless ``allow_cidr`` admits them (e.g. an intranet image host), so the
+    server never fetches itself or a cloud metadata address for a client."""
+
+    allow_cidr: list[str] = field(default_factory=list)
+    timeout_total: float = 10.0
+    max_redirects: int = 3
+
+
+@dataclass
 class ServeConfig:
     """``model``: a ``save_pretrained`` dir; ``index``: an ``align-ray index`` output dir (or None:
     the embed/classify endpoints work, search answers 404).  ``backend``: ``exact`` (normalised dot
@@ -133,6 +145,13 @@ class ServeConfig:
     text_encoder: EncoderConfig = field(default_factory=EncoderConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     limits: Limits = field(default_factory=Limits)
+    # clip-retrieval's API: the name /indices-list reports and indice_name must match ("" = the
+    # index directory's base name), and the origins allowed to call us from a browser (its
+    # static front end runs on another origin; "*" as its own back end does: every endpoint is
+    # read-only)
+    index_name: str = ""
+    cors_origins: list[str] = field(default_factory=lambda: ["*"])
+    url_fetch: UrlFetchConfig = field(default_factory=UrlFetchConfig)
 
     def __post_init__(self) -> None:
         self.image_encoder.validate("image_encoder")
@@ -147,6 +166,11 @@ class ServeConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def resolved_index_name(self) -> str:
+        if self.index_name or not self.index:
+            return self.index_name or "default"
+        return self.index.rstrip("/").rsplit("/", 1)[-1] or "default"
 
 
 @dataclass

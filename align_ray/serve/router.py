@@ -21,6 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from align_ray.serve import knn_service as knn
 from align_ray.serve import page, schemas
 from align_ray.serve.batcher import NaturalBatcher
 from align_ray.serve.config import Limits, ServeConfig
@@ -30,6 +31,17 @@ log = logging.getLogger("ray.serve")
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 api = FastAPI(title="align-ray", description="ALIGN dual-encoder embedding, search and "
               "zero-shot classification", version="1")
+# What the middleware below needs from the Router's config.  Not ``api.state``: Serve's ingress
+# serves a cloudpickled copy of ``api``, and the Router class is pickled by value with its own
+# copy, so state set through ``api`` in ``Router.__init__`` never reaches the app that serves.
+# This dict is reached through a module function (pickled by reference), so it is the one the
+# middleware classes (also by reference) read.
+_replica: dict[str, Any] = {"limits": Limits(), "cors_origins": []}
+
+
+def configure_replica(cfg: ServeConfig) -> None:
+    _replica["limits"] = cfg.limits
+    _replica["cors_origins"] = list(cfg.cors_origins)
 
 
 class BodyLimit:
@@ -42,7 +54,7 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limits: Limits = getattr(api.state, "limits", None) or Limits()
+        limits: Limits = _replica["limits"]
         cap = limits.max_body_bytes
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None:
@@ -73,7 +85,29 @@ async def _send_json(scope, send, status: int, detail: str) -> None:
     await JSONResponse({"detail": detail}, status_code=status)(scope, no_body, send)
 
 
+class Cors:
+    """ASGI middleware: Starlette's CORSMiddleware, built on the first request from the origins
+    the Router's config allows (middleware must be added before the app starts; the config
+    arrives later, in the replica's ``Router.__init__``)."""
+
+    def __init__(self, app):
+        self.app, self.inner = app, None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":     # lifespan events come before the Router's __init__
+            return await self.app(scope, receive, send)
+        if self.inner is None:
+            from starlette.middleware.cors import CORSMiddleware
+
+            origins = _replica["cors_origins"]
+            self.inner = (CORSMiddleware(self.app, allow_origins=origins,
+                                         allow_methods=["GET", "POST"], allow_headers=["*"])
+                          if origins else self.app)
+        return await self.inner(scope, receive, send)
+
+
 api.add_middleware(BodyLimit)
+api.add_middleware(Cors)      # outermost: a 413 or 4xx still carries the CORS headers
 
 
 @api.exception_handler(APIError)
@@ -123,7 +157,9 @@ class Router:
         self.txt = text_encoder
         self.cfg = cfg
         self.limits = cfg.limits
-        api.state.limits = cfg.limits
+        configure_replica(cfg)
+        self.index_name = cfg.resolved_index_name()
+        self.url_fetcher = knn.ImageUrlFetcher(cfg.url_fetch, cfg.limits)
         self.store = (IndexStore(cfg.index, cfg.backend, cfg.faiss_factory, cfg.dedup_hamming)
                       if cfg.index else None)
         self.searches = NaturalBatcher(self.store.search_many) if self.store else None
@@ -220,6 +256,56 @@ class Router:
         return JSONResponse({"labels": [req.labels[i] for i in order],
                              "scores": [float(probs[i]) for i in order],
                              "similarities": [float(sims[i]) for i in order]})
+
+    # -- clip-retrieval's API (align_ray/serve/knn_service.py has the decisions) --
+
+    @api.get("/indices-list")
+    async def indices_list(self) -> JSONResponse:
+        return JSONResponse([self.index_name] if self.store else [])
+
+    @api.post("/knn-service")
+    async def knn_service(self, request: Request) -> JSONResponse:
+        req = knn.parse(knn.KnnRequest, await request.body())
+        if self.store is None:
+            raise _err(404, "no index is loaded (start the server with --index)")
+        knn.check_index_name(req.indice_name, self.index_name)
+        knn.check_modality(req.modality, self.store.modalities)
+        k, with_meta = knn.result_counts(req, self.limits, len(self.store))
+        kind = req.query_kind()
+        if kind == "text":
+            schemas.check_text(req.text, self.limits)
+            query = (await self._embed_texts([req.text]))[0]
+        elif kind == "embedding_input":
+            schemas.check_embedding(req.embedding_input, self.store.dim)
+            query = np.asarray(req.embedding_input, np.float32)   # as given, like /v1/search
+        else:
+            data = (schemas.decode_image(req.image, self.limits) if kind == "image"
+                    else await self.url_fetcher.fetch(req.image_url))
+            query = (await self._embed_images([data]))[0]
+        hits = await self.searches.submit((query, req.modality, k, req.deduplicate))
+        return JSONResponse(knn.knn_results(hits, with_meta, self._thumb_url(request)))
+
+    @api.post("/metadata")
+    async def metadata(self, request: Request) -> JSONResponse:
+        req = knn.parse(knn.MetadataRequest, await request.body())
+        if self.store is None:
+            raise _err(404, "no index is loaded (start the server with --index)")
+        knn.check_index_name(req.indice_name, self.index_name)
+        if len(req.ids) > knn.MAX_RESULT_IDS:
+            raise _err(413, f"too many ids: {len(req.ids)} > {knn.MAX_RESULT_IDS}")
+        bad = [i for i in req.ids if not 0 <= i < len(self.store)]
+        if bad:
+            raise _err(404, f"no pair with id {bad[0]} (ids run 0..{len(self.store) - 1})")
+        thumb = self._thumb_url(request)
+        return JSONResponse([{"id": i, "metadata": knn.metadata(self.store.record(i, 0.0), thumb(i))}
+                             for i in req.ids])
+
+    def _thumb_url(self, request: Request):
+        """id -> the absolute URL of its thumbnail (None without thumbnails)."""
+        if not self.store.has_thumbnails:
+            return lambda i: None
+        base = str(request.base_url).rstrip("/")
+        return lambda i: f"{base}/v1/image/{int(i)}"
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:

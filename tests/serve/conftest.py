@@ -1,11 +1,13 @@
 """Fixtures for the serve tests: a tiny saved model, a small corpus with planted duplicates and
 one broken image, its index (built with Ray Data), and ONE Serve app for the whole package
-(started on a free 127.0.0.1 port, access log off, 0.5 CPU per replica; shut down at the end)."""
+(started on a free 127.0.0.1 port, access log off, 0.5 CPU per replica; shut down at the end),
+and one headless browser."""
 
 from __future__ import annotations
 
 import io
 import os
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -136,9 +138,48 @@ def serve_app(ray_cluster, tiny_model, index_dir):
                batch_wait_timeout_s=0.01, max_ongoing_requests=16, target_ongoing_requests=4)
     cfg = ServeConfig.from_dict(dict(model=tiny_model, index=index_dir, port=free_port(),
                                      image_encoder=enc, text_encoder=enc, limits=TEST_LIMITS,
-                                     router={"num_cpus": 0.1}, app_name="align-test"))
+                                     router={"num_cpus": 0.1}, app_name="align-test",
+                                     # clip-retrieval's image_url queries fetch from the
+                                     # tests' own 127.0.0.1 server; other private ranges stay refused
+                                     url_fetch={"allow_cidr": ["127.0.0.1/32"]}))
     url = app.start(cfg)
     try:
         yield AlignClient(url, timeout=60), cfg
     finally:
         serve.shutdown()
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="package")
+def browser(tmp_path_factory):
+    """Real headless Chromium (Debian's ``chromium`` + ``chromium-driver``) driven by Selenium;
+    it may only resolve 127.0.0.1 and runs with background networking off."""
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.fail("headless Chromium is required: apt-get install -y chromium chromium-driver")
+    os.environ["SE_OFFLINE"] = "true"          # Selenium Manager must never download anything
+    from selenium import webdriver
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--disable-default-apps", "--disable-extensions",
+                "--disable-domain-reliability", "--window-size=1200,900",
+                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+                f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(CHROMEDRIVER))
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait(driver, condition, timeout=60):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(condition)

@@ -3,7 +3,8 @@
 Each case is ``(name, method, path, requests-kwargs)``.  Families: malformed JSON, wrong types,
 empty / oversize lists, texts over the cap, invalid base64, non-image bytes, truncated images,
 decompression bombs, oversize bodies (declared and chunked), unknown modality, ``k`` out of
-range, bad embeddings, bad classify templates, unknown fields, wrong methods and paths.
+range, bad embeddings, bad classify templates, unknown fields, wrong methods and paths, and the
+same for clip-retrieval's ``/knn-service`` and ``/metadata`` (plus private ``image_url`` targets).
 """
 
 from __future__ import annotations
@@ -136,6 +137,33 @@ def families(limits, dim: int) -> dict[str, list[Case]]:
         {"image": good_img, "labels": [""]},
         {"image": good_img, "labels": ["c" * (limits.max_text_chars - 1)], "templates": ["a photo of {}"]},
     ])]
+    # clip-retrieval's API (align_ray/serve/knn_service.py): its clients send JSON with any or
+    # no Content-Type, so bodies go without one here
+    knn = [{"image": _b64(b)} for b in not_images + bombs] + [
+        {"image": s} for s in bad_b64 if s] + [
+        {"text": "a", "indice_name": "no-such-index"}, {"text": "a", "num_images": 0},
+        {"text": "a", "num_images": limits.max_k + 1}, {"text": "a", "num_result_ids": 0},
+        {"text": "a", "num_result_ids": 10**9}, {"text": "a", "num_images": "40"},
+        {"text": "a", "modality": "video"}, {"text": 5}, {"text": long_text}, {},
+        {"text": "", "image": None}, {"embedding_input": [0.1] * (dim - 1)},
+        {"embedding_input": [0.0] * dim}, {"embedding_input": ["a"] * dim},
+        {"embedding_input": "0.1,0.2"}, {"image_url": "http://169.254.169.254/latest/meta-data/"},
+        {"image_url": "http://10.1.2.3/a.jpg"}, {"image_url": "http://[fd00::1]/a.jpg"},
+        {"image_url": "http://100.64.0.1/a.jpg"}, {"image_url": "http://192.0.0.192/a.jpg"},
+        {"image_url": "gopher://127.0.0.1/"}, {"image_url": "not a url"}, {"image_url": 7},
+        {"image_url": "http://" + "a" * 5000 + ".com/x.jpg"},
+    ]
+    fam["knn"] = [(f"knn-{i}", "POST", "/knn-service", {"data": json.dumps(o).encode()})
+                  for i, o in enumerate(knn)] + [
+        (f"metadata-{i}", "POST", "/metadata", {"data": json.dumps(o).encode()})
+        for i, o in enumerate([{"ids": [-1]}, {"ids": [10**9]}, {"ids": "1,2"}, {"ids": [1.5]},
+                               {}, {"ids": [0], "indice_name": "nope"},
+                               {"ids": list(range(20_000))}])] + [
+        ("knn-get", "GET", "/knn-service", {}), ("indices-post", "POST", "/indices-list", {}),
+        ("knn-array", "POST", "/knn-service", {"data": b"[1]"}),
+        ("knn-null", "POST", "/knn-service", {"data": b"null"}),
+        ("knn-bad-json", "POST", "/knn-service", {"data": b"{text: a}"}),
+    ]
     fam["routes"] = [
         ("route-get-search", "GET", "/v1/search", {}), ("route-put-embed", "PUT", "/v1/embed/text", {}),
         ("route-unknown", "GET", "/v2/nothing", {}), ("route-image-nonint", "GET", "/v1/image/abc", {}),

@@ -113,3 +113,13 @@ def test_thumbnail_and_errors(serve_app):
     with pytest.raises(APIError) as e:
         client.search(text="face", modality="video")
     assert e.value.status == 422 and "modality" in e.value.message
+
+
+def test_body_cap_is_the_configured_one(serve_app):
+    """The Router's ``limits.max_body_bytes`` (1 MiB here, 16 MiB by default) is what the body
+    middleware enforces: the config must reach the app copy that Serve actually serves."""
+    client, cfg = serve_app
+    cap = cfg.limits.max_body_bytes
+    assert cap < 16 * 1024 * 1024
+    r = client.request("POST", "/v1/embed/text", json={"texts": ["a"], "pad": "x" * cap})
+    assert r.status_code == 413 and str(cap) in r.json()["detail"]
