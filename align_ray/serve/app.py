@@ -31,6 +31,14 @@ def _abs(path: str | None) -> str | None:
     return os.path.abspath(os.path.expanduser(path))
 
 
+def _model_spec(spec: str | None) -> str | None:
+    """``--model`` for replicas in other processes: paths made absolute, an ``open_clip:`` spec
+    kept whole (``_abs`` would make it ``/cwd/open_clip:...``), an open_clip folder named as one."""
+    from align_ray.model.external import resolve_spec
+
+    return resolve_spec(os.path.expanduser(spec)) if spec else spec
+
+
 def _encoder_options(enc: EncoderConfig) -> dict[str, Any]:
     return dict(autoscaling_config=enc.autoscaling_config(), ray_actor_options=enc.ray_actor_options(),
                 max_ongoing_requests=enc.max_ongoing_requests, user_config=enc.user_config())
@@ -54,7 +62,7 @@ def check_paths(cfg: ServeConfig) -> None:
 def build_app(cfg: ServeConfig) -> Application:
     """``Router.bind(ImageEncoder.bind(...), TextEncoder.bind(...), cfg)`` with each encoder's own
     autoscaling, resources and batching."""
-    cfg.model, cfg.index = _abs(cfg.model), _abs(cfg.index)
+    cfg.model, cfg.index = _model_spec(cfg.model), _abs(cfg.index)
     img = ImageEncoder.options(**_encoder_options(cfg.image_encoder)).bind(
         cfg.model, cfg.image_encoder.device, cfg.limits.max_pixels)
     txt = TextEncoder.options(**_encoder_options(cfg.text_encoder)).bind(

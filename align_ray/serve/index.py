@@ -173,7 +173,9 @@ def build(cfg: IndexConfig) -> dict[str, Any]:
         ds = ds.limit(cfg.limit)
     rows_in = sum(pq.ParquetFile(fs.open_input_file(f)).metadata.num_rows for f in files)
     rows_in = min(rows_in, cfg.limit) if cfg.limit else rows_in
-    model = cfg.model if "://" in cfg.model else os.path.abspath(cfg.model)
+    from align_ray.model.external import resolve_spec
+
+    model = resolve_spec(cfg.model)  # the manifest records the real spec, open_clip: ones whole
     ds = ds.map_batches(
         _EmbedBatch, batch_format="pyarrow", batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
