@@ -15,7 +15,9 @@ from typing import Any
 
 from align_ray import config as config_lib
 
-BACKENDS = ("exact", "faiss")   # normalised dot product in NumPy, or a faiss index
+# auto: the tuned ANN index the index dir holds, else exact; exact: normalised dot product in
+# NumPy; faiss: a faiss index built at load time from faiss_factory
+BACKENDS = ("auto", "exact", "faiss")
 
 
 @dataclass
@@ -137,7 +139,7 @@ class ServeConfig:
     port: int = 8000
     app_name: str = "align"
     route_prefix: str = "/"
-    backend: str = field(default="exact", metadata={"choices": BACKENDS})
+    backend: str = field(default="auto", metadata={"choices": BACKENDS})
     faiss_factory: str = "HNSW32"
     dedup_hamming: int = 6            # image hits within this pHash distance are duplicates
     page_k: int = 12
@@ -157,7 +159,7 @@ class ServeConfig:
         self.image_encoder.validate("image_encoder")
         self.text_encoder.validate("text_encoder")
         if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be 'exact' or 'faiss', got {self.backend!r}")
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ServeConfig":
@@ -171,6 +173,38 @@ class ServeConfig:
         if self.index_name or not self.index:
             return self.index_name or "default"
         return self.index.rstrip("/").rsplit("/", 1)[-1] or "default"
+
+
+ANN_KINDS = ("auto", "flat", "hnsw", "ivf")
+QUANTIZATIONS = ("auto", "none", "fp16", "sq8", "pq")
+
+
+@dataclass
+class AnnConfig:
+    """The approximate index ``align-ray index`` builds (:mod:`align_ray.serve.ann`).
+
+    ``kind``: ``auto`` = exact search below ``exact_below`` rows, else HNSW when it fits
+    ``memory_budget_mb`` (0 = no cap), else IVF; ``flat`` = always exact.  ``quantization``:
+    ``auto`` = the widest codes within the budget (float32, fp16, 8-bit scalar, PQ).  The index is
+    tuned to the smallest nprobe / efSearch with recall@``k`` >= ``target_recall`` on
+    ``recall_queries`` held-out queries (the other modality's embeddings)."""
+
+    kind: str = field(default="auto", metadata={"choices": ANN_KINDS})
+    exact_below: int = 200_000
+    memory_budget_mb: float = 0.0
+    quantization: str = field(default="auto", metadata={"choices": QUANTIZATIONS})
+    target_recall: float = 0.95
+    recall_queries: int = 1000
+    k: int = 10
+    add_parts: int = 0             # parallel add tasks for IVF; 0 = the cluster's CPUs (max 8)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ANN_KINDS or self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"ann.kind must be one of {ANN_KINDS} and ann.quantization one of "
+                             f"{QUANTIZATIONS}")
+        if not 0 < self.target_recall <= 1 or self.k < 1 or self.recall_queries < 1:
+            raise ValueError("ann: need 0 < target_recall <= 1, k >= 1, recall_queries >= 1")
 
 
 @dataclass
@@ -200,6 +234,7 @@ class IndexConfig:
     overwrite: bool = False
     # Fail (exit 3, naming the stuck operator) after this long without progress; <= 0: never.
     stall_timeout_s: float = 600.0
+    ann: AnnConfig = field(default_factory=AnnConfig)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or (self.concurrency is not None and self.concurrency < 1):

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from align_ray import layout, storage, watchdog
-from align_ray.serve import store
+from align_ray.serve import ann, store
 from align_ray.serve.config import IndexConfig
 
 log = logging.getLogger(__name__)
@@ -189,6 +189,7 @@ def build(cfg: IndexConfig) -> dict[str, Any]:
     try:
         manifest = assemble(stage, shards, model=model, source=cfg.data, rows_in=rows_in,
                             fs=out_fs)
+        manifest["ann"] = ann.build(stage, manifest, cfg.ann, parts=_add_parts(cfg))
         manifest["seconds"] = round(time.time() - t0, 2)
         if remote:
             for name in sorted(os.listdir(stage)):
@@ -205,6 +206,15 @@ def build(cfg: IndexConfig) -> dict[str, Any]:
     log.info("index: %d rows (%d dropped) -> %s in %.1f s", manifest["count"],
              manifest["dropped"], cfg.output, manifest["seconds"])
     return manifest
+
+
+def _add_parts(cfg: IndexConfig) -> int:
+    """Parallel add tasks for an IVF index: ``ann.add_parts``, else the cluster's CPUs (<= 8)."""
+    import ray
+
+    if cfg.ann.add_parts:
+        return cfg.ann.add_parts
+    return max(1, min(8, int(ray.available_resources().get("CPU", 1))))
 
 
 def assemble(out: str, shards: str, *, model: str, source: str, rows_in: int,

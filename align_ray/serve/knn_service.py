@@ -55,6 +55,8 @@ class KnnRequest(BaseModel):
     num_result_ids: StrictInt | None = None
     indice_name: StrictStr | None = None
     deduplicate: StrictBool = False
+    nprobe: StrictInt | None = None        # ours, as in /v1/search
+    ef: StrictInt | None = None
     use_mclip: Any = None
     use_safety_model: Any = None
     use_violence_detector: Any = None

@@ -216,7 +216,8 @@ class Router:
         else:
             schemas.check_embedding(req.embedding, self.store.dim)
             query = np.asarray(req.embedding, np.float32)
-        hits = await self.searches.submit((query, target, req.k, req.dedup))
+        knobs = schemas.check_knobs(req.nprobe, req.ef)
+        hits = await self.searches.submit((query, target, req.k, req.dedup, knobs))
         root = request.scope.get("root_path", "").rstrip("/")
         if self.store.has_thumbnails:
             for h in hits:
@@ -282,7 +283,8 @@ class Router:
             data = (schemas.decode_image(req.image, self.limits) if kind == "image"
                     else await self.url_fetcher.fetch(req.image_url))
             query = (await self._embed_images([data]))[0]
-        hits = await self.searches.submit((query, req.modality, k, req.deduplicate))
+        knobs = schemas.check_knobs(req.nprobe, req.ef)
+        hits = await self.searches.submit((query, req.modality, k, req.deduplicate, knobs))
         return JSONResponse(knn.knn_results(hits, with_meta, self._thumb_url(request)))
 
     @api.post("/metadata")
@@ -318,6 +320,7 @@ class Router:
                 status["status"] = "degraded"
         status["index"] = ({"count": len(self.store), "dim": self.store.dim,
                             "modalities": list(self.store.modalities), "backend": self.cfg.backend,
+                            "search": self.store.search_info(),
                             "search_batches": self.searches.batches,
                             "searches": self.searches.items} if self.store else None)
         return JSONResponse(status, status_code=200 if status["status"] == "ok" else 503)

@@ -50,6 +50,9 @@ class SearchRequest(_Req):
     k: StrictInt = 10
     modality: Literal["image", "text"] | None = None
     dedup: StrictBool = False
+    # an ANN index's own search width for this request (recall for speed); exact search ignores it
+    nprobe: StrictInt | None = None
+    ef: StrictInt | None = None
 
     @model_validator(mode="after")
     def _one_query(self) -> "SearchRequest":
@@ -107,6 +110,16 @@ def check_text(text: str, limits: Limits, what: str = "text") -> None:
 def check_k(k: int, limits: Limits) -> None:
     if not 1 <= k <= limits.max_k:
         raise APIError(422, f"k must be between 1 and {limits.max_k}, got {k}")
+
+
+MAX_KNOB = 65536
+
+
+def check_knobs(nprobe: int | None, ef: int | None) -> tuple[int | None, int | None]:
+    for name, v in (("nprobe", nprobe), ("ef", ef)):
+        if v is not None and not 1 <= v <= MAX_KNOB:
+            raise APIError(422, f"{name} must be between 1 and {MAX_KNOB}, got {v}")
+    return nprobe, ef
 
 
 def check_embedding(vec: list[float], dim: int) -> None:

@@ -11,6 +11,8 @@ the same normalised-text hash), keeping the best-scored of each group.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 BACKENDS = ("exact", "faiss")
@@ -52,19 +54,23 @@ def topk_exact(emb: np.ndarray, queries: np.ndarray, k: int,
 
 
 class VectorIndex:
-    """Search over one modality's embeddings ``[N, D]`` (rows are unit vectors)."""
+    """Search over one modality's embeddings ``[N, D]`` (rows are unit vectors), exact or
+    through a faiss index: built here from ``faiss_factory`` (backend ``faiss``) or ``prebuilt``
+    (the tuned ANN index ``align-ray index`` stored, :mod:`align_ray.serve.ann`)."""
 
     def __init__(self, emb: np.ndarray, backend: str = "exact", faiss_factory: str = "Flat",
-                 hnsw_ef_search: int = 128, ivf_nprobe: int = 16):
+                 hnsw_ef_search: int = 128, ivf_nprobe: int = 16, prebuilt: Any = None):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-        self.emb = np.ascontiguousarray(emb, dtype=np.float32)
+        # exact search reads the (possibly memory-mapped) rows as they are
+        self.emb = emb if emb.dtype == np.float32 else np.asarray(emb, dtype=np.float32)
         if self.emb.ndim != 2:
             raise ValueError(f"embeddings must be 2-D, got shape {self.emb.shape}")
         self.backend = backend
-        self._faiss = None
-        if backend == "faiss":
-            self._faiss = _build_faiss(self.emb, faiss_factory, hnsw_ef_search, ivf_nprobe)
+        self._faiss = prebuilt
+        if backend == "faiss" and prebuilt is None:
+            self._faiss = _build_faiss(np.ascontiguousarray(self.emb), faiss_factory,
+                                       hnsw_ef_search, ivf_nprobe)
 
     def __len__(self) -> int:
         return self.emb.shape[0]
@@ -73,16 +79,25 @@ class VectorIndex:
     def dim(self) -> int:
         return self.emb.shape[1]
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    @property
+    def approximate(self) -> bool:
+        return self._faiss is not None
+
+    def search(self, queries: np.ndarray, k: int,
+               knobs: tuple[int | None, int | None] = (None, None)) -> tuple[np.ndarray, np.ndarray]:
         """Unit-normalises ``queries`` ([D] or [B,D]); returns (scores [B,k'], ids [B,k'])
-        sorted by descending score, ``k' = min(k, N)``."""
+        sorted by descending score, ``k' = min(k, N)``.  ``knobs`` = a request's own
+        ``(nprobe, ef)``; the one the faiss index has applies, exact search ignores both."""
         q = normalize(np.atleast_2d(queries))
         if q.shape[1] != self.dim:
             raise ValueError(f"query dimension {q.shape[1]} != index dimension {self.dim}")
         if self._faiss is None:
             return topk_exact(self.emb, q, k)
+        from align_ray.serve import ann
+
         k = min(k, len(self))
-        scores, ids = self._faiss.search(q, k)
+        value = knobs[1] if ann.param_name(self._faiss) == "ef" else knobs[0]
+        scores, ids = self._faiss.search(q, k, params=ann.search_params(self._faiss, value))
         return scores.astype(np.float32), ids.astype(np.int64)
 
 

@@ -69,21 +69,31 @@ def localize(index_dir: str) -> str:
 class IndexStore:
     """Both modalities' vector indexes + metadata + thumbnails, loaded from an index dir."""
 
-    def __init__(self, index_dir: str, backend: str = "exact", faiss_factory: str = "Flat",
+    def __init__(self, index_dir: str, backend: str = "auto", faiss_factory: str = "Flat",
                  dedup_hamming: int = 6, mmap: bool = True):
+        """``backend``: ``auto`` = the tuned ANN index the index dir holds (memory-mapped, with
+        its stored nprobe / efSearch), else exact; ``exact``; ``faiss`` = built at load from
+        ``faiss_factory``."""
         self.dir = index_dir
         self.manifest = read_manifest(index_dir)
         index_dir = localize(index_dir)
         self.dim = int(self.manifest["dim"])
         self.dedup_hamming = dedup_hamming
         self.indexes: dict[str, VectorIndex] = {}
+        section = self.manifest.get("ann") or {}
         for m in self.manifest["modalities"]:
             emb = np.load(os.path.join(index_dir, embeddings_file(m)),
-                          mmap_mode="r" if mmap and backend == "exact" else None)
+                          mmap_mode="r" if mmap and backend != "faiss" else None)
             if emb.shape != (self.manifest["count"], self.dim):
                 raise ValueError(f"{index_dir}: {m} embeddings have shape {emb.shape}, manifest "
                                  f"says {(self.manifest['count'], self.dim)}")
-            self.indexes[m] = VectorIndex(emb, backend, faiss_factory)
+            prebuilt = None
+            if backend == "auto" and m in section:
+                from align_ray.serve import ann
+
+                prebuilt = ann.load(index_dir, m, section, mmap=mmap)
+            kind = backend if backend != "auto" else ("faiss" if prebuilt is not None else "exact")
+            self.indexes[m] = VectorIndex(emb, kind, faiss_factory, prebuilt=prebuilt)
         meta = pq.read_table(os.path.join(index_dir, "metadata.parquet"))
         self.columns = {c: meta.column(c).to_numpy(zero_copy_only=False) for c in meta.column_names}
         self._phash = self.columns.get("phash")
@@ -104,22 +114,25 @@ class IndexStore:
         """Best ``k`` hits of one query vector in the ``modality`` index, as result dicts."""
         return self.search_many([(query, modality, k, dedup)])[0]
 
-    def search_many(self, queries: list[tuple[np.ndarray, str, int, bool]]) -> list[list[dict]]:
-        """Several ``(vector, modality, k, dedup)`` queries; those on the same index share one
-        pass over it (one matrix product instead of one scan per query)."""
+    def search_many(self, queries: list[tuple]) -> list[list[dict]]:
+        """Several ``(vector, modality, k, dedup[, (nprobe, ef)])`` queries; those on the same
+        index with the same knobs share one pass over it (one matrix product instead of one
+        scan per query)."""
         out: list[list[dict] | None] = [None] * len(queries)
-        for modality in {q[1] for q in queries}:
+        groups = {(q[1], tuple(q[4]) if len(q) > 4 else (None, None)) for q in queries}
+        for modality, knobs in groups:
             if modality not in self.indexes:
                 raise KeyError(f"no {modality} index in {self.dir}")
             index = self.indexes[modality]
-            pos = [i for i, q in enumerate(queries) if q[1] == modality]
+            pos = [i for i, q in enumerate(queries)
+                   if q[1] == modality and (tuple(q[4]) if len(q) > 4 else (None, None)) == knobs]
             fetch = max(self._fetch(queries[i][2], queries[i][3], len(index)) for i in pos)
-            scores, ids = index.search(np.stack([queries[i][0] for i in pos]), fetch)
+            scores, ids = index.search(np.stack([queries[i][0] for i in pos]), fetch, knobs)
             for row, i in enumerate(pos):
-                _, _, k, dedup = queries[i]
+                k, dedup = queries[i][2], queries[i][3]
                 hits = self._finish(scores[row], ids[row], modality, k, dedup)
                 if len(hits) < k and fetch < len(index):   # dedup ate too many: widen alone
-                    hits = self._search_one(queries[i][0], modality, k, dedup, fetch * 4)
+                    hits = self._search_one(queries[i][0], modality, k, dedup, fetch * 4, knobs)
                 out[i] = hits
         return out  # type: ignore[return-value]
 
@@ -127,11 +140,12 @@ class IndexStore:
     def _fetch(k: int, dedup: bool, n: int) -> int:
         return min(n, max(4 * k, k + 16)) if dedup else min(n, k)
 
-    def _search_one(self, query, modality: str, k: int, dedup: bool, fetch: int) -> list[dict]:
+    def _search_one(self, query, modality: str, k: int, dedup: bool, fetch: int,
+                    knobs: tuple = (None, None)) -> list[dict]:
         index = self.indexes[modality]
         while True:
             fetch = min(fetch, len(index))
-            scores, ids = index.search(query, fetch)
+            scores, ids = index.search(query, fetch, knobs)
             hits = self._finish(scores[0], ids[0], modality, k, dedup)
             if len(hits) >= k or fetch >= len(index):
                 return hits
@@ -157,6 +171,19 @@ class IndexStore:
                 out[c] = v.item() if hasattr(v, "item") else v
         out.setdefault("text", None)
         out.setdefault("url", None)
+        return out
+
+    def search_info(self) -> dict[str, Any]:
+        """Per modality: exact, or the ANN index with its stored setting and measured recall."""
+        section = self.manifest.get("ann") or {}
+        out: dict[str, Any] = {}
+        for m, index in self.indexes.items():
+            if index.approximate and m in section:
+                out[m] = {"kind": section["kind"],
+                          **{k: section[m][k] for k in ("nprobe", "ef", "recall") if k in section[m]},
+                          "recall_at": section.get("k")}
+            else:
+                out[m] = {"kind": "faiss" if index.approximate else "exact"}
         return out
 
     @property

@@ -127,7 +127,8 @@ def families(limits, dim: int) -> dict[str, list[Case]]:
         {"text": "a", "k": 10**30}, {}, {"k": 5}, {"text": "a", "image": good_img},
         {"text": "a", "embedding": [0.1] * dim}, {"embedding": [0.1] * (dim - 1)},
         {"embedding": [0.0] * dim}, {"embedding": []}, {"embedding": [1e400] * dim},
-        {"embedding": [0.1] * (dim + 1)},
+        {"embedding": [0.1] * (dim + 1)}, {"text": "a", "nprobe": 0}, {"text": "a", "ef": "64"},
+        {"text": "a", "nprobe": 10**6}, {"text": "a", "ef": -3}, {"text": "a", "nprobe": 1.5},
     ])]
     fam["classify"] = [(f"classify-{i}", "POST", "/v1/classify", _json(o)) for i, o in enumerate([
         {"image": good_img, "labels": ["cat"], "templates": ["no placeholder"]},

@@ -1,0 +1,225 @@
+"""Approximate nearest-neighbour indexes chosen for a memory budget, with their recall measured
+(autofaiss's idea, on Ray).
+
+:func:`plan` picks a faiss factory string from the corpus size, the dimension and the budget:
+
+* below ``exact_below`` rows: no ANN index at all; exact search (a matrix product) is fast
+  enough there and has recall 1;
+* above it: ``HNSW32`` over the chosen codes (best latency at a given recall on CPUs) when
+  codes plus HNSW's links (about 256 bytes per vector) fit ``memory_budget_mb``; else
+  ``IVF{nlist}`` over the codes, with ``nlist`` about 4·sqrt(N);
+* codes: float32 (``Flat``), ``SQfp16``, ``SQ8`` or ``PQ{m}x8``: the widest that fits the budget
+  (``quantization`` forces one).
+
+:func:`build` trains on a sample in the driver, adds the vectors (IVF: in parallel Ray tasks, one
+part each, merged with ``merge_from``; HNSW: one process, faiss's own threads), then measures
+recall@k against exact search on held-out queries: the *other* modality's embeddings (text
+queries for the image index and the reverse), which is how the index is used.  It sweeps
+``nprobe`` (IVF) or ``efSearch`` (HNSW) upwards and stores the smallest setting that reaches
+``target_recall``, with the recall and latency it measured, in ``index.json``.  Serving uses
+those settings; a request may pass its own ``nprobe`` / ``ef``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from align_ray.serve.config import AnnConfig
+from align_ray.serve.search import topk_exact
+
+log = logging.getLogger(__name__)
+HNSW_LINK_BYTES = 32 * 2 * 4       # M=32: ~2M int32 neighbour ids per vector on level 0
+CODES = {"none": "Flat", "fp16": "SQfp16", "sq8": "SQ8"}
+
+
+def index_file(modality: str) -> str:
+    return f"{modality}.faiss"
+
+
+def _code_bytes(codes: str, dim: int) -> float:
+    if codes == "Flat":
+        return 4 * dim
+    if codes == "SQfp16":
+        return 2 * dim
+    if codes == "SQ8":
+        return dim
+    return int(codes[2:].split("x")[0])           # PQ{m}x8: m bytes
+
+
+def _pq(dim: int, max_bytes: float) -> str:
+    """The largest PQ code (m sub-quantisers of 8 bits, m dividing dim) within ``max_bytes``."""
+    for m in (64, 48, 32, 24, 16, 12, 8, 4):
+        if m <= max_bytes and dim % m == 0 and m <= dim:
+            return f"PQ{m}x8"
+    raise ValueError(f"no PQ code of dimension {dim} fits {max_bytes:.0f} bytes per vector")
+
+
+def plan(n: int, dim: int, cfg: AnnConfig) -> str | None:
+    """The faiss factory string for ``n`` vectors of ``dim`` under ``cfg``; None = exact search."""
+    if cfg.kind == "flat" or (cfg.kind == "auto" and n < cfg.exact_below):
+        return None
+    budget = cfg.memory_budget_mb * 2**20 / n if cfg.memory_budget_mb > 0 else math.inf
+    nlist = int(min(65536, max(16, 2 ** round(math.log2(4 * math.sqrt(n))))))
+
+    def codes_for(extra: float) -> str | None:
+        if cfg.quantization in CODES:
+            c = CODES[cfg.quantization]
+            return c if _code_bytes(c, dim) + extra <= budget else None
+        if cfg.quantization == "pq":
+            return _pq(dim, min(budget - extra, dim / 4)) if budget - extra >= 4 else None
+        for c in ("Flat", "SQfp16", "SQ8"):
+            if _code_bytes(c, dim) + extra <= budget:
+                return c
+        return _pq(dim, budget - extra) if budget - extra >= 4 else None
+
+    if cfg.kind in ("auto", "hnsw"):
+        codes = codes_for(HNSW_LINK_BYTES)
+        if codes is not None and not codes.startswith("PQ"):   # PQ codes: IVF, below
+            return "HNSW32" + ("" if codes == "Flat" else f",{codes}")
+        if cfg.kind == "hnsw":
+            raise ValueError(f"HNSW does not fit {cfg.memory_budget_mb} MB for {n} vectors")
+    codes = codes_for(8)                                  # IVF stores an 8-byte id per vector
+    if codes is None:
+        raise ValueError(f"{n} vectors of dimension {dim} do not fit {cfg.memory_budget_mb} MB "
+                         "even as 4-byte PQ codes")
+    return f"IVF{nlist},{codes}"
+
+
+def _faiss():
+    import faiss
+
+    return faiss
+
+
+def _train(spec: str, emb: np.ndarray, rng: np.random.Generator):
+    faiss = _faiss()
+    index = faiss.index_factory(emb.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        nlist = faiss.extract_index_ivf(index).nlist if spec.startswith("IVF") else 0
+        size = min(len(emb), max(50_000, 64 * nlist))   # faiss warns below 39 points per list
+        sample = emb[np.sort(rng.choice(len(emb), size, replace=False))] if size < len(emb) else emb
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    return index
+
+
+def _add_part(trained: np.ndarray, vectors: np.ndarray, start: int) -> np.ndarray:
+    """A Ray task: the trained empty index with ``vectors`` added (ids from ``start``)."""
+    faiss = _faiss()
+    index = faiss.deserialize_index(trained)
+    index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
+                       np.arange(start, start + len(vectors), dtype=np.int64))
+    return faiss.serialize_index(index)
+
+
+def _add(index, emb: np.ndarray, parts: int):
+    """Add every vector; IVF indexes in ``parts`` parallel Ray tasks, merged in id order."""
+    faiss = _faiss()
+    if not isinstance(index, faiss.IndexIVF) or parts <= 1 or len(emb) < 2 * parts:
+        index.add(np.ascontiguousarray(emb, dtype=np.float32))
+        return index
+    import ray
+
+    trained = ray.put(faiss.serialize_index(index))
+    task = ray.remote(num_cpus=1)(_add_part)
+    bounds = np.linspace(0, len(emb), parts + 1).astype(int)
+    refs = [task.remote(trained, ray.put(np.asarray(emb[a:b])), int(a))
+            for a, b in zip(bounds[:-1], bounds[1:])]
+    merged = faiss.deserialize_index(ray.get(refs[0]))
+    for ref in refs[1:]:
+        merged.merge_from(faiss.deserialize_index(ray.get(ref)), 0)
+    return merged
+
+
+def set_param(index, value: int) -> None:
+    faiss = _faiss()
+    if hasattr(index, "hnsw"):
+        index.hnsw.efSearch = int(value)
+    else:
+        faiss.extract_index_ivf(index).nprobe = int(value)
+
+
+def search_params(index, value: int | None):
+    """Per-call faiss search parameters (thread-safe, unlike setting the index's own)."""
+    if value is None:
+        return None
+    faiss = _faiss()
+    if hasattr(index, "hnsw"):
+        return faiss.SearchParametersHNSW(efSearch=int(value))
+    return faiss.SearchParametersIVF(nprobe=int(value))
+
+
+def param_name(index) -> str:
+    return "ef" if hasattr(index, "hnsw") else "nprobe"
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    k = truth.shape[1]
+    return float(np.mean([len(set(f[:k]) & set(t)) / k for f, t in zip(found, truth)]))
+
+
+def tune(index, queries: np.ndarray, truth: np.ndarray, target: float) -> dict[str, Any]:
+    """The smallest nprobe / efSearch reaching ``target`` recall@k on ``queries``."""
+    k = truth.shape[1]
+    if hasattr(index, "hnsw"):
+        values = [v for v in (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024) if v >= k]
+    else:
+        nlist = _faiss().extract_index_ivf(index).nlist
+        values = sorted({min(nlist, 2 ** i) for i in range(0, int(math.log2(nlist)) + 1)} | {nlist})
+    best: dict[str, Any] = {}
+    for v in values:
+        set_param(index, v)
+        t0 = time.perf_counter()
+        _, ids = index.search(queries, k)
+        ms = (time.perf_counter() - t0) * 1000 / len(queries)
+        r = recall_at_k(ids, truth)
+        best = {param_name(index): v, "recall": round(r, 4), "ms_per_query_batched": round(ms, 4)}
+        if r >= target:
+            break
+    if best["recall"] < target:
+        log.warning("ann: recall@%d %.3f < target %.3f at the widest %s", k, best["recall"],
+                    target, param_name(index))
+    set_param(index, best[param_name(index)])
+    return best
+
+
+def build(out: str, manifest: dict[str, Any], cfg: AnnConfig, parts: int = 1) -> dict[str, Any]:
+    """ANN index files next to the embeddings in the local index dir ``out``; returns the
+    ``index.json`` section describing them (``{"kind": "flat"}`` when exact search is chosen)."""
+    n, dim = int(manifest["count"]), int(manifest["dim"])
+    spec = plan(n, dim, cfg)
+    if spec is None:
+        return {"kind": "flat", "recall_at_k": 1.0}
+    faiss = _faiss()
+    rng = np.random.default_rng(cfg.seed)
+    embs = {m: np.load(os.path.join(out, f"{m}_embeddings.npy"), mmap_mode="r")
+            for m in manifest["modalities"]}
+    section: dict[str, Any] = {"kind": spec, "k": cfg.k, "target_recall": cfg.target_recall}
+    for m, emb in embs.items():
+        t0 = time.perf_counter()
+        index = _add(_train(spec, emb, rng), emb, parts)
+        built = time.perf_counter() - t0
+        other = embs.get("text" if m == "image" else "image", emb)
+        q_ids = rng.choice(len(other), min(cfg.recall_queries, len(other)), replace=False)
+        queries = np.ascontiguousarray(other[np.sort(q_ids)], dtype=np.float32)
+        _, truth = topk_exact(emb, queries, cfg.k)
+        tuned = tune(index, queries, truth, cfg.target_recall)
+        faiss.write_index(index, os.path.join(out, index_file(m)))
+        section[m] = {"file": index_file(m), "build_s": round(built, 2), "queries": len(queries),
+                      "bytes": os.path.getsize(os.path.join(out, index_file(m))), **tuned}
+        log.info("ann: %s index %s, %s", m, spec, tuned)
+    return section
+
+
+def load(index_dir: str, modality: str, section: dict[str, Any], mmap: bool = True):
+    """The stored index with its stored search setting (memory-mapped where faiss can)."""
+    faiss = _faiss()
+    path = os.path.join(index_dir, section[modality]["file"])
+    index = faiss.read_index(path, faiss.IO_FLAG_MMAP if mmap else 0)
+    set_param(index, section[modality][param_name(index)])
+    return index

@@ -1,0 +1,127 @@
+"""The ANN index ``align-ray index`` builds: chosen for its budget, recall measured and stored,
+the stored setting used when serving, a request's own nprobe / ef applied."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from align_ray.serve import ann
+from align_ray.serve.config import AnnConfig
+from align_ray.serve.search import topk_exact
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _corpus(n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Clustered image embeddings and captions near their image, like a real embedding space."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((max(8, n // 100), dim))
+    image = _unit(centers[rng.integers(0, len(centers), n)] + 0.35 * rng.standard_normal((n, dim)))
+    text = _unit(image + 0.25 * rng.standard_normal((n, dim)))
+    return image, text
+
+
+def _index_dir(tmp_path, n: int, dim: int, seed: int = 0) -> tuple[str, dict]:
+    image, text = _corpus(n, dim, seed)
+    np.save(tmp_path / "image_embeddings.npy", image)
+    np.save(tmp_path / "text_embeddings.npy", text)
+    return str(tmp_path), {"format": 1, "count": n, "dim": dim, "modalities": ["image", "text"]}
+
+
+@pytest.mark.parametrize("n, dim, cfg, expected", [
+    (50_000, 256, AnnConfig(), None),                                    # below exact_below
+    (1_000_000, 256, AnnConfig(), "HNSW32"),                             # no budget
+    (1_000_000, 256, AnnConfig(memory_budget_mb=1000), "HNSW32,SQfp16"),  # 1048 B/vector
+    (1_000_000, 256, AnnConfig(memory_budget_mb=550), "HNSW32,SQ8"),      # 577 B/vector
+    (1_000_000, 256, AnnConfig(memory_budget_mb=400), "IVF4096,SQ8"),     # 419 B: no HNSW links
+    (1_000_000, 256, AnnConfig(memory_budget_mb=100), "IVF4096,PQ64x8"),  # 105 B/vector
+    (1_000_000, 256, AnnConfig(kind="ivf", quantization="sq8"), "IVF4096,SQ8"),
+    (1_000_000, 256, AnnConfig(kind="flat"), None),
+    (30_000, 64, AnnConfig(exact_below=1000, kind="ivf"), "IVF512,Flat"),
+])
+def test_plan_follows_size_and_budget(n, dim, cfg, expected):
+    assert ann.plan(n, dim, cfg) == expected
+
+
+def test_plan_refuses_an_impossible_budget():
+    with pytest.raises(ValueError, match="do not fit"):
+        ann.plan(1_000_000, 256, AnnConfig(memory_budget_mb=5))
+
+
+def _recall(index, queries: np.ndarray, emb: np.ndarray, k: int = 10, params=None) -> float:
+    _, truth = topk_exact(emb, queries, k)
+    _, found = index.search(queries, k, params=params)
+    return ann.recall_at_k(found, truth)
+
+
+def test_ivf_built_in_parallel_ray_tasks_reports_its_recall(ray_cluster, tmp_path):
+    out, manifest = _index_dir(tmp_path, 20_000, 32)
+    cfg = AnnConfig(kind="ivf", exact_below=1000, recall_queries=300, target_recall=0.95)
+    section = ann.build(out, manifest, cfg, parts=2)
+    assert section["kind"] == "IVF512,Flat"
+    image = np.load(os.path.join(out, "image_embeddings.npy"))
+    for m in ("image", "text"):
+        s = section[m]
+        assert s["recall"] >= 0.95 and 1 <= s["nprobe"] < 512 and s["queries"] == 300
+    # the stored figure holds on fresh held-out queries: new captions of indexed images, searched
+    # in the image index (text -> image retrieval)
+    s = section["image"]
+    index = ann.load(out, "image", section)
+    rng = np.random.default_rng(1)
+    rows = image[rng.choice(len(image), 300, replace=False)]
+    fresh = _unit(rows + 0.25 * rng.standard_normal(rows.shape))
+    assert _recall(index, fresh, image) >= s["recall"] - 0.05
+    # a narrower search, as a request may ask for, costs recall
+    assert _recall(index, fresh, image, params=ann.search_params(index, 1)) < s["recall"] - 0.1
+    # adding in 2 Ray tasks + merge gives the index a single add gives
+    single = ann._add(ann._train("IVF512,Flat", image, np.random.default_rng(cfg.seed)), image, 1)
+    merged = ann.load(out, "image", section)
+    ann.set_param(single, section["image"]["nprobe"])
+    q = image[:50]
+    assert np.array_equal(single.search(q, 10)[1], merged.search(q, 10)[1])
+
+
+def test_hnsw_tuned_and_served_through_the_store(tmp_path):
+    from align_ray.serve.store import IndexStore
+
+    out, manifest = _index_dir(tmp_path, 6000, 32, seed=3)
+    cfg = AnnConfig(kind="hnsw", exact_below=1000, recall_queries=200, target_recall=0.97)
+    manifest["ann"] = ann.build(out, manifest, cfg)
+    (tmp_path / "index.json").write_text(json.dumps(manifest))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": np.arange(6000), "text": [f"t{i}" for i in range(6000)]}),
+                   tmp_path / "metadata.parquet")
+    assert manifest["ann"]["kind"] == "HNSW32" and manifest["ann"]["image"]["recall"] >= 0.97
+
+    store = IndexStore(out)                                   # backend "auto"
+    info = store.search_info()
+    assert info["image"] == {"kind": "HNSW32", "ef": manifest["ann"]["image"]["ef"],
+                             "recall": manifest["ann"]["image"]["recall"], "recall_at": 10}
+    text = np.load(tmp_path / "text_embeddings.npy")
+    hits = store.search_many([(text[i], "image", 10, False) for i in range(20)])
+    _, truth = topk_exact(np.load(tmp_path / "image_embeddings.npy"), text[:20], 10)
+    assert ann.recall_at_k(np.array([[h["id"] for h in hs] for hs in hits]), truth) >= 0.9
+    # a request's own ef reaches faiss: a wide one finds (nearly) the exact top 10, a narrow one less
+    def recall_with(ef):
+        got = store.search_many([(text[i], "image", 10, False, (None, ef)) for i in range(20)])
+        return ann.recall_at_k(np.array([[h["id"] for h in hs] for hs in got]), truth)
+
+    assert recall_with(1024) >= 0.99
+    assert recall_with(10) < recall_with(1024)
+    exact = IndexStore(out, backend="exact")
+    assert exact.search_info()["image"] == {"kind": "exact"}
+
+
+def test_small_index_stays_exact(index_dir):
+    """The serve fixtures' 48-row index is far below exact_below: no ANN file, recall 1."""
+    manifest = json.loads(open(os.path.join(index_dir, "index.json")).read())
+    assert manifest["ann"] == {"kind": "flat", "recall_at_k": 1.0}
+    assert not os.path.exists(os.path.join(index_dir, "image.faiss"))
