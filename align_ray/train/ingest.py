@@ -11,7 +11,9 @@ model's mean/std on its device: 4x less data through the object store than float
 * Decoding runs as Ray Data tasks (``TaskPoolStrategy(size=data_workers)``, ``data_cpus`` each)
   on the CPU workers, never in the trainers.
 * Undecodable images are skipped, never fatal: each worker logs its count and the distinct row_ids
-  are added to a named :class:`BadImageCounter` actor that ``run`` reads at the end.
+  are added to a named :class:`BadImageCounter` actor that ``run`` reads at the end.  ``run``
+  pins that actor to the driver's node (a worker node's loss must not take the count with it)
+  and treats a lost count as unknown, never as a failed run (``train/resilience.py``).
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ def fit_to_cluster(cfg: TrainConfig, cluster_cpus: float | None = None) -> Train
     return cfg
 
 
-def ensure_ray(cfg: TrainConfig, address: str | None = None) -> None:
+def ensure_ray(address: str | None = None) -> None:
     """Join/start Ray (through :func:`align_ray.ray_env.init`) for ``align-ray train`` and the
     workflow alike.  A local start has the machine's real CPU count (over-subscribed logical
     CPUs hide deadlocks that every small machine then hits); :func:`fit_to_cluster` sizes the
@@ -131,7 +131,7 @@ def run(cfg: TrainConfig, *, step_hook: Callable[[int, int], None] | None = None
     out = Path(os.path.abspath(os.path.expanduser(cfg.output)))
     out.mkdir(parents=True, exist_ok=True)
     cfg.output = str(out)
-    ensure_ray(cfg, address)
+    ensure_ray(address)
     fit_to_cluster(cfg)
     t0 = time.perf_counter()
     finetune.prepare(cfg)  # --init-from: the source's architecture, preprocessing and loss

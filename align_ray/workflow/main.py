@@ -68,7 +68,7 @@ def init_ray(cfg: RunConfig, address: str | None) -> bool:
 
     was_up = ray.is_initialized()
     # the train stage's own start-up: the stage that needs the most of a local cluster sizes it
-    ensure_ray(cfg.train, address)
+    ensure_ray(address)
     node = getattr(ray._private.worker, "_global_node", None)
     owned = not was_up and bool(getattr(node, "head", False))
     # Ray Data's progress bars are for terminals; in job logs our own progress lines suffice
