@@ -50,6 +50,7 @@ def _error(command: str, e: Exception) -> int:
 def _parsers(sub: argparse._SubParsersAction) -> None:
     from align_ray.data.config import DataConfig
     from align_ray.filter.config import FilterConfig
+    from align_ray.score.config import ScoreConfig
     from align_ray.serve.config import IndexConfig, ServeConfig
     from align_ray.train.config import LOSSES, OPTIMIZERS, SCHEDULES, TrainConfig
     from align_ray.train.eval_parquet import EvalConfig
@@ -78,6 +79,16 @@ def _parsers(sub: argparse._SubParsersAction) -> None:
                       "eval_sets": "parquet file/folder of evaluation images; near-duplicates of "
                                    "them are removed (repeatable)",
                       "safety_hook": "package.module:function"})
+    _stage_parser(sub, "score", ScoreConfig, "embed every pair and score it (image-text "
+                  "cosine) with any model (Ray Data batch inference)", "Stage 2b: its output "
+                  "feeds `align-ray filter --score-min / --score-keep-fraction`. Re-running with "
+                  "the same --output resumes (finished shards are skipped).", help={
+                      "model": MODEL_HELP,
+                      "input": "data- or filter-stage output dir, or any parquet file/dir/glob "
+                               "with image bytes + text columns (local or s3://)",
+                      "output": "output folder, stage layout (local or s3://)",
+                      "concurrency": "encoder actors",
+                      "num_gpus": "GPUs per encoder actor"})
     _stage_parser(
         sub, "train", TrainConfig, "train the dual encoder on Ray Train (gathered negatives)",
         "Stage 3. The model section (model: {preset: tiny|align, ...}) is YAML only. Re-running "
@@ -161,6 +172,25 @@ def _run_data(args: argparse.Namespace) -> int:
     return _run_filter_stage(fcfg) if fcfg is not None else 0
 
 
+def _run_score(args: argparse.Namespace) -> int:
+    from align_ray import ray_env
+    from align_ray.data.errors import InputError
+    from align_ray.model.pretrained import check_model_spec
+    from align_ray.score import pipeline as spipe
+    from align_ray.score.config import ScoreConfig
+
+    try:
+        cfg = _load(ScoreConfig, args, "model", "input", "output")
+        spipe.plan(cfg)  # fail fast on the input's columns and a bad --model, before Ray
+        check_model_spec(cfg.model)
+        ray_env.init_for_command(args.ray_address)
+        stats = spipe.run(cfg)
+    except (InputError, ValueError, FileNotFoundError) as e:
+        return _error("score", e)
+    print(spipe.summary_line(stats))
+    return 0
+
+
 def _run_train(args: argparse.Namespace) -> int:
     from align_ray.train.config import TrainConfig
 
@@ -224,8 +254,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     return app.run(cfg, args.ray_address)
 
 
-COMMANDS = {"data": _run_data, "filter": _run_filter, "train": _run_train, "eval": _run_eval,
-            "index": _run_index, "serve": _run_serve}
+COMMANDS = {"data": _run_data, "filter": _run_filter, "score": _run_score, "train": _run_train,
+            "eval": _run_eval, "index": _run_index, "serve": _run_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

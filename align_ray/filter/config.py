@@ -12,6 +12,12 @@ Defaults are the paper's (ALIGN, Jia et al. 2021, §3).  Interpretation choices,
   the vocabulary (``check_bigrams: true`` also checks its bigrams; on small corpora most bigrams
   are seen once, which would drop nearly everything).
 * Exact duplicates (same image, same normalised text) collapse to the row with the smallest key.
+* CLIP-score filtering (needs a ``pair_score`` column: run ``align-ray score`` first) is off
+  until a value is set.  ``score_min`` keeps pairs with ``pair_score >= score_min``;
+  ``score_keep_fraction`` keeps the ceil(fraction x N) best-scoring of the N raw rows, an exact
+  global cut (ties broken by the smaller key, :mod:`align_ray.filter.quantile`).  Both come
+  after the frequency rules, so a row another rule drops keeps that reason; with those rules
+  on, fewer than ceil(fraction x N) rows may survive (DataComp's "basic ∩ CLIP score").
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from dataclasses import dataclass, field
 
 RULES = ("image_too_small", "aspect_ratio", "too_few_tokens", "too_many_tokens",
          "eval_near_duplicate", "image_too_many_texts", "text_too_many_images", "rare_token",
-         "exact_duplicate", "unsafe")
+         "exact_duplicate", "score_min", "score_keep_fraction", "unsafe")
+SCORE_RULES = ("score_min", "score_keep_fraction")   # on only with a value (the field of that name)
 IMAGE_IDENTITIES = ("sha256", "phash")  # exact bytes, or near-identical re-encodings too
 
 
@@ -46,6 +53,9 @@ class FilterConfig:
     eval_max_distance: int = 8            # pHash Hamming distance counted as a near-duplicate
     disabled_rules: list[str] = field(default_factory=list,
                                       metadata={"choices": RULES, "help": "turn a rule off (repeatable)"})
+    # CLIP-score rules on the pair_score column (`align-ray score`); None: off
+    score_min: float | None = None        # keep pairs with pair_score >= score_min
+    score_keep_fraction: float | None = None  # keep the top fraction of all rows by pair_score
     # optional per-row safety hook "package.module:function" (off by default; see safety.py)
     safety_hook: str = ""
     # execution
@@ -64,6 +74,13 @@ class FilterConfig:
         unknown = sorted(set(self.disabled_rules) - set(RULES))
         if unknown:
             raise ValueError(f"disabled_rules: unknown rule(s) {unknown}; rules: {list(RULES)}")
+        if self.score_keep_fraction is not None and not 0 <= self.score_keep_fraction <= 1:
+            raise ValueError(f"score_keep_fraction must be in [0, 1], not {self.score_keep_fraction}")
 
     def enabled(self, rule: str) -> bool:
+        if rule in SCORE_RULES and getattr(self, rule) is None:
+            return False
         return rule not in self.disabled_rules
+
+    def needs_score(self) -> bool:
+        return any(self.enabled(r) for r in SCORE_RULES)

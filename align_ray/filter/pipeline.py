@@ -19,6 +19,7 @@ import time
 from collections import Counter
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 import ray.data
 
@@ -26,7 +27,7 @@ from align_ray import storage, watchdog
 from align_ray.data.errors import InputError
 from align_ray.filter import plan as plan_lib
 from align_ray.filter import report as report_lib
-from align_ray.filter.config import FilterConfig
+from align_ray.filter.config import RULES, FilterConfig
 from align_ray.filter.evalset import load_hashes
 from align_ray.filter.safety import load_hook
 from align_ray.filter.shuffle import map_groups
@@ -59,14 +60,18 @@ def _with_shard(batch: pa.Table, index: dict[str, int]) -> pa.Table:
         "shard", pa.array([index[n] for n in names], pa.int32()))
 
 
-def read_rows(src: Layout, shards: list[dict]) -> ray.data.Dataset:
+def read_rows(src: Layout, shards: list[dict],
+              columns: list[str] = plan_lib.META_COLS) -> ray.data.Dataset:
     """The metadata columns of every downloaded row, tagged with its shard's index."""
     files = [src.path(p) for m in shards for p in m["parts"] if p.startswith(f"{PARQUET}/")]
     if not files:
         raise InputError(f"{src.uri}: the download stage produced no rows")
+    if plan_lib.SCORE_COL in columns and plan_lib.SCORE_COL not in pq.read_schema(
+            files[0], filesystem=src.fs).names:
+        raise InputError(f"{src.uri} has no {plan_lib.SCORE_COL} column, which score_min / "
+                         "score_keep_fraction need: run `align-ray score` on it first")
     index = {m["shard"]: i for i, m in enumerate(shards)}
-    ds = ray.data.read_parquet(files, filesystem=src.fs, columns=plan_lib.META_COLS,
-                               include_paths=True)
+    ds = ray.data.read_parquet(files, filesystem=src.fs, columns=columns, include_paths=True)
     return ds.map_batches(_with_shard, fn_kwargs={"index": index}, batch_format="pyarrow",
                           batch_size=None)
 
@@ -113,7 +118,8 @@ def run(cfg: FilterConfig) -> dict:
         load_hook(cfg.safety_hook)  # fail fast on a typo, before any work
     eval_hashes = load_hashes(cfg.eval_sets, cfg.eval_image_col)
     npart = partitions(cfg, stats1["output_rows"])
-    plan = plan_lib.build(read_rows(src, shards), cfg, eval_hashes, npart)
+    plan = plan_lib.build(read_rows(src, shards, plan_lib.meta_cols(cfg)), cfg, eval_hashes,
+                          npart)
     plan.verdicts = plan.verdicts.materialize()
     written = map_groups(plan.verdicts, "shard", _write_group, npart,
                          {"cfg": cfg, "shards": shards})
@@ -141,11 +147,13 @@ def run(cfg: FilterConfig) -> dict:
                    "filter": {"input_rows": filtered_in, "output_rows": kept,
                               "dropped": dict(sorted(dropped.items(), key=lambda kv: -kv[1]))}},
         "vocab": plan.vocab, "partitions": npart,
+        "score_cut": vars(plan.score_cut) if plan.score_cut else None,
         "config": {k: v for k, v in vars(cfg).items() if k not in ("input", "output")},
     }
     assert stats["input_rows"] == kept + sum(total_dropped.values()), "row accounting broken"
     if cfg.report:
         rep = {**stats["stages"]["filter"], "vocab": plan.vocab,
+               "funnel": report_lib.funnel(filtered_in, dropped, RULES, cfg.enabled),
                "hist_before": report_lib.histograms_before(plan.rows),
                "hist_after": hist_after or report_lib.histograms(pa.table(
                    {"text": pa.array([], pa.string()), "original_width": pa.array([], pa.int32()),

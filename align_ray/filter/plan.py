@@ -12,12 +12,15 @@ shuffle; every shuffle is a task-based hash partition, :mod:`align_ray.filter.sh
     V  = M + P' -> reason                                                    [join]
 
 Rules are applied in this order, the first broken one is the row's reason: the per-pair rules,
-eval-set near-duplicates, texts per image, images per text, rare tokens, exact duplicates.
-All rules are functions of (image, text), so exact duplicates always share one verdict.
+eval-set near-duplicates, texts per image, images per text, rare tokens, exact duplicates,
+then the score rules (``score_min``, ``score_keep_fraction``: its exact global cut is found on M
+before V, :mod:`align_ray.filter.quantile`).  The frequency rules are functions of (image,
+text), so exact duplicates always share their verdict.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,13 +29,18 @@ import pyarrow.compute as pc
 import ray.data
 
 from align_ray.filter import counts as counts_lib
-from align_ray.filter import vocab
+from align_ray.filter import quantile, vocab
 from align_ray.filter.config import FilterConfig
 from align_ray.filter.evalset import min_distance
 from align_ray.filter.rules import PairRules, pair_reasons, token_counts
 from align_ray.filter.shuffle import join
 
 META_COLS = ["key", "text", "sha256", "phash", "text_hash", "original_width", "original_height"]
+SCORE_COL = "pair_score"
+
+
+def meta_cols(cfg: FilterConfig) -> list[str]:
+    return META_COLS + ([SCORE_COL] if cfg.needs_score() else [])
 
 
 def _img_id(batch: pa.Table, identity: str) -> pa.Array:
@@ -64,7 +72,9 @@ def prepare(batch: pa.Table, cfg: FilterConfig, eval_hashes: np.ndarray) -> pa.T
     ph = np.asarray(batch.column("phash").to_numpy(zero_copy_only=False), np.uint64)
     key = batch.column("key")
     key_id = key if pa.types.is_integer(key.type) else pc.cast(key, pa.int64())
-    return pa.table({
+    score = ({SCORE_COL: batch.column(SCORE_COL).cast(pa.float32())}
+             if SCORE_COL in batch.column_names else {})
+    return pa.table({**score,
         "key_id": key_id.cast(pa.int64()), "shard": batch.column("shard"),
         "img_id": _img_id(batch, cfg.image_identity),
         "text_hash": batch.column("text_hash").cast(pa.uint64()), "text": batch.column("text"),
@@ -75,7 +85,25 @@ def prepare(batch: pa.Table, cfg: FilterConfig, eval_hashes: np.ndarray) -> pa.T
     })
 
 
-def decide(batch: pa.Table, cfg: FilterConfig, cut_at: int) -> pa.Table:
+def _score_checks(batch: pa.Table, cfg: FilterConfig, cut: quantile.Cut | None) -> list:
+    if not cfg.needs_score():
+        return []
+    score = np.asarray(batch.column(SCORE_COL).to_numpy(zero_copy_only=False), np.float32)
+    key_id = np.asarray(batch.column("key_id").to_numpy(zero_copy_only=False), np.int64)
+    out = []
+    if cfg.enabled("score_min"):
+        out.append(("score_min", ~(score >= np.float32(cfg.score_min)),  # NaN/missing: dropped
+                    lambda i: f"pair_score {score[i]:.4f} < score_min {cfg.score_min}"))
+    if cfg.enabled("score_keep_fraction") and cut is not None:
+        out.append(("score_keep_fraction", ~cut.keeps(score, key_id),
+                    lambda i: f"pair_score {score[i]:.4f} not in the top "
+                              f"{cfg.score_keep_fraction} ({cut.keep} of {cut.rows} rows, "
+                              f"cut at {cut.score if cut.score is not None else 'none'})"))
+    return out
+
+
+def decide(batch: pa.Table, cfg: FilterConfig, cut_at: int,
+           score_cut: quantile.Cut | None = None) -> pa.Table:
     """Turn the joined facts of each row into (reason, detail)."""
     n = batch.num_rows
     reason: list[str | None] = batch.column("pair_reason").to_pylist()
@@ -103,7 +131,7 @@ def decide(batch: pa.Table, cfg: FilterConfig, cut_at: int) -> pa.Table:
          lambda i: f"{rare[i]!r} seen {gram_n[i]}x in the corpus (vocabulary needs >= {cut_at})"),
         ("exact_duplicate", (key_id != first) if cfg.dedup else np.zeros(n, bool),
          lambda i: f"same image and text as key {first[i]:014d}"),
-    ]
+    ] + _score_checks(batch, cfg, score_cut)
     for name, bad, explain in checks:
         if not cfg.enabled(name):
             continue
@@ -124,6 +152,7 @@ class Plan:
     texts: ray.data.Dataset              # T: text_hash, n_images, text_rows[, gram_n, rare_gram]
     verdicts: ray.data.Dataset           # V: key_id, shard, text_hash, img_id, reason, detail
     vocab: dict = field(default_factory=dict)
+    score_cut: quantile.Cut | None = None   # the score_keep_fraction cut, when that rule is on
 
 
 def build(rows: ray.data.Dataset, cfg: FilterConfig, eval_hashes: np.ndarray,
@@ -147,9 +176,21 @@ def build(rows: ray.data.Dataset, cfg: FilterConfig, eval_hashes: np.ndarray,
         texts = join(texts, rarity, ["text_hash"], "left outer", npart)
     facts = join(join(pairs, images, ["img_id"], "inner", npart), texts, ["text_hash"], "inner",
                  npart, drop=["rows", "image_rows", "text_rows"])
+    score_cut = None
+    if cfg.enabled("score_keep_fraction"):
+        n = m.count()   # the raw corpus, like every other global count here
+        score_cut = quantile.top_k_cut(m, keep_count(cfg.score_keep_fraction, n), n,
+                                       SCORE_COL, "key_id")
     per_row = ["key_id", "shard", "img_id", "text_hash", "pair_reason", "pair_detail", "eval_dist"]
+    per_row += [SCORE_COL] if cfg.needs_score() else []
     verdicts = join(m, facts, ["img_id", "text_hash"], "inner", npart,
                     left_columns=per_row).map_batches(
-        decide, fn_kwargs={"cfg": cfg, "cut_at": cut_at}, batch_format="pyarrow",
-        batch_size=None)
-    return Plan(rows=m, pairs=pairs, images=images, texts=texts, verdicts=verdicts, vocab=info)
+        decide, fn_kwargs={"cfg": cfg, "cut_at": cut_at, "score_cut": score_cut},
+        batch_format="pyarrow", batch_size=None)
+    return Plan(rows=m, pairs=pairs, images=images, texts=texts, verdicts=verdicts, vocab=info,
+                score_cut=score_cut)
+
+
+def keep_count(fraction: float, rows: int) -> int:
+    """ceil(fraction x rows), less a hair so that 0.3 x 10 (3.0000000000000004) keeps 3."""
+    return min(rows, max(0, math.ceil(fraction * rows - 1e-9)))

@@ -110,6 +110,17 @@ def _examples(m: ray.data.Dataset, key: str, wanted: list, cols: list[str]) -> d
     return out
 
 
+def funnel(input_rows: int, dropped: dict, rules: tuple, enabled) -> list[dict]:
+    """Rows left after each enabled rule, in the order the rules are applied (a row is
+    counted under the first rule it breaks)."""
+    left, out = input_rows, []
+    for rule in rules:
+        if enabled(rule) or dropped.get(rule):
+            left -= dropped.get(rule, 0)
+            out.append({"rule": rule, "dropped": dropped.get(rule, 0), "rows_left": left})
+    return out
+
+
 def plot(report: dict, out_dir_uri: str) -> list[str]:
     """Write rules.png, tokens.png and image_size.png next to report.json; returns names."""
     import matplotlib
@@ -156,6 +167,9 @@ def text_summary(report: dict) -> str:
              f"corpus; vocabulary {report.get('vocab', {})}"]
     for rule, c in report["dropped"].items():
         lines.append(f"  {rule:<22} {c}")
+    if report.get("funnel"):
+        lines.append("  funnel: " + " -> ".join(f"{f['rule']} {f['rows_left']}"
+                                                for f in report["funnel"]))
     if report.get("top_dropped_texts"):
         lines.append("  most frequent dropped alt-texts:")
         lines += [f"    {t['dropped_rows']:>7}  {t['text']!r}"

@@ -26,7 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from align_ray import layout, storage, watchdog
+from align_ray import batch_embed, layout, storage, watchdog
+from align_ray.batch_embed import pool_size
 from align_ray.serve import ann, store
 from align_ray.serve.config import IndexConfig
 
@@ -53,39 +54,18 @@ class _EmbedBatch:
 
     def __init__(self, model_dir: str, image_col: str, text_col: str, extra: list[str],
                  thumb_size: int, device: str, threads: int = 1):
-        import torch
-
-        from align_ray.model.pretrained import load_embedder
-
-        # as many intra-op threads as CPUs reserved for the actor: more would steal the cores
-        # the other actors and the read/write tasks were promised
-        torch.set_num_threads(max(1, threads))
-        self.embedder = load_embedder(model_dir, device=device)
+        self.embedder = batch_embed.actor_embedder(model_dir, device, threads)
         self.image_col, self.text_col, self.extra = image_col, text_col, extra
         self.thumb_size = thumb_size
-
-    def _decode(self, data: bytes | None, draft: int):
-        from align_ray.model.transforms import decode_rgb
-
-        try:
-            return decode_rgb(data or b"", draft=draft)
-        except ValueError:
-            return None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from align_ray.data import hashing
 
-        size = self.embedder.image_size
         raw = batch.column(self.image_col).to_pylist()
-        # decoded exactly as ImageEncoder decodes a query, so the same bytes embed the same
-        pils = [self._decode(b, size) for b in raw]
-        keep = [j for j, p in enumerate(pils) if p is not None]
-        texts = [t or "" for t in batch.column(self.text_col).take(pa.array(keep, pa.int64())).to_pylist()]
-        pils = [pils[j] for j in keep]
-        img_emb = self.embedder.embed_images(pils)
-        txt_emb = self.embedder.embed_texts(texts)
-        if self.thumb_size > size:  # JPEG drafts at the model size are too small for a thumbnail
-            pils = [self._decode(raw[j], self.thumb_size) for j in keep]
+        got = batch_embed.embed_pairs(self.embedder, raw, batch.column(self.text_col).to_pylist())
+        keep, texts, pils = got.keep, got.texts, got.images
+        if self.thumb_size > self.embedder.image_size:  # JPEG drafts at the model size are
+            pils = [batch_embed.decode(raw[j], self.thumb_size)[0] for j in keep]  # too small
         cols: dict[str, Any] = {"text": pa.array(texts, pa.string())}
         for c in self.extra:
             cols[c] = batch.column(c).take(pa.array(keep, pa.int64()))
@@ -95,8 +75,8 @@ class _EmbedBatch:
             cols["text_hash"] = pa.array([hashing.text_hash(t) for t in texts], pa.uint64())
         if self.thumb_size:
             cols["thumb"] = pa.array([_thumb(p, self.thumb_size) for p in pils], pa.binary())
-        cols["image_emb"] = _fixed_list(img_emb.reshape(len(keep), self.embedder.dim))
-        cols["text_emb"] = _fixed_list(txt_emb.reshape(len(keep), self.embedder.dim))
+        cols["image_emb"] = _fixed_list(got.image_emb.reshape(len(keep), self.embedder.dim))
+        cols["text_emb"] = _fixed_list(got.text_emb.reshape(len(keep), self.embedder.dim))
         return pa.table(cols)
 
 
@@ -115,29 +95,6 @@ def _thumb(im, size: int) -> bytes:
 def _fixed_list(x: np.ndarray) -> pa.FixedSizeListArray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
-
-
-def pool_size(cfg: IndexConfig, resources: dict[str, float] | None = None) -> tuple[int, float]:
-    """(most encoder actors, CPUs per actor).  ``cfg.concurrency`` actors of ``cfg.num_cpus`` when
-    set; else as many as the cluster's *free* resources hold with one CPU left over for the read /
-    repartition / write tasks that feed them, shrinking a lone actor to a fractional CPU when
-    even one whole actor would not leave that room (e.g. next to a running Serve app).  GPU
-    actors: one per ``num_gpus`` share.  ``resources`` defaults to ``ray.available_resources()``;
-    a cluster with nothing free (still scaling up) gets one actor as configured."""
-    if cfg.concurrency:
-        return cfg.concurrency, cfg.num_cpus
-    if resources is None:
-        import ray
-
-        resources = ray.available_resources()
-    free = float(resources.get("CPU", 0))
-    cpus, room = cfg.num_cpus, free - 1
-    if cpus > 0 and free > 0 and room < cpus:
-        cpus = round(room if room > 0 else free / 2, 3)
-    fits = [math.floor(room / cpus + 1e-9)] if cpus > 0 and room > 0 else []
-    if cfg.num_gpus > 0:
-        fits.append(math.floor(float(resources.get("GPU", 0)) / cfg.num_gpus + 1e-9))
-    return max(1, min(fits) if fits else 1), cpus
 
 
 def build(cfg: IndexConfig) -> dict[str, Any]:

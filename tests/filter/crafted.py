@@ -94,17 +94,19 @@ def build(eval_phash: int) -> Corpus:
     return c
 
 
-def write_stage1(c: Corpus, out: Path, shard_size: int = 1000) -> dict:
-    """Write ``c`` as a complete download-stage output with 2 download-dropped rows per shard."""
+def write_stage1(c: Corpus, out: Path, shard_size: int = 1000, extra_fields: list = ()) -> dict:
+    """Write ``c`` as a complete download-stage output with 2 download-dropped rows per shard.
+    Rows without their own ``jpg`` get a small red JPEG; ``extra_fields`` (name, type) are
+    columns a later stage added (e.g. ``pair_score``)."""
     jpg = _jpeg()
-    schema = pa.schema(SAMPLE_FIELDS)
+    schema = pa.schema(SAMPLE_FIELDS + list(extra_fields))
     dropped_schema = pa.schema(DROPPED_FIELDS)
     for sub in ("parquet", "dropped", "_shards"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     n_in, n_out, n_drop = 0, 0, 0
     for s, start in enumerate(range(0, len(c.rows), shard_size)):
         name = f"00000_{s:05d}"
-        rows = [{**r, "jpg": jpg} for r in c.rows[start:start + shard_size]]
+        rows = [{"jpg": jpg, **r} for r in c.rows[start:start + shard_size]]
         pq.write_table(pa.Table.from_pylist(rows, schema=schema), out / "parquet" / f"{name}.parquet")
         drops = [{"key": f"9{s:05d}0000000{i}", "url": "http://img.test/404", "text": "gone",
                   "reason": "http_404", "detail": "", "retryable": False} for i in range(2)]
