@@ -86,10 +86,9 @@ def test_score_min_and_keep_fraction_exact_global_top_k(ray_cluster, scored_stag
     tied = [r for key, r in verdict.items() if scores[key] == kth]
     assert None in tied and "score_keep_fraction" in tied
     funnel = json.loads((tmp_path / "out" / "report.json").read_text())["funnel"]
-    assert funnel[-3:] == [
+    assert funnel == [   # the frequency rules (and the hook) are off here
         {"rule": "score_min", "dropped": counts["score_min"], "rows_left": N - counts["score_min"]},
-        {"rule": "score_keep_fraction", "dropped": counts["score_keep_fraction"], "rows_left": K},
-        {"rule": "unsafe", "dropped": 0, "rows_left": K}]
+        {"rule": "score_keep_fraction", "dropped": counts["score_keep_fraction"], "rows_left": K}]
 
 
 def test_score_rules_are_off_until_set_and_need_the_column(ray_cluster, tmp_path):
@@ -114,7 +113,7 @@ def test_radix_selection_over_every_digit_matches_a_sort(ray_cluster, k):
     rng = np.random.default_rng(k)
     score = np.round(rng.normal(0, 1, 150), 1).astype(np.float32)
     score[:3] = np.nan                            # missing scores rank last
-    key = rng.permutation(10**12)[:150].astype(np.int64)
+    key = rng.permutation(150).astype(np.int64) * 10**9 + 12345   # unique, past 32 bits
     ds = ray.data.from_arrow([pa.table({"pair_score": score[i::4], "key_id": key[i::4]})
                               for i in range(4)])
     cut = quantile.top_k_cut(ds, k, 150, collect_limit=0)
