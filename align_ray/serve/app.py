@@ -21,6 +21,7 @@ from ray.serve.schema import LoggingConfig
 from align_ray.serve.config import EncoderConfig, ServeConfig
 from align_ray.serve.encoders import ImageEncoder, TextEncoder
 from align_ray.serve.router import Router
+from align_ray.serve.shards import IndexShard
 
 log = logging.getLogger(__name__)
 
@@ -53,24 +54,35 @@ def check_paths(cfg: ServeConfig) -> None:
     if not cfg.model:
         raise ValueError("model is required (our save_pretrained dir, an HF dir or open_clip:ARCH:CKPT)")
     dim = check_model_spec(cfg.model)
-    if cfg.index:
-        meta = read_manifest(cfg.index)
+    for name, path in cfg.index_map().items():
+        meta = read_manifest(path)
         if dim is not None and int(dim) != int(meta["dim"]):
-            raise ValueError(f"index {cfg.index} has dim {meta['dim']}, model {cfg.model} has {dim}")
+            raise ValueError(f"index {name} ({path}) has dim {meta['dim']}, model {cfg.model} has {dim}")
 
 
 def build_app(cfg: ServeConfig) -> Application:
-    """``Router.bind(ImageEncoder.bind(...), TextEncoder.bind(...), cfg)`` with each encoder's own
-    autoscaling, resources and batching."""
+    """``Router.bind(ImageEncoder.bind(...), TextEncoder.bind(...), cfg, shards)`` with each
+    encoder's own autoscaling, resources and batching; ``shards``: ``index_shards`` IndexShard
+    deployments when > 1, each autoscaled on its own.  The indexes go in the Router's
+    ``user_config`` (hot-swappable)."""
     cfg.model, cfg.index = _model_spec(cfg.model), _abs(cfg.index)
+    cfg.indexes = {name: _abs(path) for name, path in cfg.indexes.items()}
     img = ImageEncoder.options(**_encoder_options(cfg.image_encoder)).bind(
         cfg.model, cfg.image_encoder.device, cfg.limits.max_pixels)
     txt = TextEncoder.options(**_encoder_options(cfg.text_encoder)).bind(
         cfg.model, cfg.text_encoder.device)
     router = Router.options(num_replicas=cfg.router.num_replicas,
                             ray_actor_options={"num_cpus": cfg.router.num_cpus},
-                            max_ongoing_requests=cfg.router.max_ongoing_requests)
-    return router.bind(img, txt, cfg)
+                            max_ongoing_requests=cfg.router.max_ongoing_requests,
+                            user_config=cfg.index_user_config())
+    shards = []
+    if cfg.index_shards > 1:
+        # a shard keeps the indexes it was asked about; room for each name's old and new version
+        keep = 2 * max(len(cfg.index_map()), 1) + 2
+        shards = [IndexShard.options(name=f"IndexShard{i}", **cfg.index_shard.options()).bind(
+                      i, cfg.index_shards, cfg.backend, cfg.faiss_factory, keep)
+                  for i in range(cfg.index_shards)]
+    return router.bind(img, txt, cfg, shards)
 
 
 def app_builder(args: dict) -> Application:

@@ -9,6 +9,7 @@ batch instead of once per query (the scan is memory-bound, so this is most of th
 from __future__ import annotations
 
 import asyncio
+import inspect
 from typing import Any, Callable
 
 
@@ -36,7 +37,10 @@ class NaturalBatcher:
             if not batch:
                 continue
             try:
-                results = await asyncio.to_thread(self.fn, [item for item, _ in batch])
+                items = [item for item, _ in batch]
+                # a sharded index's search is itself async (calls to the shard deployments)
+                results = await (self.fn(items) if inspect.iscoroutinefunction(self.fn)
+                                 else asyncio.to_thread(self.fn, items))
             except Exception as e:  # noqa: BLE001 - handed to every caller of the batch
                 for _, f in batch:
                     if not f.done():

@@ -35,6 +35,8 @@ class EncoderConfig:
     initial_replicas: int | None = None
     upscale_delay_s: float = 3.0
     downscale_delay_s: float = 60.0
+    # the window Serve averages ongoing requests over (Serve's default); shorter reacts faster
+    look_back_period_s: float = 30.0
     num_cpus: float = 0.5
     num_gpus: float = 0.0
     max_batch_size: int = 32
@@ -77,7 +79,8 @@ class EncoderConfig:
         out: dict[str, Any] = dict(min_replicas=self.min_replicas, max_replicas=self.max_replicas,
                                    target_ongoing_requests=self.target_ongoing_requests,
                                    upscale_delay_s=self.upscale_delay_s,
-                                   downscale_delay_s=self.downscale_delay_s)
+                                   downscale_delay_s=self.downscale_delay_s,
+                                   look_back_period_s=self.look_back_period_s)
         if self.initial_replicas is not None:
             out["initial_replicas"] = self.initial_replicas
         return out
@@ -98,6 +101,30 @@ class RouterConfig:
     num_replicas: int = 1
     num_cpus: float = 0.5
     max_ongoing_requests: int = 256
+
+
+@dataclass
+class ShardConfig:
+    """The ``IndexShard`` deployments (``index_shards`` > 1): each shard its own deployment,
+    autoscaled on its own like the encoders (a shard's load is its share of every search)."""
+
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 8.0
+    upscale_delay_s: float = 3.0
+    downscale_delay_s: float = 60.0
+    num_cpus: float = 0.5
+    max_ongoing_requests: int = 64
+
+    def options(self) -> dict[str, Any]:
+        if not 1 <= max(self.min_replicas, 1) <= self.max_replicas:
+            raise ValueError("index_shard: need 0 <= min_replicas <= max_replicas, max_replicas >= 1")
+        return dict(autoscaling_config=dict(
+            min_replicas=self.min_replicas, max_replicas=self.max_replicas,
+            target_ongoing_requests=self.target_ongoing_requests,
+            upscale_delay_s=self.upscale_delay_s, downscale_delay_s=self.downscale_delay_s),
+            ray_actor_options={"num_cpus": self.num_cpus},
+            max_ongoing_requests=self.max_ongoing_requests)
 
 
 @dataclass
@@ -135,6 +162,13 @@ class ServeConfig:
 
     model: str = ""
     index: str | None = None
+    # more indexes served side by side, by name (clip-retrieval's indice_name, /v1/search's
+    # "index"); ``index`` stays the default one, named ``index_name``
+    indexes: dict[str, str] = field(default_factory=dict)
+    # > 1: each index is split into this many row ranges, each held by an IndexShard deployment;
+    # the Router then holds only metadata and merges the shards' top-k
+    index_shards: int = 1
+    index_shard: ShardConfig = field(default_factory=ShardConfig)
     host: str = "127.0.0.1"
     port: int = 8000
     app_name: str = "align"
@@ -160,6 +194,15 @@ class ServeConfig:
         self.text_encoder.validate("text_encoder")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.index_shards < 1:
+            raise ValueError(f"index_shards must be >= 1, got {self.index_shards}")
+        self.index_shard.options()
+        if not isinstance(self.indexes, dict) or not all(
+                isinstance(k, str) and k and isinstance(v, str) and v for k, v in self.indexes.items()):
+            raise ValueError("indexes must map non-empty names to index directories")
+        if self.index and self.resolved_index_name() in self.indexes:
+            raise ValueError(f"indexes: {self.resolved_index_name()!r} is already the name of "
+                             "'index' (set index_name to tell them apart)")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ServeConfig":
@@ -173,6 +216,19 @@ class ServeConfig:
         if self.index_name or not self.index:
             return self.index_name or "default"
         return self.index.rstrip("/").rsplit("/", 1)[-1] or "default"
+
+    def index_map(self) -> dict[str, str]:
+        """name -> index dir, the default (``index``) first."""
+        out = {self.resolved_index_name(): self.index} if self.index else {}
+        out.update(self.indexes)
+        return out
+
+    def index_user_config(self) -> dict[str, Any]:
+        """The Router's Serve ``user_config``: the indexes it serves.  A Serve config update of
+        just this (``deployments: [{name: Router, user_config: {indexes: ..., default: ...}}]``)
+        swaps indexes in the running replicas (``Router.reconfigure``), without a restart."""
+        names = self.index_map()
+        return {"indexes": names, "default": next(iter(names), None)}
 
 
 ANN_KINDS = ("auto", "flat", "hnsw", "ivf")

@@ -94,11 +94,6 @@ def parse(model: type[BaseModel], body: bytes) -> Any:
         raise APIError(422, "; ".join(parts)) from None
 
 
-def check_index_name(name: str | None, served: str) -> None:
-    if name is not None and name != served:
-        raise APIError(404, f"unknown indice_name {name!r}; this server has {[served]}")
-
-
 def result_counts(req: KnnRequest, limits: Limits, count: int) -> tuple[int, int]:
     """(hits to search for, hits to give metadata): clip-retrieval's num_result_ids/num_images."""
     if not 1 <= req.num_images <= limits.max_k:

@@ -13,6 +13,7 @@ not strings, in the endpoint signatures Serve's class-based ingress hands it.)
 import asyncio
 import logging
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
@@ -23,7 +24,7 @@ from ray.serve.handle import DeploymentHandle
 
 from align_ray.serve import knn_service as knn
 from align_ray.serve import page, schemas
-from align_ray.serve.batcher import NaturalBatcher
+from align_ray.serve.catalog import Catalog
 from align_ray.serve.config import Limits, ServeConfig
 from align_ray.serve.schemas import APIError, ClassifyRequest, EmbedImageRequest, EmbedTextRequest, SearchRequest
 
@@ -150,20 +151,20 @@ def _err(status: int, message: str) -> APIError:
 @serve.ingress(api)
 class Router:
     def __init__(self, image_encoder: DeploymentHandle, text_encoder: DeploymentHandle,
-                 cfg: ServeConfig):
-        from align_ray.serve.store import IndexStore
-
+                 cfg: ServeConfig, shards: list[DeploymentHandle] | None = None):
         self.img = image_encoder
         self.txt = text_encoder
         self.cfg = cfg
         self.limits = cfg.limits
         configure_replica(cfg)
-        self.index_name = cfg.resolved_index_name()
         self.url_fetcher = knn.ImageUrlFetcher(cfg.url_fetch, cfg.limits)
-        self.store = (IndexStore(cfg.index, cfg.backend, cfg.faiss_factory, cfg.dedup_hamming)
-                      if cfg.index else None)
-        self.searches = NaturalBatcher(self.store.search_many) if self.store else None
+        # the indexes arrive in reconfigure (the user_config), so that a Serve config update
+        # of the Router's user_config swaps them in a running replica
+        self.catalog = Catalog(cfg, shards or [])
         self._info: dict[str, Any] | None = None
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        await self.catalog.apply(user_config)
 
     async def _model_info(self) -> dict[str, Any]:
         if self._info is None:
@@ -204,9 +205,9 @@ class Router:
     async def search(self, req: SearchRequest, request: Request) -> JSONResponse:
         schemas.check_k(req.k, self.limits)
         target = req.target
-        if self.store is None:
-            raise _err(404, "no index is loaded (start the server with --index)")
-        if target not in self.store.modalities:
+        served = self.catalog.get(req.index)
+        store = served.store
+        if target not in store.modalities:
             raise _err(404, f"the loaded index has no {target} embeddings")
         if req.text is not None:
             schemas.check_text(req.text, self.limits)
@@ -214,14 +215,15 @@ class Router:
         elif req.image is not None:
             query = (await self._embed_images([schemas.decode_image(req.image, self.limits)]))[0]
         else:
-            schemas.check_embedding(req.embedding, self.store.dim)
+            schemas.check_embedding(req.embedding, store.dim)
             query = np.asarray(req.embedding, np.float32)
         knobs = schemas.check_knobs(req.nprobe, req.ef)
-        hits = await self.searches.submit((query, target, req.k, req.dedup, knobs))
+        hits = await served.searches.submit((query, target, req.k, req.dedup, knobs))
         root = request.scope.get("root_path", "").rstrip("/")
-        if self.store.has_thumbnails:
+        if store.has_thumbnails:
+            suffix = self._index_query(served)
             for h in hits:
-                h["image_url"] = f"{root}/v1/image/{h['id']}"
+                h["image_url"] = f"{root}/v1/image/{h['id']}{suffix}"
         for h in hits:
             h["modality"] = target
         return JSONResponse({"results": hits})
@@ -262,52 +264,53 @@ class Router:
 
     @api.get("/indices-list")
     async def indices_list(self) -> JSONResponse:
-        return JSONResponse([self.index_name] if self.store else [])
+        return JSONResponse(self.catalog.names)
 
     @api.post("/knn-service")
     async def knn_service(self, request: Request) -> JSONResponse:
         req = knn.parse(knn.KnnRequest, await request.body())
-        if self.store is None:
-            raise _err(404, "no index is loaded (start the server with --index)")
-        knn.check_index_name(req.indice_name, self.index_name)
-        knn.check_modality(req.modality, self.store.modalities)
-        k, with_meta = knn.result_counts(req, self.limits, len(self.store))
+        served = self.catalog.get(req.indice_name)
+        knn.check_modality(req.modality, served.store.modalities)
+        k, with_meta = knn.result_counts(req, self.limits, len(served.store))
         kind = req.query_kind()
         if kind == "text":
             schemas.check_text(req.text, self.limits)
             query = (await self._embed_texts([req.text]))[0]
         elif kind == "embedding_input":
-            schemas.check_embedding(req.embedding_input, self.store.dim)
+            schemas.check_embedding(req.embedding_input, served.store.dim)
             query = np.asarray(req.embedding_input, np.float32)   # as given, like /v1/search
         else:
             data = (schemas.decode_image(req.image, self.limits) if kind == "image"
                     else await self.url_fetcher.fetch(req.image_url))
             query = (await self._embed_images([data]))[0]
         knobs = schemas.check_knobs(req.nprobe, req.ef)
-        hits = await self.searches.submit((query, req.modality, k, req.deduplicate, knobs))
-        return JSONResponse(knn.knn_results(hits, with_meta, self._thumb_url(request)))
+        hits = await served.searches.submit((query, req.modality, k, req.deduplicate, knobs))
+        return JSONResponse(knn.knn_results(hits, with_meta, self._thumb_url(request, served)))
 
     @api.post("/metadata")
     async def metadata(self, request: Request) -> JSONResponse:
         req = knn.parse(knn.MetadataRequest, await request.body())
-        if self.store is None:
-            raise _err(404, "no index is loaded (start the server with --index)")
-        knn.check_index_name(req.indice_name, self.index_name)
+        served = self.catalog.get(req.indice_name)
+        store = served.store
         if len(req.ids) > knn.MAX_RESULT_IDS:
             raise _err(413, f"too many ids: {len(req.ids)} > {knn.MAX_RESULT_IDS}")
-        bad = [i for i in req.ids if not 0 <= i < len(self.store)]
+        bad = [i for i in req.ids if not 0 <= i < len(store)]
         if bad:
-            raise _err(404, f"no pair with id {bad[0]} (ids run 0..{len(self.store) - 1})")
-        thumb = self._thumb_url(request)
-        return JSONResponse([{"id": i, "metadata": knn.metadata(self.store.record(i, 0.0), thumb(i))}
+            raise _err(404, f"no pair with id {bad[0]} (ids run 0..{len(store) - 1})")
+        thumb = self._thumb_url(request, served)
+        return JSONResponse([{"id": i, "metadata": knn.metadata(store.record(i, 0.0), thumb(i))}
                              for i in req.ids])
 
-    def _thumb_url(self, request: Request):
+    def _index_query(self, served) -> str:
+        """The thumbnail URL's ``?index=`` for an index other than the default."""
+        return "" if served.name == self.catalog.default else f"?index={quote(served.name)}"
+
+    def _thumb_url(self, request: Request, served):
         """id -> the absolute URL of its thumbnail (None without thumbnails)."""
-        if not self.store.has_thumbnails:
+        if not served.store.has_thumbnails:
             return lambda i: None
-        base = str(request.base_url).rstrip("/")
-        return lambda i: f"{base}/v1/image/{int(i)}"
+        base, suffix = str(request.base_url).rstrip("/"), self._index_query(served)
+        return lambda i: f"{base}/v1/image/{int(i)}{suffix}"
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
@@ -318,16 +321,15 @@ class Router:
             except Exception as e:  # noqa: BLE001 - reported, not raised
                 status[name] = f"unavailable: {type(e).__name__}"
                 status["status"] = "degraded"
-        status["index"] = ({"count": len(self.store), "dim": self.store.dim,
-                            "modalities": list(self.store.modalities), "backend": self.cfg.backend,
-                            "search": self.store.search_info(),
-                            "search_batches": self.searches.batches,
-                            "searches": self.searches.items} if self.store else None)
+        cat = self.catalog
+        status["index"] = cat.info(cat.get(None)) if cat.default else None
+        status["indexes"] = {n: cat.info(cat.get(n)) for n in cat.names}
+        status["index_version"], status["index_error"] = cat.version, cat.last_error
         return JSONResponse(status, status_code=200 if status["status"] == "ok" else 503)
 
     @api.get("/v1/image/{item_id}")
-    async def image(self, item_id: int) -> Response:
-        data = self.store.thumbnail(item_id) if self.store else None
+    async def image(self, item_id: int, index: str | None = None) -> Response:
+        data = self.catalog.get(index).store.thumbnail(item_id) if self.catalog.entries else None
         if data is None:
             raise _err(404, f"no image with id {item_id}")
         return Response(data, media_type="image/jpeg",
@@ -335,6 +337,7 @@ class Router:
 
     @api.get("/", response_class=HTMLResponse)
     async def index_page(self, request: Request) -> HTMLResponse:
-        info = (f"{len(self.store)} indexed pairs, {self.cfg.backend} search" if self.store
-                else "no index loaded: search is unavailable")
+        cat = self.catalog
+        info = (f"{len(cat.get(None).store)} indexed pairs, {self.cfg.backend} search"
+                if cat.default else "no index loaded: search is unavailable")
         return HTMLResponse(page.render(info, self.cfg.page_k, request.scope.get("root_path", "")))

@@ -53,6 +53,7 @@ class SearchRequest(_Req):
     # an ANN index's own search width for this request (recall for speed); exact search ignores it
     nprobe: StrictInt | None = None
     ef: StrictInt | None = None
+    index: StrictStr | None = None      # a named index (ServeConfig.indexes); None = the default
 
     @model_validator(mode="after")
     def _one_query(self) -> "SearchRequest":

@@ -49,7 +49,13 @@ def topk_exact(emb: np.ndarray, queries: np.ndarray, k: int,
     if s.shape[1] > k:
         part = np.argpartition(s, s.shape[1] - k, axis=1)[:, -k:]
         s, i = np.take_along_axis(s, part, axis=1), np.take_along_axis(i, part, axis=1)
-    order = np.argsort(-s, axis=1, kind="stable")
+    # The scores are recomputed row by row for the k winners: a BLAS product's rounding depends
+    # on the matrix shapes (how many rows, how many queries in the batch), so the same pair
+    # could score 1 ulp apart in a sharded index or another batch.  An elementwise product
+    # summed over D is the same float for a pair whatever else is searched with it; ties are
+    # broken by id.  Costs k x D per query.
+    s = (emb[i] * q[:, None, :]).sum(-1, dtype=np.float32)
+    order = np.lexsort((i, -s), axis=-1)
     return np.take_along_axis(s, order, axis=1), np.take_along_axis(i, order, axis=1).astype(np.int64)
 
 

@@ -70,10 +70,11 @@ class IndexStore:
     """Both modalities' vector indexes + metadata + thumbnails, loaded from an index dir."""
 
     def __init__(self, index_dir: str, backend: str = "auto", faiss_factory: str = "Flat",
-                 dedup_hamming: int = 6, mmap: bool = True):
+                 dedup_hamming: int = 6, mmap: bool = True, vectors: bool = True):
         """``backend``: ``auto`` = the tuned ANN index the index dir holds (memory-mapped, with
         its stored nprobe / efSearch), else exact; ``exact``; ``faiss`` = built at load from
-        ``faiss_factory``."""
+        ``faiss_factory``.  ``vectors=False``: metadata only (a sharded Router: the
+        ``IndexShard`` deployments hold the vectors, :mod:`align_ray.serve.shards`)."""
         self.dir = index_dir
         self.manifest = read_manifest(index_dir)
         index_dir = localize(index_dir)
@@ -81,7 +82,7 @@ class IndexStore:
         self.dedup_hamming = dedup_hamming
         self.indexes: dict[str, VectorIndex] = {}
         section = self.manifest.get("ann") or {}
-        for m in self.manifest["modalities"]:
+        for m in self.manifest["modalities"] if vectors else ():
             emb = np.load(os.path.join(index_dir, embeddings_file(m)),
                           mmap_mode="r" if mmap and backend != "faiss" else None)
             if emb.shape != (self.manifest["count"], self.dim):
@@ -108,7 +109,7 @@ class IndexStore:
 
     @property
     def modalities(self) -> tuple[str, ...]:
-        return tuple(self.indexes)
+        return tuple(self.manifest["modalities"])
 
     def search(self, query: np.ndarray, modality: str, k: int, dedup: bool = False) -> list[dict]:
         """Best ``k`` hits of one query vector in the ``modality`` index, as result dicts."""
@@ -126,18 +127,18 @@ class IndexStore:
             index = self.indexes[modality]
             pos = [i for i, q in enumerate(queries)
                    if q[1] == modality and (tuple(q[4]) if len(q) > 4 else (None, None)) == knobs]
-            fetch = max(self._fetch(queries[i][2], queries[i][3], len(index)) for i in pos)
+            fetch = max(self.fetch_size(queries[i][2], queries[i][3], len(index)) for i in pos)
             scores, ids = index.search(np.stack([queries[i][0] for i in pos]), fetch, knobs)
             for row, i in enumerate(pos):
                 k, dedup = queries[i][2], queries[i][3]
-                hits = self._finish(scores[row], ids[row], modality, k, dedup)
+                hits = self.finish(scores[row], ids[row], modality, k, dedup)
                 if len(hits) < k and fetch < len(index):   # dedup ate too many: widen alone
                     hits = self._search_one(queries[i][0], modality, k, dedup, fetch * 4, knobs)
                 out[i] = hits
         return out  # type: ignore[return-value]
 
     @staticmethod
-    def _fetch(k: int, dedup: bool, n: int) -> int:
+    def fetch_size(k: int, dedup: bool, n: int) -> int:
         return min(n, max(4 * k, k + 16)) if dedup else min(n, k)
 
     def _search_one(self, query, modality: str, k: int, dedup: bool, fetch: int,
@@ -146,12 +147,12 @@ class IndexStore:
         while True:
             fetch = min(fetch, len(index))
             scores, ids = index.search(query, fetch, knobs)
-            hits = self._finish(scores[0], ids[0], modality, k, dedup)
+            hits = self.finish(scores[0], ids[0], modality, k, dedup)
             if len(hits) >= k or fetch >= len(index):
                 return hits
             fetch *= 4
 
-    def _finish(self, scores: np.ndarray, ids: np.ndarray, modality: str, k: int,
+    def finish(self, scores: np.ndarray, ids: np.ndarray, modality: str, k: int,
                 dedup: bool) -> list[dict]:
         valid = ids >= 0                      # faiss pads with -1 when it finds fewer
         scores, ids = scores[valid], ids[valid]

@@ -1,0 +1,217 @@
+"""Sharded serving, hot swap and named indexes, on a running app (issue 16, section 2).
+
+One app, ``align-shard`` on ``/sharded``: the package's index as ``main`` and a 29-row slice of
+it as ``small``, each split over 2 ``IndexShard`` deployments.  It is deployed the way
+``serve deploy`` does (a declarative config, through the Serve controller), so that a later
+config differing only in the Router's ``user_config`` is applied in place by ``reconfigure``
+(an app deployed with ``serve.run`` gets a new code version on every run: its replicas would be
+replaced instead).  The unsharded reference is the package's own app (``serve_app``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import threading
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import requests
+
+from tests.serve.conftest import TEST_LIMITS
+
+APP, PREFIX, SMALL_ROWS = "align-shard", "/sharded", 29
+
+
+def _slice_index(src: str, dst: str, n: int) -> str:
+    """The first ``n`` rows of an index dir, as an index dir of its own."""
+    from align_ray.serve.store import META_FILE, embeddings_file
+
+    os.makedirs(dst)
+    meta = json.load(open(os.path.join(src, META_FILE)))
+    for m in meta["modalities"]:
+        np.save(os.path.join(dst, embeddings_file(m)), np.load(os.path.join(src, embeddings_file(m)))[:n])
+    for name in ("metadata.parquet", "thumbs.parquet"):
+        pq.write_table(pq.read_table(os.path.join(src, name)).slice(0, n), os.path.join(dst, name))
+    meta.update(count=n)
+    meta.pop("ann", None)
+    json.dump(meta, open(os.path.join(dst, META_FILE), "w"))
+    return dst
+
+
+def _app_config(args: dict, router_user_config: dict | None = None):
+    from ray.serve.schema import ServeDeploySchema
+
+    app = {"name": APP, "route_prefix": PREFIX, "import_path": "align_ray.serve.app:app_builder",
+           "args": args}
+    if router_user_config is not None:
+        app["deployments"] = [{"name": "Router", "user_config": router_user_config}]
+    return ServeDeploySchema.model_validate({"applications": [app]})
+
+
+def _deploy(config) -> None:
+    """What ``serve deploy`` (the dashboard's PUT /api/serve/applications/) does with a config."""
+    from ray.serve.context import _get_global_client
+
+    _get_global_client().deploy_apps(config)
+
+
+@pytest.fixture(scope="module")
+def small_index(index_dir, tmp_path_factory) -> str:
+    return _slice_index(index_dir, str(tmp_path_factory.mktemp("small") / "small"), SMALL_ROWS)
+
+
+@pytest.fixture(scope="module")
+def sharded(serve_app, tiny_model, index_dir, small_index):
+    """(base URL of the sharded app, its args, base URL of the unsharded reference app)."""
+    from ray import serve
+
+    client, cfg = serve_app
+    tiny = dict(min_replicas=1, max_replicas=1, num_cpus=0.05, max_batch_size=8,
+                batch_wait_timeout_s=0.01, max_ongoing_requests=16, target_ongoing_requests=4)
+    args = dict(model=tiny_model, index=index_dir, index_name="main", indexes={"small": small_index},
+                index_shards=2, index_shard=dict(min_replicas=1, max_replicas=2, num_cpus=0.05,
+                                                 target_ongoing_requests=4, max_ongoing_requests=16),
+                image_encoder=tiny, text_encoder=tiny, router={"num_cpus": 0.05},
+                limits=TEST_LIMITS, app_name=APP)
+    _deploy(_app_config(args))
+    deadline = time.monotonic() + 180
+    while serve.status().applications.get(APP) is None or \
+            serve.status().applications[APP].status != "RUNNING":
+        assert time.monotonic() < deadline, serve.status().applications.get(APP)
+        time.sleep(0.5)
+    try:
+        yield f"http://{cfg.host}:{cfg.port}{PREFIX}", args, client.base_url
+    finally:
+        serve.delete(APP)
+
+
+def _post(url: str, path: str, body: dict) -> requests.Response:
+    return requests.post(url + path, json=body, timeout=60)
+
+
+def _hits(resp: requests.Response) -> list[tuple]:
+    assert resp.status_code == 200, resp.text
+    data = resp.json()
+    rows = data["results"] if isinstance(data, dict) else data
+    return [(r["id"], r.get("score", r.get("similarity")), r.get("text", r.get("caption")))
+            for r in rows]
+
+
+def test_sharded_app_runs_two_shard_deployments(sharded):
+    from ray import serve
+
+    url, _, _ = sharded
+    deployments = serve.status().applications[APP].deployments
+    assert {"IndexShard0", "IndexShard1", "Router"} <= set(deployments)
+    health = requests.get(url + "/healthz", timeout=30).json()
+    assert health["index"]["shards"] == 2 and health["index"]["name"] == "main"
+    assert health["index"]["search"]["image"]["kind"] == "exact, sharded"
+
+
+def test_sharded_results_equal_the_single_index(sharded, corpus):
+    url, _, ref = sharded
+    rng = np.random.default_rng(7)
+    image = base64.b64encode(corpus["rows"][3]["image"]).decode()
+    queries = [{"text": corpus["rows"][7]["text"]}, {"image": image},
+               {"embedding": rng.standard_normal(128).tolist()}]
+    spans = set()
+    for q in queries:
+        for modality in ("image", "text"):
+            for dedup in (False, True):
+                for k in (5, 44):
+                    body = {**q, "modality": modality, "dedup": dedup, "k": k}
+                    got, want = _hits(_post(url, "/v1/search", body)), _hits(_post(ref, "/v1/search", body))
+                    assert got == want, body
+                    spans.update(i < 22 for i, _, _ in got)   # both shards' rows answered
+                    if dedup:
+                        assert len(got) < 44 or k < 44       # the planted duplicates were dropped
+    assert spans == {True, False}
+    for q in ({"text": corpus["rows"][7]["text"]}, {"embedding_input": rng.standard_normal(128).tolist()}):
+        for dedup in (False, True):
+            body = {**q, "modality": "text", "num_images": 10, "deduplicate": dedup}
+            assert _hits(_post(url, "/knn-service", body)) == _hits(_post(ref, "/knn-service", body))
+
+
+def test_named_indexes(sharded, small_index):
+    from align_ray.serve.store import IndexStore
+
+    url, _, _ = sharded
+    assert requests.get(url + "/indices-list", timeout=30).json() == ["main", "small"]
+    vec = np.random.default_rng(3).standard_normal(128).astype(np.float32)
+    want = [(h["id"], h["score"], h["text"]) for h in IndexStore(small_index).search(vec, "image", 44)]
+    body = {"embedding": vec.tolist(), "k": 44, "modality": "image"}
+    resp = _post(url, "/v1/search", {**body, "index": "small"})
+    assert _hits(resp) == want and len(want) == SMALL_ROWS
+    assert len(_hits(_post(url, "/v1/search", body))) == 44             # the default: main
+    thumb = resp.json()["results"][0]["image_url"]
+    assert thumb.endswith("?index=small")
+    assert requests.get(url.rsplit(PREFIX, 1)[0] + thumb, timeout=30).status_code == 200
+    knn = _post(url, "/knn-service", {"embedding_input": vec.tolist(), "modality": "image",
+                                      "num_images": 44, "indice_name": "small"})
+    assert _hits(knn) == want
+    assert _post(url, "/metadata", {"ids": [28], "indice_name": "small"}).status_code == 200
+    assert _post(url, "/metadata", {"ids": [30], "indice_name": "small"}).status_code == 404
+    assert _post(url, "/metadata", {"ids": [30], "indice_name": "main"}).status_code == 200
+    for path, extra in (("/v1/search", {"index": "nope"}), ("/knn-service", {"indice_name": "nope"}),
+                        ("/metadata", {"indice_name": "nope", "ids": [0]})):
+        payload = {"embedding": vec.tolist()} if path == "/v1/search" else {"embedding_input": vec.tolist()}
+        resp = _post(url, path, {**payload, **extra} if path != "/metadata" else extra)
+        assert resp.status_code == 404 and "nope" in resp.json()["detail"], (path, resp.text)
+
+
+def test_hot_swap_answers_every_query(sharded, small_index):
+    """The default index is swapped to the 29-row one while 3 clients query without pause: no
+    query fails, the old index answers until the new one is loaded, then the new one; the
+    Router replica is reconfigured in place (its swap counter goes on), not replaced."""
+    from align_ray.serve.store import IndexStore
+
+    url, args, _ = sharded
+    before = requests.get(url + "/healthz", timeout=30).json()
+    vec = np.random.default_rng(5).standard_normal(128).astype(np.float32)
+    body = {"embedding": vec.tolist(), "k": 44, "modality": "image"}
+    counts: list[int] = []
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def fire():
+        session = requests.Session()
+        while not stop.is_set():
+            try:
+                resp = session.post(url + "/v1/search", json=body, timeout=60)
+                if resp.status_code != 200:
+                    errors.append(f"{resp.status_code} {resp.text[:200]}")
+                else:
+                    counts.append(len(resp.json()["results"]))
+            except Exception as e:  # noqa: BLE001 - counted, the test's point
+                errors.append(repr(e))
+
+    threads = [threading.Thread(target=fire) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        _deploy(_app_config(args, {"indexes": {"main": small_index, "small": small_index},
+                                   "default": "main"}))
+        deadline = time.monotonic() + 60
+        while requests.get(url + "/healthz", timeout=30).json()["index"]["count"] != SMALL_ROWS:
+            assert time.monotonic() < deadline, "the new index never came in"
+            time.sleep(0.2)
+        seen = len(counts)
+        while len(counts) < seen + 20:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert errors == []
+    assert counts[0] == 44 and counts[-1] == SMALL_ROWS and set(counts) == {44, SMALL_ROWS}
+    # once the new index answered, the old one never did again
+    assert counts[counts.index(SMALL_ROWS):] == [SMALL_ROWS] * (len(counts) - counts.index(SMALL_ROWS))
+    after = requests.get(url + "/healthz", timeout=30).json()
+    assert after["index_version"] == before["index_version"] + 1 and after["index_error"] is None
+    want = [(h["id"], h["score"], h["text"]) for h in IndexStore(small_index).search(vec, "image", 44)]
+    assert _hits(_post(url, "/v1/search", body)) == want
