@@ -60,6 +60,11 @@ class Layout:
     def path(self, *parts: str) -> str:
         return storage.join(self.root, *parts)
 
+    def clear(self) -> None:
+        """Empty the stage directory (``--overwrite``); the directory itself stays."""
+        if storage.exists(self.fs, self.root):
+            self.fs.delete_dir_contents(self.root, missing_dir_ok=True)
+
     def marker(self, shard: str) -> str:
         return self.path(SHARDS, f"{shard}.json")
 

@@ -6,6 +6,7 @@ Used by ``bench_download.py`` (ours vs img2dataset) and ``profile_download.py`` 
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import signal
@@ -269,3 +270,10 @@ class CpuSampler:
         rows = [(round(cpu - self.first.get(pid, 0.0), 2), self.info.get(pid, (0, ""))[1][:100])
                 for pid, cpu in self.last.items() if self._group(pid) == "other"]
         return sorted((r for r in rows if r[0] > 0.05), reverse=True)[:n]
+
+
+def write_json(path: str | Path, report: dict) -> None:
+    """A benchmark's results file (folders made as needed)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=1))
+    print(f"results written to {path}")

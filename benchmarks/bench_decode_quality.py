@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import statistics
 import sys
 import time
@@ -39,6 +38,7 @@ from PIL import Image
 from align_ray.data import resizer
 from align_ray.data.config import DataConfig
 from align_ray.web.store import ImageStore
+from _bench_common import write_json  # the benchmarks folder is on sys.path: the script's own
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -134,9 +134,7 @@ def main(argv: list[str] | None = None) -> int:
               "reference": "cv2.imdecode IMREAD_COLOR + cv2.resize INTER_AREA + same crop",
               "seconds": round(time.time() - t0, 1), "results": results}
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1))
-        print(f"results written to {args.json}")
+        write_json(args.json, report)
     return 0
 
 

@@ -25,7 +25,6 @@ kernel; the JSON records the kernel each pool ran, ``architecture``.)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -35,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import machine  # noqa: E402
+from _bench_common import machine, write_json  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,9 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         del ours, flat, emb
     report["load_avg_end"] = os.getloadavg()
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1))
-        print(f"results written to {args.json}")
+        write_json(args.json, report)
     return 0
 
 

@@ -85,8 +85,8 @@ def run(cfg: DataConfig) -> dict:
     t0 = time.time()
     watchdog.install("data", cfg.stall_timeout_s)
     layout = Layout(cfg.output)
-    if cfg.overwrite and storage.exists(layout.fs, layout.root):
-        layout.fs.delete_dir_contents(layout.root)
+    if cfg.overwrite:
+        layout.clear()
     plan = ensure_plan(cfg, layout)
     markers = layout.markers()
     _collect_garbage(layout, markers)

@@ -112,8 +112,7 @@ def run(cfg: FilterConfig) -> dict:
     if not cfg.overwrite and dst.is_complete(input=cfg.input):
         log.info("filter: %s is complete; nothing to do (--overwrite redoes it)", cfg.output)
         return dst.stats()
-    if storage.exists(dst.fs, dst.root):
-        dst.fs.delete_dir_contents(dst.root, missing_dir_ok=True)
+    dst.clear()
     if cfg.safety_hook:
         load_hook(cfg.safety_hook)  # fail fast on a typo, before any work
     eval_hashes = load_hashes(cfg.eval_sets, cfg.eval_image_col)

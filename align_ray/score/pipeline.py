@@ -142,8 +142,8 @@ def run(cfg: ScoreConfig) -> dict:
         raise ValueError("score: model, input and output are required")
     watchdog.install("score", cfg.stall_timeout_s)
     dst = Layout(cfg.output)
-    if cfg.overwrite and storage.exists(dst.fs, dst.root):
-        dst.fs.delete_dir_contents(dst.root)
+    if cfg.overwrite:
+        dst.clear()
     p = ensure_plan(cfg, dst)
     markers = dst.markers()
     todo = [s for s in p["shards"] if s["shard"] not in markers]
