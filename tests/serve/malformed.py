@@ -129,6 +129,7 @@ def families(limits, dim: int) -> dict[str, list[Case]]:
         {"embedding": [0.0] * dim}, {"embedding": []}, {"embedding": [1e400] * dim},
         {"embedding": [0.1] * (dim + 1)}, {"text": "a", "nprobe": 0}, {"text": "a", "ef": "64"},
         {"text": "a", "nprobe": 10**6}, {"text": "a", "ef": -3}, {"text": "a", "nprobe": 1.5},
+        {"text": "a", "index": "no-such-index"}, {"text": "a", "index": 5}, {"text": "a", "index": ""},
     ])]
     fam["classify"] = [(f"classify-{i}", "POST", "/v1/classify", _json(o)) for i, o in enumerate([
         {"image": good_img, "labels": ["cat"], "templates": ["no placeholder"]},
