@@ -183,6 +183,19 @@ class Router:
             raise _err(400, out["error"])
         return out
 
+    async def _query_vector(self, text: str | None, image: str | None, embedding: list | None,
+                            dim: int, image_bytes: bytes | None = None) -> np.ndarray:
+        """One search query as a vector (/v1/search and /knn-service alike): a text or an image
+        (base64, or bytes already fetched) through its encoder, or an embedding as given."""
+        if text is not None:
+            schemas.check_text(text, self.limits)
+            return (await self._embed_texts([text]))[0]
+        if image is not None or image_bytes is not None:
+            data = image_bytes if image_bytes is not None else schemas.decode_image(image, self.limits)
+            return (await self._embed_images([data]))[0]
+        schemas.check_embedding(embedding, dim)
+        return np.asarray(embedding, np.float32)
+
     @staticmethod
     def _embedding_response(emb: np.ndarray) -> JSONResponse:
         return JSONResponse({"embeddings": emb.tolist(), "dim": int(emb.shape[1])})
@@ -209,14 +222,7 @@ class Router:
         store = served.store
         if target not in store.modalities:
             raise _err(404, f"the loaded index has no {target} embeddings")
-        if req.text is not None:
-            schemas.check_text(req.text, self.limits)
-            query = (await self._embed_texts([req.text]))[0]
-        elif req.image is not None:
-            query = (await self._embed_images([schemas.decode_image(req.image, self.limits)]))[0]
-        else:
-            schemas.check_embedding(req.embedding, store.dim)
-            query = np.asarray(req.embedding, np.float32)
+        query = await self._query_vector(req.text, req.image, req.embedding, store.dim)
         knobs = schemas.check_knobs(req.nprobe, req.ef)
         hits = await served.searches.submit((query, target, req.k, req.dedup, knobs))
         root = request.scope.get("root_path", "").rstrip("/")
@@ -273,16 +279,11 @@ class Router:
         knn.check_modality(req.modality, served.store.modalities)
         k, with_meta = knn.result_counts(req, self.limits, len(served.store))
         kind = req.query_kind()
-        if kind == "text":
-            schemas.check_text(req.text, self.limits)
-            query = (await self._embed_texts([req.text]))[0]
-        elif kind == "embedding_input":
-            schemas.check_embedding(req.embedding_input, served.store.dim)
-            query = np.asarray(req.embedding_input, np.float32)   # as given, like /v1/search
-        else:
-            data = (schemas.decode_image(req.image, self.limits) if kind == "image"
-                    else await self.url_fetcher.fetch(req.image_url))
-            query = (await self._embed_images([data]))[0]
+        fetched = await self.url_fetcher.fetch(req.image_url) if kind == "image_url" else None
+        query = await self._query_vector(req.text if kind == "text" else None,
+                                         req.image if kind == "image" else None,
+                                         req.embedding_input if kind == "embedding_input" else None,
+                                         served.store.dim, image_bytes=fetched)
         knobs = schemas.check_knobs(req.nprobe, req.ef)
         hits = await served.searches.submit((query, req.modality, k, req.deduplicate, knobs))
         return JSONResponse(knn.knn_results(hits, with_meta, self._thumb_url(request, served)))
