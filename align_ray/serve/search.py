@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 BACKENDS = ("exact", "faiss")
+TIE_MARGIN = 16
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -34,6 +35,7 @@ def topk_exact(emb: np.ndarray, queries: np.ndarray, k: int,
     b = q.shape[0]
     if k <= 0:
         return np.zeros((b, 0), np.float32), np.zeros((b, 0), np.int64)
+    want, k = k, min(n, k + TIE_MARGIN)  # candidates past the cut, so ties there go by id too
     if chunk_rows is None:  # ~64 MB of scores per chunk, at least 64k rows
         chunk_rows = max(65536, (16 << 20) // max(b, 1))
     cand_s, cand_i = [], []
@@ -53,9 +55,11 @@ def topk_exact(emb: np.ndarray, queries: np.ndarray, k: int,
     # on the matrix shapes (how many rows, how many queries in the batch), so the same pair
     # could score 1 ulp apart in a sharded index or another batch.  An elementwise product
     # summed over D is the same float for a pair whatever else is searched with it; ties are
-    # broken by id.  Costs k x D per query.
+    # broken by id.  The first pass keeps TIE_MARGIN more candidates than asked for, because
+    # which of several equal (or 1-ulp apart) rows makes the cut there also depends on those
+    # shapes.  Costs (k + TIE_MARGIN) x D per query.
     s = (emb[i] * q[:, None, :]).sum(-1, dtype=np.float32)
-    order = np.lexsort((i, -s), axis=-1)
+    order = np.lexsort((i, -s), axis=-1)[:, :want]
     return np.take_along_axis(s, order, axis=1), np.take_along_axis(i, order, axis=1).astype(np.int64)
 
 
