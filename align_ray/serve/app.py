@@ -41,8 +41,11 @@ def _model_spec(spec: str | None) -> str | None:
 
 
 def _encoder_options(enc: EncoderConfig) -> dict[str, Any]:
-    return dict(autoscaling_config=enc.autoscaling_config(), ray_actor_options=enc.ray_actor_options(),
-                max_ongoing_requests=enc.max_ongoing_requests, user_config=enc.user_config())
+    out = dict(autoscaling_config=enc.autoscaling_config(), ray_actor_options=enc.ray_actor_options(),
+               max_ongoing_requests=enc.max_ongoing_requests, user_config=enc.user_config())
+    if enc.max_replicas_per_node is not None:
+        out["max_replicas_per_node"] = enc.max_replicas_per_node
+    return out
 
 
 def check_paths(cfg: ServeConfig) -> None:
@@ -93,7 +96,8 @@ def app_builder(args: dict) -> Application:
 def start(cfg: ServeConfig, access_log: bool = False, log_level: str = "WARNING") -> str:
     """Start Serve's HTTP proxy on ``cfg.host:cfg.port`` (Ray must be initialised) and deploy the
     app; returns its base URL once every deployment is running."""
-    serve.start(http_options=HTTPOptions(host=cfg.host, port=cfg.port))
+    serve.start(proxy_location=cfg.proxy_location,
+                http_options=HTTPOptions(host=cfg.host, port=cfg.port))
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False,
               logging_config=LoggingConfig(enable_access_log=access_log, log_level=log_level))
     return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"

@@ -93,7 +93,7 @@ class Catalog:
         if sharded:
             from align_ray.serve.shards import ShardedSearch
 
-            search = ShardedSearch(self.shards, path, store)
+            search = ShardedSearch(self.shards, path, store, cfg.router.call_timeout_s)
             await search.warm()
             return Served(name, path, store, NaturalBatcher(search.search_many))
         return Served(name, path, store, NaturalBatcher(store.search_many))

@@ -18,6 +18,7 @@ from align_ray import config as config_lib
 # auto: the tuned ANN index the index dir holds, else exact; exact: normalised dot product in
 # NumPy; faiss: a faiss index built at load time from faiss_factory
 BACKENDS = ("auto", "exact", "faiss")
+PROXY_LOCATIONS = ("EveryNode", "HeadOnly", "Disabled")
 
 
 @dataclass
@@ -39,6 +40,9 @@ class EncoderConfig:
     look_back_period_s: float = 30.0
     num_cpus: float = 0.5
     num_gpus: float = 0.0
+    # at most this many replicas on one node (None: no limit): spreads the replicas so that one
+    # lost node does not take them all, or keeps one replica per GPU node
+    max_replicas_per_node: int | None = None
     max_batch_size: int = 32
     # Serve starts a batch when max_batch_size requests wait or this long after the first one:
     # the latency / throughput trade-off (Triton's max_queue_delay). 5 ms suits an interactive
@@ -70,6 +74,8 @@ class EncoderConfig:
             raise ValueError(f"{name}: gil_switch_interval_s must be in (0, 1]")
         if self.num_cpus < 0 or self.num_gpus < 0 or self.batch_wait_timeout_s < 0:
             raise ValueError(f"{name}: num_cpus, num_gpus, batch_wait_timeout_s must be >= 0")
+        if self.max_replicas_per_node is not None and self.max_replicas_per_node < 1:
+            raise ValueError(f"{name}: max_replicas_per_node must be >= 1 (or unset)")
 
     @property
     def device(self) -> str:
@@ -101,6 +107,9 @@ class RouterConfig:
     num_replicas: int = 1
     num_cpus: float = 0.5
     max_ongoing_requests: int = 256
+    # a call to an encoder or index shard that takes longer is answered 503 instead of waiting
+    # on a replica that may be on a dying node (serve/replicas.py)
+    call_timeout_s: float = 30.0
 
 
 @dataclass
@@ -171,6 +180,10 @@ class ServeConfig:
     index_shard: ShardConfig = field(default_factory=ShardConfig)
     host: str = "127.0.0.1"
     port: int = 8000
+    # Serve's HTTP proxies: EveryNode (Serve's default: any node answers, behind a load
+    # balancer), HeadOnly (one proxy; also the choice when several "nodes" share one host and
+    # so one port, as in tests/multinode) or Disabled (DeploymentHandle callers only)
+    proxy_location: str = field(default="EveryNode", metadata={"choices": PROXY_LOCATIONS})
     app_name: str = "align"
     route_prefix: str = "/"
     backend: str = field(default="auto", metadata={"choices": BACKENDS})
@@ -194,6 +207,11 @@ class ServeConfig:
         self.text_encoder.validate("text_encoder")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.proxy_location not in PROXY_LOCATIONS:
+            raise ValueError(f"proxy_location must be one of {PROXY_LOCATIONS}, got "
+                             f"{self.proxy_location!r}")
+        if self.router.call_timeout_s <= 0:
+            raise ValueError("router.call_timeout_s must be > 0")
         if self.index_shards < 1:
             raise ValueError(f"index_shards must be >= 1, got {self.index_shards}")
         self.index_shard.options()

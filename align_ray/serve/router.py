@@ -23,7 +23,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from align_ray.serve import knn_service as knn
-from align_ray.serve import page, schemas
+from align_ray.serve import page, replicas, schemas
 from align_ray.serve.catalog import Catalog
 from align_ray.serve.config import Limits, ServeConfig
 from align_ray.serve.schemas import APIError, ClassifyRequest, EmbedImageRequest, EmbedTextRequest, SearchRequest
@@ -113,7 +113,9 @@ api.add_middleware(Cors)      # outermost: a 413 or 4xx still carries the CORS h
 
 @api.exception_handler(APIError)
 async def _api_error(request: Request, exc: APIError):
-    return JSONResponse({"detail": exc.message}, status_code=exc.status)
+    retry = getattr(exc, "retry_after", None)     # replicas.Unavailable: a 503 to retry
+    headers = {"Retry-After": str(retry)} if retry is not None else None
+    return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=headers)
 
 
 @api.exception_handler(RequestValidationError)
@@ -168,17 +170,20 @@ class Router:
 
     async def _model_info(self) -> dict[str, Any]:
         if self._info is None:
-            self._info = await self.txt.info.remote()
+            self._info = await self._call(self.txt.info, what="text encoder")
         return self._info
 
+    async def _call(self, method, *args, what: str):
+        return await replicas.call(method, *args, what=what, timeout_s=self.cfg.router.call_timeout_s)
+
     async def _embed_texts(self, texts: list[str]) -> np.ndarray:
-        out = await self.txt.embed.remote(texts)
+        out = await self._call(self.txt.embed, texts, what="text encoder")
         if isinstance(out, dict):
             raise _err(400, out["error"])
         return out
 
     async def _embed_images(self, images: list[bytes]) -> np.ndarray:
-        out = await self.img.embed.remote(images)
+        out = await self._call(self.img.embed, images, what="image encoder")
         if isinstance(out, dict):
             raise _err(400, out["error"])
         return out
@@ -249,11 +254,8 @@ class Router:
         for p in prompts:
             schemas.check_text(p, lim, "label with template")
         image = schemas.decode_image(req.image, lim)
-        img_emb_ref = self.img.embed.remote([image])       # both encoders work concurrently
-        txt = await self._embed_texts(prompts)
-        img = await img_emb_ref
-        if isinstance(img, dict):
-            raise _err(400, img["error"])
+        # both encoders work concurrently
+        txt, img = await asyncio.gather(self._embed_texts(prompts), self._embed_images([image]))
         label_emb = txt.reshape(len(req.labels), len(templates), -1).mean(axis=1)
         label_emb /= np.maximum(np.linalg.norm(label_emb, axis=1, keepdims=True), 1e-12)
         sims = label_emb @ img[0]

@@ -26,6 +26,7 @@ from collections import OrderedDict
 import numpy as np
 from ray import serve
 
+from align_ray.serve import replicas
 from align_ray.serve.search import VectorIndex
 from align_ray.serve.store import IndexStore, embeddings_file, localize, read_manifest
 
@@ -110,8 +111,9 @@ class ShardedSearch:
     """``search_many`` (as :meth:`IndexStore.search_many`) over the shards of one index path;
     ``store`` is the Router's metadata-only copy of that index."""
 
-    def __init__(self, shards: list, path: str, store: IndexStore):
+    def __init__(self, shards: list, path: str, store: IndexStore, timeout_s: float = 30.0):
         self.shards, self.path, self.store = shards, path, store
+        self.timeout_s = timeout_s
 
     async def warm(self) -> int:
         """Every shard loads this path (one replica each; others load on their first query)."""
@@ -122,8 +124,9 @@ class ShardedSearch:
         return sum(rows)
 
     async def _top(self, queries: np.ndarray, modality: str, k: int, knobs: tuple):
-        parts = await asyncio.gather(*(h.search.remote(self.path, queries, modality, k, knobs)
-                                       for h in self.shards))
+        parts = await asyncio.gather(*(
+            replicas.call(h.search, self.path, queries, modality, k, knobs, what=f"index shard {i}",
+                          timeout_s=self.timeout_s) for i, h in enumerate(self.shards)))
         return merge(parts, k)
 
     async def search_many(self, queries: list[tuple]) -> list[list[dict]]:

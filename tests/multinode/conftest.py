@@ -1,4 +1,4 @@
-"""Fixtures of the multi-node tests: one ``ray start`` cluster per module (tests/multinode/
+"""Fixtures of the multi-node tests: one ``ray start`` cluster for the package (tests/multinode/
 cluster.py), the noisy web and the small training set of the other test folders."""
 
 from __future__ import annotations
@@ -9,16 +9,19 @@ from pathlib import Path
 import pytest
 
 from tests.multinode.cluster import LocalCluster
+from tests.serve.conftest import corpus, tiny_model
 from tests.train.conftest import small_parquet
 
-__all__ = ["small_parquet", "cluster", "ensure"]  # small_parquet: a fixture used here too
+# fixtures of other folders used here too: small_parquet, and the serve tests' tiny model and
+# corpus
+__all__ = ["small_parquet", "corpus", "tiny_model", "cluster", "ensure"]
 
 # The cluster's processes take HOME from this environment: tests/conftest.py (loaded first)
 # pointed it at a folder with ray_bootstrap_config.yaml, so no Ray start probes cloud metadata.
 assert Path(os.environ["HOME"], "ray_bootstrap_config.yaml").exists()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def cluster():
     """A head (CPU 0) plus ``cpu_worker`` and two ``gpu_train`` nodes (1 CPU each)."""
     c = LocalCluster()
