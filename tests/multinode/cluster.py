@@ -174,6 +174,20 @@ class LocalCluster:
                     break
         return found
 
+    def count_title(self, fragment: str) -> int:
+        """Live processes (all live nodes) whose title contains ``fragment``: e.g. the running
+        replicas of a Serve deployment, ``ServeReplica:APP:NAME``."""
+        n = 0
+        for node in self.nodes:
+            if node.killed:
+                continue
+            for pid in self._tree(node):
+                try:
+                    n += fragment in " ".join(psutil.Process(pid).cmdline())
+                except psutil.Error:
+                    pass
+        return n
+
     def kill(self, node: Node) -> None:
         """Crash ``node``: SIGKILL its raylet and its whole process tree at once."""
         assert node.type != "head", "head-node loss is out of scope"

@@ -18,19 +18,16 @@ replacement node joins, as an autoscaler would start one.  Checked:
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
-import yaml
 
-from tests.conftest import DEV_SET, REPO, free_port
+from tests.conftest import DEV_SET
 from tests.multinode.conftest import ensure
+from tests.multinode.serving import build_index, check_placement, served
 
 pytestmark = pytest.mark.skipif(not DEV_SET.exists(), reason="needs the shared dev set")
 
@@ -41,45 +38,18 @@ FAST_S = 15.0        # a refusal must come faster than this (the router's call t
 RECOVER_S = 90.0     # the bound on "whole again" after the kill
 
 
-def _run(args: list[str], cluster, log: Path, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "align_ray.cli", *args], cwd=REPO,
-                            env=cluster.env, stdout=subprocess.PIPE, stderr=log.open("w"),
-                            text=True, **kw)
-
-
 def test_serve_survives_losing_an_encoder_node(cluster, tiny_model, corpus, tmp_path):
     ensure(cluster, cpu_worker=1, gpu_train=2)
-    idx, log = tmp_path / "idx", tmp_path / "index.log"
-    proc = _run(["index", "--model", tiny_model, "--data", corpus["path"], "--output", str(idx),
-                 "--batch-size", "16", "--ray-address", cluster.address], cluster, log)
-    assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
-
-    port = free_port()
+    idx = build_index(cluster, tiny_model, corpus["path"], tmp_path / "idx")
     enc = dict(num_cpus=0.3, max_batch_size=8, max_ongoing_requests=16, target_ongoing_requests=4,
                batch_wait_timeout_s=0.002)
-    (tmp_path / "serve.yaml").write_text(yaml.safe_dump({
-        "proxy_location": "HeadOnly", "port": port,
-        "text_encoder": {**enc, "min_replicas": 2, "max_replicas": 2, "max_replicas_per_node": 1},
-        "image_encoder": {**enc, "min_replicas": 1, "max_replicas": 1},
-        "router": {"num_cpus": 0.2, "call_timeout_s": 10}}))
-    slog = tmp_path / "serve.log"
-    server = _run(["serve", "--config", str(tmp_path / "serve.yaml"), "--model", tiny_model,
-                   "--index", str(idx), "--ray-address", cluster.address], cluster, slog)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                if requests.get(f"{base}/healthz", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert server.poll() is None, slog.read_text()[-3000:]
-            assert time.monotonic() < deadline, "the app did not come up:\n" + slog.read_text()[-3000:]
-            time.sleep(1)
+    cfg = {"text_encoder": {**enc, "min_replicas": 2, "max_replicas": 2, "max_replicas_per_node": 1},
+           "image_encoder": {**enc, "min_replicas": 1, "max_replicas": 1},
+           "router": {"num_cpus": 0.2, "call_timeout_s": 10}}
+    with served(cluster, tmp_path, tiny_model, idx, cfg) as base:
         ref = {t: np.asarray(requests.post(f"{base}/v1/embed/text", json={"texts": [t]},
                                            timeout=30).json()["embeddings"][0]) for t in TEXTS}
-        _check_placement(cluster)
+        check_placement(cluster, "align")
 
         results: list[tuple] = []      # (start, end, status, ok, detail)
         stop = threading.Event()
@@ -136,12 +106,6 @@ def test_serve_survives_losing_an_encoder_node(cluster, tiny_model, corpus, tmp_
         for t in threads:
             t.join(timeout=90)
         assert not any(t.is_alive() for t in threads), "a client hung"
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
     after = [r for r in results if r[0] >= t_kill]
     by_status: dict = {}
@@ -159,10 +123,3 @@ def test_serve_survives_losing_an_encoder_node(cluster, tiny_model, corpus, tmp_
     assert recovered is not None, f"not whole again within {RECOVER_S} s: {summary}"
     assert healthy == 200
 
-
-def _check_placement(cluster) -> None:
-    """The app's replicas run on worker nodes only (the head has 0 CPUs, but a 0-CPU actor
-    could still land there)."""
-    for name in ("Router", "TextEncoder", "ImageEncoder"):
-        nodes = cluster.node_of_title(f"ServeReplica:align:{name}")
-        assert nodes and all(n.type != "head" for n in nodes), (name, [n.name for n in nodes])
