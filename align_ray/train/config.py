@@ -41,7 +41,15 @@ class TrainConfig:
         Must be local (or shared, for multi-node runs) since rank 0 writes metrics there.
     storage_path: where Ray Train keeps checkpoints (local or ``s3://``); default OUTPUT/checkpoints.
         Re-running with the same (storage_path, name) resumes from the latest checkpoint.
-    batch_size: per worker; global batch = batch_size * workers (the gathered negatives).
+    batch_size: per worker; global batch = batch_size * workers * accum_steps (the gathered
+        negatives).
+    accum_steps: micro-batches of ``batch_size`` per worker in one optimizer step (1 = the plain
+        step).  K > 1 is feature-cached gradient accumulation (GradCache, train/step.py): a
+        no-grad forward of each micro-batch, the loss over all K x batch_size x workers
+        embeddings, then a re-forward of each micro-batch with the cached embedding gradients.
+        The loss and gradients are those of a K times larger batch (negatives included) while
+        activation memory stays at one micro-batch; costs about one extra forward per
+        micro-batch.  Train-mode BatchNorm still normalises over one micro-batch.
     steps: total optimizer steps (epochs repeat as needed).
     optimizer: "adamw" (default) or "lamb" (ALIGN-faithful: timm Lamb, for long large-batch runs;
         short runs on the dev set barely left chance with it, see BENCHMARKS.md).
@@ -103,6 +111,7 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     batch_size: int = 64
+    accum_steps: int = 1
     steps: int = 500
     lr: float = 1e-3
     weight_decay: float = 1e-5
@@ -150,7 +159,7 @@ class TrainConfig:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be 'infonce' or 'siglip', got {self.loss!r}")
-        for name in ("workers", "batch_size", "steps", "checkpoint_every", "keep_checkpoints",
+        for name in ("workers", "batch_size", "accum_steps", "steps", "checkpoint_every", "keep_checkpoints",
                      "log_every", "data_workers", "data_batch_size", "eval_batch_size"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be positive")
@@ -178,7 +187,7 @@ class TrainConfig:
 
     @property
     def global_batch(self) -> int:
-        return self.batch_size * self.workers
+        return self.batch_size * self.workers * self.accum_steps
 
     def resolved_storage(self) -> str:
         """The checkpoint storage URI (local absolute path or ``s3://...``)."""
