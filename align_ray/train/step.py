@@ -159,7 +159,9 @@ def _grad_cache(ddp: nn.Module, loss_fn: Callable, micro: Sequence[dict], inputs
                 if bias is not None:
                     outs.append(bias.view_as(bias))
                     grads.append(g_bias)
-            torch.autograd.backward(outs, grads)
+            # a locked tower (lock_image / lock_text) gives an embedding without a graph
+            keep = [i for i, o in enumerate(outs) if o.requires_grad]
+            torch.autograd.backward([outs[i] for i in keep], [grads[i] for i in keep])
     return loss.detach()
 
 

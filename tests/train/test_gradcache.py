@@ -67,6 +67,25 @@ def test_accumulated_grads_equal_one_big_batch(kind):
     assert h.rel(h.grads(plain)["text_proj.weight"], ref["text_proj.weight"]) > 1e-3
 
 
+@pytest.mark.parametrize("tower", ["image", "text"])
+def test_locked_tower(tower):
+    """With one tower locked (LiT; no graph behind its embeddings) GradCache still gives the
+    big batch's gradients, and none to the locked parameters."""
+    from align_ray.model.locking import lock
+
+    K, B = 2, 3
+    (batch,) = h.batches(1, K * B, seed=6)
+    state = h.build("clip").state_dict()
+    models = [h.build("clip", state), h.build("clip", state)]
+    for m in models:
+        lock(m, "ours", tower)
+    ref, model = models
+    build_loss(ref.cfg, ref)(*ref(*h.inputs(h.as_dict(batch)))).backward()
+    step_lib.forward_backward(model, build_loss(model.cfg, model), h.split(batch, K), h.inputs)
+    h.assert_grads_equal(h.grads(model), h.grads(ref), TOL)
+    assert not any(n.startswith(f"{tower}_") for n in h.grads(model))
+
+
 W, K2, B2 = 2, 2, 2  # the 2-worker case: 2 ranks x 2 micro-batches x 2 rows = 8 rows
 
 
