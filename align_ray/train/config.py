@@ -159,8 +159,9 @@ class TrainConfig:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be 'infonce' or 'siglip', got {self.loss!r}")
-        for name in ("workers", "batch_size", "accum_steps", "steps", "checkpoint_every", "keep_checkpoints",
-                     "log_every", "data_workers", "data_batch_size", "eval_batch_size"):
+        for name in ("workers", "batch_size", "accum_steps", "steps", "checkpoint_every",
+                     "keep_checkpoints", "log_every", "data_workers", "data_batch_size",
+                     "eval_batch_size"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be positive")
         self.crop_scale = tuple(float(x) for x in self.crop_scale)
