@@ -133,8 +133,9 @@ class LocalCluster:
         process naming its temp dir."""
         procs: list[psutil.Process] = []
         try:
-            raylet = psutil.Process(node.raylet_pid)
-            procs += [raylet, *raylet.children(recursive=True)]
+            if node.raylet_pid > 0:    # 0 while its `ray start` runs (pid 0's tree is everything)
+                raylet = psutil.Process(node.raylet_pid)
+                procs += [raylet, *raylet.children(recursive=True)]
         except psutil.NoSuchProcess:
             pass
         for p in psutil.process_iter(["pid", "cmdline"]):

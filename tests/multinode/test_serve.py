@@ -1,0 +1,218 @@
+"""Serve in motion on the multi-node cluster (tests/multinode/cluster.py): each encoder scales on
+its own load, and a node that dies under load loses no request.
+
+``align-ray serve`` runs as its own process with one proxy on the head (every "node" of this box
+shares one host, so only one proxy can hold the port); both encoders ``min_replicas: 1``,
+``max_replicas: 2``, ``max_replicas_per_node: 1``.  Replica counts are the live
+``ServeReplica:align:NAME`` processes on live nodes.  In order:
+
+1. Eight closed-loop clients post texts: the TextEncoder reaches 2 replicas while the
+   ImageEncoder stays at 1.
+2. Under that load, the node of a TextEncoder replica that does not host the Router is
+   SIGKILLed and a replacement node joins (as an autoscaler would start one).  Every request
+   gets an answer (no client timeout or connection error); every 200 carries the embeddings the
+   model gives those texts; anything else is a 503 with a detail and ``Retry-After``, in under
+   ``FAST_S``; the TextEncoder is back at 2 replicas with 5 s of clean answers within
+   ``RECOVER_S``.  The load stops; both encoders return to 1 replica.
+3. The reverse with image load.
+
+No replica runs on the CPU-0 head.  The test prints the scale-up/down delays, replica counts over
+time, throughput and p50/p99 per phase, and the kill's timeline (BENCHMARKS.md, "Serving").
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+
+from tests.conftest import DEV_SET
+from tests.multinode.conftest import ensure
+from tests.multinode.serving import check_placement, served
+
+pytestmark = pytest.mark.skipif(not DEV_SET.exists(), reason="needs the shared dev set")
+
+APP = "align"
+TEXTS = [f"a picture of thing number {i}" for i in range(16)]
+PER_REQUEST = 16     # texts per request: calls long enough that some are inside the victim
+CLIENTS = 8
+FAST_S = 15.0        # a refusal must come faster than this (the Router's call timeout is 10 s)
+RECOVER_S = 90.0     # the bound on "whole again" after the kill
+
+
+class Load:
+    """``CLIENTS`` closed-loop HTTP clients; each answer recorded as (start, end, status, ok,
+    detail), ``ok`` from ``check(request number, response)``."""
+
+    def __init__(self, url: str, body, check) -> None:
+        self.url, self.body, self.check = url, body, check
+        self.results: list[tuple] = []
+        self.stop_event = threading.Event()
+        self.threads = [threading.Thread(target=self._client, args=(i,), daemon=True)
+                        for i in range(CLIENTS)]
+        for t in self.threads:
+            t.start()
+
+    def _client(self, i: int) -> None:
+        with requests.Session() as s:
+            n = 0
+            while not self.stop_event.is_set():
+                body = self.body(i + n)
+                t0 = time.monotonic()
+                try:
+                    r = s.post(self.url, json=body, timeout=60)
+                except requests.RequestException as e:      # lost or hung: never allowed
+                    self.results.append((t0, time.monotonic(), None, False, repr(e)))
+                    continue
+                if r.status_code == 200:
+                    ok, detail = self.check(i + n, r.json()), ""
+                else:
+                    detail = r.json().get("detail", "")
+                    ok = (r.status_code == 503 and bool(detail)
+                          and r.headers.get("Retry-After") is not None)
+                self.results.append((t0, time.monotonic(), r.status_code, ok, detail))
+                n += 1
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        for t in self.threads:
+            t.join(timeout=90)
+        assert not any(t.is_alive() for t in self.threads), "a client hung"
+
+
+def _phase(results: list[tuple], lo: float, hi: float) -> dict:
+    sel = [r for r in results if lo <= r[0] < hi]
+    if not sel:
+        return {}
+    lat = np.array([r[1] - r[0] for r in sel]) * 1000
+    return {"requests": len(sel), "req_per_s": round(len(sel) / (hi - lo), 1),
+            "p50_ms": round(float(np.percentile(lat, 50)), 1),
+            "p99_ms": round(float(np.percentile(lat, 99)), 1)}
+
+
+def test_serve_scales_each_way_and_survives_a_node_loss(cluster, tiny_model, corpus, tmp_path):
+    ensure(cluster, cpu_worker=1, gpu_train=2)
+    enc = dict(min_replicas=1, max_replicas=2, max_replicas_per_node=1, num_cpus=0.05,
+               max_batch_size=4, batch_wait_timeout_s=0.002, max_ongoing_requests=8,
+               target_ongoing_requests=1, upscale_delay_s=1.0, downscale_delay_s=2.0,
+               look_back_period_s=2.0)
+    cfg = {"image_encoder": enc, "text_encoder": enc,
+           "router": {"num_cpus": 0.05, "call_timeout_s": 10}}
+
+    def replicas() -> tuple[int, int]:
+        return (cluster.count_title(f"ServeReplica:{APP}:TextEncoder"),
+                cluster.count_title(f"ServeReplica:{APP}:ImageEncoder"))
+
+    def until(cond, timeout: float, what: str, trace: list, t0: float) -> float:
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            now = replicas()
+            trace.append((round(time.monotonic() - t0, 1), *now))
+            if cond(*now):
+                return time.monotonic() - start
+            time.sleep(0.5)
+        raise AssertionError(f"{what} not seen within {timeout}s; (t, text, image): {trace[-10:]}")
+
+    images = [base64.b64encode(r["image"]).decode() for r in corpus["rows"][:4]]
+    report: dict = {}
+    with served(cluster, tmp_path, tiny_model, None, cfg) as base:
+        until(lambda t, i: t == 1 and i == 1, 120, "both encoders at 1 replica", [], time.monotonic())
+        check_placement(cluster, APP)
+        ref_t = {t: np.asarray(requests.post(f"{base}/v1/embed/text", json={"texts": [t]},
+                                             timeout=30).json()["embeddings"][0]) for t in TEXTS}
+        ref_i = [np.asarray(requests.post(f"{base}/v1/embed/image", json={"images": [im]},
+                                          timeout=30).json()["embeddings"][0]) for im in images]
+
+        def text_body(n: int) -> dict:
+            return {"texts": [TEXTS[(n + j) % len(TEXTS)] for j in range(PER_REQUEST)]}
+
+        def text_ok(n: int, js: dict) -> bool:
+            want = np.stack([ref_t[t] for t in text_body(n)["texts"]])
+            return bool(np.abs(np.asarray(js["embeddings"]) - want).max() < 1e-4)
+
+        def image_body(n: int) -> dict:
+            return {"images": [images[n % len(images)]]}
+
+        def image_ok(n: int, js: dict) -> bool:
+            return bool(np.abs(np.asarray(js["embeddings"][0]) - ref_i[n % len(images)]).max() < 1e-4)
+
+        # 1. text load scales the TextEncoder alone; 2. a TextEncoder node dies under that load
+        trace, t0 = [], time.monotonic()
+        text = Load(f"{base}/v1/embed/text", text_body, text_ok)
+        try:
+            up = until(lambda t, i: t >= 2, 90, "TextEncoder scaling up", trace, t0)
+            assert all(row[2] == 1 for row in trace), trace      # the ImageEncoder never moved
+            check_placement(cluster, APP, ("TextEncoder",))
+            time.sleep(3)
+            router = {n.name for n in cluster.node_of_title(f"ServeReplica:{APP}:Router")}
+            victims = [n for n in cluster.node_of_title(f"ServeReplica:{APP}:TextEncoder")
+                       if n.name not in router]
+            assert victims, "both TextEncoder replicas share the Router's node"
+            t_kill = time.monotonic()
+            cluster.kill(victims[0])
+            recovered, after_kill = None, [(0.0, replicas()[0])]  # (s after, TextEncoders)
+            assert after_kill[0][1] == 1, after_kill
+            # the replacement an autoscaler would start (its `ray start` takes seconds)
+            adder = threading.Thread(target=cluster.add, args=(victims[0].type,))
+            adder.start()
+            while time.monotonic() - t_kill < RECOVER_S:
+                time.sleep(1)
+                up_now = replicas()[0]
+                after_kill.append((round(time.monotonic() - t_kill, 1), up_now))
+                bad = [r for r in text.results if r[2] != 200 and r[0] >= t_kill - 5]
+                last_bad = max((r[1] for r in bad), default=t_kill)
+                if (up_now == 2 and any(n < 2 for _, n in after_kill)
+                        and time.monotonic() - last_bad > 5):
+                    recovered = max(last_bad - t_kill,
+                                    next(t for t, n in reversed(after_kill) if n < 2))
+                    break
+        finally:
+            text.stop()
+        t_stop = time.monotonic()
+        adder.join(timeout=180)
+        down = until(lambda t, i: t == 1 and i == 1, 120, "TextEncoder back at 1", trace, t0)
+        res = text.results
+        report["TextEncoder"] = {
+            "scale_up_s": round(up, 1), "scale_down_s": round(down, 1),
+            "phases": {"1 replica": _phase(res, t0, t0 + up),
+                       "2 replicas": _phase(res, t0 + up, t_kill)},
+            "replicas_t_text_image": trace[::4]}
+        report["kill"] = {
+            "requests_after_kill": sum(r[0] >= t_kill for r in res),
+            "by_status": {str(s): sum(r[2] == s for r in res) for s in {r[2] for r in res}},
+            "recovered_s": recovered, "text_replicas_after_kill": after_kill,
+            "max_refusal_s": round(max((r[1] - r[0] for r in res if r[2] != 200), default=0), 2),
+            "after_kill": _phase(res, t_kill, t_stop)}
+
+        # 3. image load scales the ImageEncoder alone
+        trace2, t1 = [], time.monotonic()
+        image = Load(f"{base}/v1/embed/image", image_body, image_ok)
+        try:
+            up2 = until(lambda t, i: i >= 2, 90, "ImageEncoder scaling up", trace2, t1)
+            assert all(row[1] == 1 for row in trace2), trace2    # the TextEncoder never moved
+            check_placement(cluster, APP, ("ImageEncoder",))
+            time.sleep(3)
+            t_stop2 = time.monotonic()
+        finally:
+            image.stop()
+        down2 = until(lambda t, i: t == 1 and i == 1, 120, "ImageEncoder back at 1", trace2, t1)
+        report["ImageEncoder"] = {
+            "scale_up_s": round(up2, 1), "scale_down_s": round(down2, 1),
+            "phases": {"1 replica": _phase(image.results, t1, t1 + up2),
+                       "2 replicas": _phase(image.results, t1 + up2, t_stop2)},
+            "replicas_t_text_image": trace2[::4]}
+        healthy = requests.get(f"{base}/healthz", timeout=30).status_code
+    print("serve on the multi-node cluster:", json.dumps(report))
+
+    wrong = [r for r in text.results + image.results if not r[3]]
+    assert not wrong, wrong[:5]
+    slow = [r for r in text.results if r[2] != 200 and r[1] - r[0] > FAST_S]
+    assert not slow, slow[:5]
+    assert report["kill"]["requests_after_kill"] > 50, report["kill"]
+    assert recovered is not None, f"not whole again within {RECOVER_S} s: {report['kill']}"
+    assert healthy == 200
