@@ -1,4 +1,4 @@
-"""``align-ray index`` and ``align-ray serve`` as their own processes on the multi-node cluster
+"""``align-ray serve`` as its own process on the multi-node cluster
 (the test process never joins Ray): one proxy on the head (every "node" of this box shares one
 host, so only one proxy can hold the port)."""
 
@@ -21,14 +21,6 @@ def cli(args: list[str], cluster, log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "align_ray.cli", *args], cwd=REPO,
                             env=cluster.env, stdout=subprocess.PIPE, stderr=log.open("w"),
                             text=True)
-
-
-def build_index(cluster, model: str, data: str, out: Path) -> str:
-    log = out.parent / f"{out.name}.log"
-    proc = cli(["index", "--model", model, "--data", data, "--output", str(out),
-                "--batch-size", "16", "--ray-address", cluster.address], cluster, log)
-    assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
-    return str(out)
 
 
 @contextmanager
