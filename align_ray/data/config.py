@@ -44,6 +44,20 @@ class DataConfig:
     robots_disallow: list[str] = field(
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
     verify_tls: bool = True
+    # politeness (align_ray/data/politeness.py).  Every limit holds per download actor: a host
+    # whose rows reach N actors can see N x max_per_host connections and N x max_host_rate
+    # requests/s (README, "Politeness").  Rows that wait for their host hold no download slot.
+    max_per_host: int = 4                 # requests in flight to one host; <= 0: no cap
+    max_host_rate: float = 0.0            # request starts/s to one host (token bucket); 0: off
+    host_backoff_failures: int = 5        # 429/503 answers in a row that pause a host
+    host_pause_s: float = 300.0           # a paused host's rows drop as host_backoff (retryable)
+    respect_robots_txt: bool = True       # robots.txt per origin, before any image request
+    robots_max_bytes: int = 512 * 1024    # read cap (RFC 9309 asks crawlers to parse >= 500 KiB)
+    robots_timeout: float = 10.0          # deadline for one robots.txt, every hop included
+    # opt-out lists (align_ray/data/blocklist.py): paths, local or s3://, one entry a line
+    blocklist_domains: str = ""           # domains; subdomains match too -> optout_domain
+    blocklist_urls: str = ""              # exact URLs -> optout_url
+    blocklist_hashes: str = ""            # sha256 (64 hex) / pHash (16 hex) -> optout_hash
     # SSRF guard
     allow_cidr: list[str] = field(default_factory=list)
     allow_private_network: bool = False
@@ -61,3 +75,6 @@ class DataConfig:
             raise ValueError("image_size, shard_size and threads must be positive")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError("jpeg_quality must be in 1..100")
+        if self.max_host_rate < 0 or self.host_pause_s < 0 or self.robots_max_bytes <= 0:
+            raise ValueError("max_host_rate and host_pause_s must be >= 0, "
+                             "robots_max_bytes positive")

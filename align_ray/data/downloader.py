@@ -26,6 +26,7 @@ from align_ray.data.config import DataConfig
 from align_ray.data.errors import RETRYABLE, Drop
 from align_ray.data.fetcher import Fetcher
 from align_ray.data.hashing import sha256_hex, text_hash
+from align_ray.data.politeness import Politeness
 from align_ray.data.resizer import process_image
 from align_ray.data.writer import Layout, ShardResult, read_marker, write_marker, write_part
 from align_ray.layout import DROPPED_COLUMNS, SAMPLE_COLUMNS
@@ -41,10 +42,11 @@ class ShardDownloader:
         self.pool = ThreadPoolExecutor(cfg.decode_threads, thread_name_prefix="decode")
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="fetch-loop", daemon=True).start()
-        self.fetcher, self.slots = self._run(self._open())
+        self.fetcher, self.slots, self.polite = self._run(self._open())
 
-    async def _open(self) -> tuple[Fetcher, asyncio.Semaphore]:
-        return Fetcher(self.cfg), asyncio.Semaphore(self.cfg.threads)
+    async def _open(self) -> tuple[Fetcher, asyncio.Semaphore, Politeness]:
+        fetcher = Fetcher(self.cfg)
+        return fetcher, asyncio.Semaphore(self.cfg.threads), Politeness(self.cfg, fetcher)
 
     def _run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
@@ -129,14 +131,26 @@ class ShardDownloader:
         url = rec["url"]
         if not url or not url.strip():
             return Drop("missing_url", "empty or null url", retryable=False)
-        async with self.slots:
-            try:
-                got = await self.fetcher.fetch(url.strip())
+        ticket = None
+        try:
+            # opt-out lists, robots.txt and the host's gate come first, holding no download
+            # slot: rows waiting for a busy or backing-off host do not slow the other hosts
+            ticket = await self.polite.admit(url.strip())
+            async with self.slots:
+                try:
+                    got = await self.fetcher.fetch(url.strip(), ticket)
+                finally:
+                    if ticket is not None:
+                        ticket.leave()   # before decoding: the host's connection is done
                 img, digest = await loop.run_in_executor(self.pool, _decode, got.body, self.cfg)
-            except Drop as d:
-                return d
-            except Exception as e:  # noqa: BLE001 - a bug must cost one row, not the run
-                return Drop("internal_error", f"{type(e).__name__}: {e}", retryable=False)
+            self.polite.check_content(digest, img.phash)
+        except Drop as d:
+            return d
+        except Exception as e:  # noqa: BLE001 - a bug must cost one row, not the run
+            return Drop("internal_error", f"{type(e).__name__}: {e}", retryable=False)
+        finally:
+            if ticket is not None:
+                ticket.leave()
         return {"key": rec["key"], "url": url, "text": rec["text"], "jpg": img.jpg,
                 "width": img.width, "height": img.height, "original_width": img.original_width,
                 "original_height": img.original_height, "format": img.format, "sha256": digest,

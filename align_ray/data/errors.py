@@ -30,5 +30,7 @@ RETRYABLE = frozenset(
         "http_503",
         "http_504",
         "truncated_body",
+        "host_backoff",        # the host was paused after repeated 429/503 answers
+        "robots_txt_error",    # robots.txt unreachable (5xx, 429, timeout): disallowed for now
     }
 )

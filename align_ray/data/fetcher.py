@@ -21,6 +21,7 @@ from yarl import URL
 
 from align_ray.data.config import DataConfig
 from align_ray.data.errors import Drop
+from align_ray.data.hostgate import Ticket
 from align_ray.data.ssrf import AddressPolicy, GuardedResolver, check_host
 
 _REDIRECTS = (301, 302, 303, 307, 308)
@@ -79,7 +80,7 @@ class Fetcher:
     async def close(self) -> None:
         await self.session.close()
 
-    async def fetch(self, url: str) -> Fetched:
+    async def fetch(self, url: str, ticket: Ticket | None = None) -> Fetched:
         """Fetch ``url`` or raise :class:`Drop`; retries retryable failures within one deadline.
 
         The deadline is ``timeout_total`` after the call, for the URL as a whole; no retry is
@@ -88,18 +89,26 @@ class Fetcher:
         started because its wait would pass it, adds nothing new, and the detail says so.  Only
         when the deadline ends the first attempt is the reason ``timeout_total``.  A URL's reason
         thus depends on how its server behaves, not on ``retries`` or the backoff schedule.
+
+        ``ticket`` (the URL's host gate, :mod:`align_ray.data.hostgate`) hears what every
+        attempt came to, and a retry waits for the host's back-off window and rate too.
         """
         cfg = self.cfg
         loop = asyncio.get_running_loop()
         deadline = loop.time() + cfg.timeout_total
         last: Drop | None = None
         for attempt in range(cfg.retries + 1):
+            if attempt and ticket is not None and not await ticket.ready(deadline):
+                raise _annotated(last, "not retried: the host's back-off would pass "
+                                       f"timeout_total ({cfg.timeout_total}s)")
             try:
                 # wait_for, not asyncio.timeout: requires-python still admits 3.10
-                return await asyncio.wait_for(self._fetch_once(url),
-                                              max(0.0, deadline - loop.time()))
+                got = await asyncio.wait_for(self._fetch_once(url),
+                                             max(0.0, deadline - loop.time()))
             except Drop as d:
                 drop = d
+                if ticket is not None:
+                    ticket.report(d)
             except asyncio.TimeoutError:
                 # only the deadline gets here: _fetch_once turns aiohttp's own timeouts into Drops
                 if last is None:
@@ -107,6 +116,10 @@ class Fetcher:
                                f"no complete response within {cfg.timeout_total}s") from None
                 raise _annotated(last, f"retry {attempt} cut short by timeout_total "
                                        f"({cfg.timeout_total}s)") from None
+            else:
+                if ticket is not None:
+                    ticket.report(None)
+                return got
             if not drop.retryable or attempt == cfg.retries:
                 raise drop
             wait = getattr(drop, "retry_after", None)
