@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = DataConfig(input=str(urls), output=str(out / "data"), overwrite=True, shard_size=200,
                          extra_cols=["noise", "fault"], allow_cidr=["127.0.0.0/8"],
                          resolve={"internal.test": "10.0.0.1"},
-                         timeout_read=5, timeout_total=10, retries=1)
+                         timeout_read=5, timeout_total=10, retries=1,
+                         max_per_host=64)  # one host standing in for a web: no per-host cap
         ray_env.init(args.ray_address)
         t0 = time.time()
         stats = pipeline.run(cfg)

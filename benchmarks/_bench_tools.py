@@ -50,7 +50,10 @@ def ours_config(args, url_list: Path, out: Path):
 
     fields = dict(input=str(url_list), output=str(out), image_size=256,
                   resize_mode="center_crop", allow_cidr=["127.0.0.0/8"],
-                  processes=args.processes, shard_size=args.shard_size)
+                  processes=args.processes, shard_size=args.shard_size,
+                  # the noisy web is one host standing in for many: a per-host cap above the
+                  # actor's downloads in flight (threads), so the gate runs but never waits
+                  max_per_host=256)
     fields.update(args.ours_overrides)
     return DataConfig(**fields)
 

@@ -71,9 +71,11 @@ class RunConfig:
 # What the embedded noisy web needs from the download stage whatever the preset: it lives on
 # 127.0.0.1 (so the SSRF guard must allow loopback), one fault URL resolves "internal.test" to a
 # private address (which must stay blocked), and its fault URLs would otherwise wait 20 s each.
+# It is one host standing in for a whole web, so the per-host cap (max_per_host, 4 by default:
+# polite to a real site) would hold every actor to 4 downloads; it gets the actor's full width.
 EMBEDDED_DATA = {"allow_cidr": ["127.0.0.0/8"], "resolve": {"internal.test": "10.0.0.1"},
                  "extra_cols": ["noise", "fault"], "timeout_read": 5.0, "timeout_total": 10.0,
-                 "retries": 1}
+                 "retries": 1, "max_per_host": 64}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # no arguments: every stage on a tiny model, < 10 min on a 2-core box (measured: see README)
