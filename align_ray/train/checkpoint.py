@@ -1,37 +1,41 @@
 """Step-granular training checkpoints (a Ray Train ``Checkpoint`` directory).
 
 Contents: ``model.pt`` (the unwrapped module's state_dict), ``optim.pt`` (optimizer + scheduler),
-``state.json`` (step, epoch, samples_seen, global batch, world size, restarts), ``rng.pt`` (python /
-numpy / torch / CUDA RNG states of *every* rank, gathered to rank 0), ``data_position.npz`` and
-``metrics.jsonl`` (rank 0's metric history up to this step).
+``state.json`` (step, epoch, samples_seen, global batch, world size, restarts),
+``data_position.npy`` (int64 [world, 2]: every rank's data position), ``rng.pt`` (python / numpy /
+torch / CUDA RNG states of *every* rank, gathered to rank 0) and ``metrics.jsonl`` (rank 0's
+metric history up to this step).
 
-Data position (no sample counted twice on resume)
--------------------------------------------------
-Ray Data's ``streaming_split`` hands blocks to whichever worker asks first, so "skip the first k
-batches" would skip *some* k*B rows per worker, not the ones actually consumed.  Instead every
-sample carries a stable ``row_id`` (hash of caption + image bytes, ingest.py); each checkpoint stores
-the ids consumed so far in the current *execution* of the training stream (gathered from all
-ranks; ``state.epoch`` counts executions, and one execution streams ``stream_epochs`` epochs of the
-data, see ingest.read_epochs).  The ids form a multiset: a row consumed twice in one execution (two
-of its epochs) is listed twice.  On resume every rank drops each listed id as many times as it is
-listed from the rest of that execution (then re-batches to full batches), and the ranks agree each
-step (an all-reduce MIN of "I have a batch") so an execution ends for all ranks at the same step.
-So no sample is trained on more often than the data gives it, across any number of restarts, and
-``samples_seen == step * global_batch`` exactly.  Cost: 8 bytes per sample consumed in the current
-execution, and those rows are decoded once more on resume (then dropped).
-Augmentation randomness on the Ray Data actors is not replayed (fresh random crops after resume).
+Data position (O(world), whatever the dataset size)
+---------------------------------------------------
+Every rank reads its own rows in an order that is a pure function of (seed, file list + row
+counts, world size): ingest.DataOrder (per-epoch seeded permutation of file slices, dealt to the
+ranks, rows shuffled within windows of several slices).  So a rank's place in the data is two
+integers, (epoch, offset): offset = rows of its epoch stream consumed, counting rows skipped as
+undecodable or not selected.  ``data_position.npy`` holds one [epoch, offset] per rank (gathered
+to rank 0 at each checkpoint): 16 bytes a rank, whatever the dataset size (a 10 k-row and a
+1 M-row dataset write checkpoints of the same size, tests/train/test_data_order.py).  On resume
+each rank computes the rest of its order from its position and reads on from there: no consumed
+row is decoded again, and the batches are the uninterrupted run's (same rows, same order, the
+same crops and flips: augmentation is seeded by the row's stream position), so
+``samples_seen == step * global_batch`` and no sample is trained on more often than the data
+gives it.  A resume on a different number of workers cannot continue the old per-rank streams:
+every rank then starts the epoch after the furthest saved one (logged).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,13 +47,27 @@ class TrainState:
     world_size: int = 0
     restarts: int = 0
     resumed_from_step: int | None = None
-    epoch_consumed: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    data_position: list[list[int]] | None = None  # [epoch, offset] per rank (ingest.DataOrder)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        d.pop("epoch_consumed")
-        d["epoch_consumed_count"] = int(len(self.epoch_consumed))
+        d.pop("data_position")  # data_position.npy
         return d
+
+
+def rank_position(state: TrainState, rank: int, world: int) -> tuple[int, int]:
+    """Where ``rank`` starts reading: its saved (epoch, offset); after a change in the number of
+    workers (or from a checkpoint without positions) the epoch after the furthest saved one."""
+    pos = state.data_position
+    if pos and len(pos) == world:
+        return int(pos[rank][0]), int(pos[rank][1])
+    if pos or state.step:
+        nxt = max([int(p[0]) for p in pos or []] + [state.epoch]) + 1
+        if rank == 0:
+            log.warning("resuming on %d workers from a checkpoint with %s data positions: every "
+                        "rank starts at epoch %d", world, len(pos or []), nxt)
+        return nxt, 0
+    return 0, 0
 
 
 def rng_state() -> dict[str, Any]:
@@ -77,8 +95,8 @@ def save(directory: str | Path, *, model: torch.nn.Module, optimizer, scheduler,
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                d / "optim.pt")
     torch.save(rng_states, d / "rng.pt")
-    np.savez_compressed(d / "data_position.npz", epoch=np.int64(state.epoch),
-                        consumed=np.sort(state.epoch_consumed.astype(np.int64)))
+    np.save(d / "data_position.npy",
+            np.asarray(state.data_position or np.zeros((0, 2)), np.int64).reshape(-1, 2))
     (d / "state.json").write_text(json.dumps(state.to_json(), indent=1))
     (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     return d
@@ -87,11 +105,10 @@ def save(directory: str | Path, *, model: torch.nn.Module, optimizer, scheduler,
 def read_state(directory: str | Path) -> TrainState:
     d = Path(directory)
     raw = json.loads((d / "state.json").read_text())
-    raw.pop("epoch_consumed_count", None)
+    raw.pop("epoch_consumed_count", None)  # checkpoints before the O(1) position
     state = TrainState(**raw)
-    pos = np.load(d / "data_position.npz")
-    if int(pos["epoch"]) == state.epoch:
-        state.epoch_consumed = pos["consumed"].astype(np.int64)
+    if (d / "data_position.npy").exists():
+        state.data_position = np.load(d / "data_position.npy").astype(np.int64).tolist() or None
     return state
 
 

@@ -35,8 +35,10 @@ log = logging.getLogger(__name__)
 
 
 def cpus_needed(cfg: TrainConfig) -> float:
-    """CPUs training asks Ray for at once: the train workers plus the data tasks feeding them."""
-    return cfg.workers * cfg.cpus_per_worker + cfg.data_workers * cfg.data_cpus
+    """CPUs training asks Ray for at once: the train workers plus the data tasks feeding them
+    (each rank runs its own pipeline: ``data_workers`` shared out, at least one task per rank)."""
+    return (cfg.workers * cfg.cpus_per_worker
+            + cfg.workers * ingest.data_tasks_per_rank(cfg) * cfg.data_cpus)
 
 
 def fit_to_cluster(cfg: TrainConfig, cluster_cpus: float | None = None) -> TrainConfig:
@@ -98,7 +100,9 @@ def worker_resources(cfg: TrainConfig) -> dict[str, float]:
 
 
 def build_trainer(cfg: TrainConfig, datasets: dict, vocab_size: int,
-                  step_hook: Callable[[int, int], None] | None = None) -> TorchTrainer:
+                  step_hook: Callable[[int, int], None] | None = None, *,
+                  train_data: ingest.TrainData,
+                  data_hook: Callable[[int, int, list], None] | None = None) -> TorchTrainer:
     uri = cfg.resolved_storage()
     fs_kwargs: dict[str, Any] = {}
     if uri.startswith("s3://"):
@@ -109,7 +113,8 @@ def build_trainer(cfg: TrainConfig, datasets: dict, vocab_size: int,
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "vocab_size": vocab_size, "has_val": "val" in datasets,
-                           "step_hook": step_hook},
+                           "step_hook": step_hook, "data_hook": data_hook,
+                           "train_data": train_data},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker=worker_resources(cfg)),
         run_config=ray.train.RunConfig(
@@ -118,14 +123,18 @@ def build_trainer(cfg: TrainConfig, datasets: dict, vocab_size: int,
             failure_config=resilience.failure_config(cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             **fs_kwargs),
+        # training data: each rank builds its own pipeline from train_data (ingest.RankStream);
+        # "val" (materialised, rank 0 reads it) is not split
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
 
 
 def run(cfg: TrainConfig, *, step_hook: Callable[[int, int], None] | None = None,
-        address: str | None = None) -> dict[str, Any]:
-    """Train (or resume) and export; returns final metrics and paths."""
+        address: str | None = None,
+        data_hook: Callable[[int, int, list], None] | None = None) -> dict[str, Any]:
+    """Train (or resume) and export; returns final metrics and paths.  ``step_hook(step, rank)``
+    and ``data_hook(step, rank, batches)`` run on the workers after each step (tests)."""
     if not cfg.output:
         raise ValueError("output is required")
     out = Path(os.path.abspath(os.path.expanduser(cfg.output)))
@@ -147,12 +156,13 @@ def run(cfg: TrainConfig, *, step_hook: Callable[[int, int], None] | None = None
     # on the driver's node: a counter on a worker node that dies would fail a finished run
     counter = ingest.BadImageCounter.options(
         name=counter_name, scheduling_strategy=resilience.on_driver_node()).remote()
-    fs, files = ingest.resolve_inputs(train_paths)
-    epochs = ingest.auto_stream_epochs(cfg, ingest.count_rows(fs, files), cfg.steps * cfg.global_batch)
-    datasets = {"train": ingest.build_dataset(cfg, train_paths, train_sel, train=True,
-                                              tokenizer=tok_files, counter=counter_name,
-                                              epochs=epochs)}
-    log.info("train: %d file(s), %d epoch(s) per streaming execution", len(files), epochs)
+    train_data = ingest.train_data(cfg, train_paths, train_sel, tokenizer=tok_files,
+                                   counter=counter_name)
+    order = train_data.order(cfg.workers)
+    log.info("train: %d file(s), %d rows; per epoch a seeded order of %d slices of <= %d rows, "
+             "rows shuffled in windows of %d slices", len(train_data.files), order.total,
+             len(order.slice_len), order.slice_rows, order.window_slices)
+    datasets: dict[str, Any] = {}
     if val is not None:
         # Preprocessed once, before training: periodic evals then read the object store and never
         # compete with the training pipeline's actors for CPUs.
@@ -161,7 +171,8 @@ def run(cfg: TrainConfig, *, step_hook: Callable[[int, int], None] | None = None
             with_match=True, concurrency=1).limit(cfg.val_max_rows).materialize()
     log.info("train: datasets ready in %.1fs", time.perf_counter() - t0)
     try:
-        trainer = build_trainer(cfg, datasets, vocab_size, step_hook)
+        trainer = build_trainer(cfg, datasets, vocab_size, step_hook, train_data=train_data,
+                                data_hook=data_hook)
         result = resilience.fit(trainer, cfg.workers, worker_resources(cfg))
         bad = resilience.read_count(counter, "undecodable-image")
     finally:
@@ -194,7 +205,7 @@ def run(cfg: TrainConfig, *, step_hook: Callable[[int, int], None] | None = None
         "step": state.step, "epoch": state.epoch, "samples_seen": state.samples_seen,
         "global_batch": state.global_batch, "restarts": state.restarts,
         "resumed_from_step": state.resumed_from_step, "bad_images_skipped": bad,
-        "epoch_samples_consumed": int(len(state.epoch_consumed)),
+        "data_position": state.data_position,
         "final_loss": train_logs[-1]["loss"] if train_logs else None,
         "temperature": train_logs[-1]["temperature"] if train_logs else None,
         "eval": final, "model_dir": model_dir, "output": str(out),

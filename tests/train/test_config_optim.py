@@ -1,16 +1,14 @@
-"""TrainConfig loading (nested ModelConfig presets), the lr schedule, weight-decay groups, and the
-loop's resume filter (no Ray)."""
+"""TrainConfig loading (nested ModelConfig presets), the lr schedule, weight-decay groups and the
+SyncBatchNorm option (no Ray).  The data position on resume: test_data_order.py."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from align_ray.config import load
 from align_ray.model import DualEncoder, ModelConfig
 from align_ray.train.config import TrainConfig
-from align_ray.train.loop import _without
 from align_ray.train.optim import build_optimizer, lr_factor, param_groups
 
 
@@ -58,24 +56,6 @@ def test_no_weight_decay_on_biases_norms_temperature():
     assert not any("norm" in names[id(p)].lower() or p.ndim < 2 for p in decay["params"])
     opt = build_optimizer(model, TrainConfig(optimizer="lamb", model=ModelConfig.tiny()))
     assert type(opt).__name__ == "Lamb" and opt.param_groups[1]["weight_decay"] == 0.0
-
-
-def test_resume_filter_drops_consumed_ids_and_rebatches():
-    batches = [{"row_id": torch.arange(i * 4, i * 4 + 4), "x": torch.arange(i * 4, i * 4 + 4) * 10}
-               for i in range(4)]  # ids 0..15
-    out = list(_without(iter(batches), np.array([1, 2, 5, 9, 10, 11]), 3))
-    ids = torch.cat([b["row_id"] for b in out]).tolist()
-    assert ids == [0, 3, 4, 6, 7, 8, 12, 13, 14]  # 10 left: 3 full batches, 15 dropped
-    assert all(len(b["row_id"]) == 3 and (b["x"] == b["row_id"] * 10).all() for b in out)
-    assert len(list(_without(iter(batches), None, 3))) == 4  # nothing to skip: batches as they are
-
-
-def test_resume_filter_skip_is_a_multiset():
-    """One execution streams several epochs, so an id recurs: skip it as often as listed."""
-    batches = [{"row_id": torch.tensor([1, 2, 3, 1]), "x": torch.tensor([10, 20, 30, 11])},
-               {"row_id": torch.tensor([2, 1, 3, 2]), "x": torch.tensor([21, 12, 31, 22])}]
-    out = list(_without(iter(batches), np.array([1, 2, 1]), 1))
-    assert [int(b["x"][0]) for b in out] == [30, 21, 12, 31, 22]  # 1 dropped twice, 2 once
 
 
 def test_sync_batchnorm_option():

@@ -1,18 +1,16 @@
-"""Training ingest: several epochs streamed in one Ray Data execution (real local Ray)."""
+"""Training ingest (real local Ray): one rank's stream reads every row of its epoch once, in the
+deterministic order, and the ranks share nothing."""
 
 from __future__ import annotations
-
-from collections import Counter
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from align_ray.train import ingest
-from align_ray.train.config import TrainConfig
 
 
-def test_read_epochs_streams_every_row_once_per_epoch(ray_cluster, tmp_path):
+def test_read_windows_stream_every_row_once_per_epoch(ray_cluster, tmp_path):
     files = []
     for f in range(3):
         path = tmp_path / f"part-{f}.parquet"
@@ -20,16 +18,28 @@ def test_read_epochs_streams_every_row_once_per_epoch(ray_cluster, tmp_path):
                        row_group_size=4)
         files.append(str(path))
     fs = pafs.LocalFileSystem()
-    assert ingest.count_rows(fs, files) == 30
-    ds = ingest.read_epochs(files, fs, ["k"], epochs=4, seed=0, rows_per_block=3)
-    counts = Counter(int(k) for b in ds.iter_batches(batch_size=7) for k in b["k"])
-    assert set(counts) == {f * 100 + i for f in range(3) for i in range(10)}
-    assert set(counts.values()) == {4}  # read_parquet would have de-duplicated repeated paths
-
-
-def test_auto_stream_epochs_covers_the_run_within_a_row_cap():
-    auto = TrainConfig(data=["x"])
-    assert ingest.auto_stream_epochs(auto, rows=1000, remaining_samples=64 * 400) == 32  # 1.25x
-    assert ingest.auto_stream_epochs(auto, rows=10**9, remaining_samples=10**6) == 1
-    assert ingest.auto_stream_epochs(auto, rows=10**6, remaining_samples=10**9) == 4  # row cap
-    assert ingest.auto_stream_epochs(TrainConfig(data=["x"], stream_epochs=3), 10, 10**6) == 3
+    assert ingest.file_rows(fs, files) == [10, 10, 10] and ingest.count_rows(fs, files) == 30
+    order = ingest.DataOrder([10, 10, 10], seed=0, world=2, window_rows=8)
+    seen = {}
+    for rank in range(2):
+        rows = sum(order.epoch_rows(e, rank) for e in range(2))
+        items = order.windows(rank, 0, 0, rows)
+        assert {it["epoch"] for it in items} == {0, 1}
+        ds = ray_cluster.data.from_items(items).map_batches(
+            ingest._read_windows, batch_size=1, batch_format="numpy",
+            fn_kwargs=dict(files=files, filesystem=fs, columns=["k"], seed=0, rank=rank,
+                           rows_per_block=3))
+        ctx = ray_cluster.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True
+        got = [(int(e), int(o), int(k)) for b in ds.iter_batches(batch_size=7)
+               for e, o, k in zip(b["pos_epoch"], b["pos_offset"], b["k"])]
+        ctx.execution_options.preserve_order = False
+        # positions run 0, 1, 2, ... within each epoch: the stream order
+        for e in (0, 1):
+            assert [o for ep, o, _ in got if ep == e] == list(range(order.epoch_rows(e, rank)))
+        seen[rank] = got
+        src = order.source_files(rank, 0, 0, len(got))  # the metadata-only view agrees
+        assert [k // 100 for _, _, k in got] == src.tolist()
+    for e in (0, 1):
+        keys = [k for r in (0, 1) for ep, _, k in seen[r] if ep == e]
+        assert sorted(keys) == [f * 100 + i for f in range(3) for i in range(10)]  # once each

@@ -1,8 +1,8 @@
 """align-ray's training step equals a plain PyTorch step (issue 13).
 
 ``train_loop_per_worker`` runs for real on one rank with the Ray Train API replaced by stand-ins
-(context, device, ``prepare_model``, a shard that yields fixed batches once, report/checkpoint as
-no-ops).  A plain loop then starts from the same initial weights and dropout stream and trains on
+(context, device, ``prepare_model``, a data stream that yields fixed batches once, report/checkpoint
+as no-ops).  A plain loop then starts from the same initial weights and dropout stream and trains on
 the same batches with ``torch.optim.AdamW`` over all parameters, the same warm-up + linear decay
 and a hand-written label-smoothed symmetric InfoNCE.  Losses and parameters must agree: any extra
 transform, mis-scaled normalisation, optimizer group or schedule quirk in the loop shows up here.
@@ -59,12 +59,12 @@ def _run_align_ray(monkeypatch, cfg: TrainConfig, batches: list[dict], vocab: in
         def get_world_size(self):
             return 1
 
-    class Shard:
-        calls = 0
+    class Stream:  # ingest.RankStream's interface
+        calls, epoch, position = 0, 0, (0, 0)
 
-        def iter_torch_batches(self, **_):
-            Shard.calls += 1  # one pass; the next epoch is empty, so the loop stops there
-            return iter([dict(b) for b in batches] if Shard.calls == 1 else [])
+        def batches(self, n_batches):
+            Stream.calls += 1  # one pass; the next is empty, so the loop stops there
+            return iter([dict(b) for b in batches] if Stream.calls == 1 else [])
 
     def prepare(model):
         seen["model"], seen["init"] = model, copy.deepcopy(model.state_dict())
@@ -83,7 +83,7 @@ def _run_align_ray(monkeypatch, cfg: TrainConfig, batches: list[dict], vocab: in
 
     monkeypatch.setattr(loop_mod, "build_loss", build_loss)
     monkeypatch.setattr(ray.train, "get_context", lambda: Ctx())
-    monkeypatch.setattr(ray.train, "get_dataset_shard", lambda name: Shard())
+    monkeypatch.setattr(loop_mod, "rank_stream", lambda *a, **k: Stream())
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
     monkeypatch.setattr(ray.train, "report", lambda *a, **k: None)
     monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))

@@ -1,8 +1,10 @@
 """Ray Train end to end (real local Ray, 2 gloo workers, tiny model, 64 px, batch 4/worker):
-a run + a resume with more steps, and a run where one worker fails once mid-run."""
+a run + a resume with more steps, and a run where one worker fails once mid-run (the replayed
+steps get the very batches the failed attempt had)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -58,8 +60,23 @@ def test_run_writes_outputs_and_resumes(ray_cluster, small_parquet, tmp_path):
     assert (s2["step"], s2["samples_seen"], s2["resumed_from_step"]) == (6, 6 * 8, 4)
     assert _steps(out) == [1, 2, 3, 4, 5, 6]
     assert len(list((out / "checkpoints/align").glob("step_*"))) == 2  # keep_checkpoints
-    consumed = np.load(_latest(out) / "data_position.npz")["consumed"]
-    assert len(consumed) == s2["epoch_samples_consumed"] == 6 * 8  # epoch 0, no id twice
+    pos = np.load(_latest(out) / "data_position.npy")  # [epoch, offset] per rank, no id list
+    assert pos.tolist() == s2["data_position"] and pos.shape == (2, 2)
+    # 6 x 4 rows kept per rank, + the val rows / the bad image its stream skipped; epoch 0
+    assert (pos[:, 0] == 0).all() and (pos[:, 1] >= 6 * 4).all()
+
+
+def _record_batches(folder: Path):
+    def hook(step: int, rank: int, batches: list) -> None:  # runs on the workers
+        import os
+
+        import numpy as _np
+
+        ids = _np.concatenate([b["row_id"].numpy() for b in batches])
+        pix = hashlib.sha1(b"".join(b["pixels"].numpy().tobytes() for b in batches)).hexdigest()
+        _np.savez(folder / f"s{step}-r{rank}-p{os.getpid()}.npz", ids=ids, pixels=pix)
+
+    return hook
 
 
 def test_worker_failure_resumes_from_last_checkpoint_on_s3(ray_cluster, small_parquet, tmp_path,
@@ -73,14 +90,25 @@ def test_worker_failure_resumes_from_last_checkpoint_on_s3(ray_cluster, small_pa
             raise RuntimeError("injected failure at step 3")
 
     s3.create_bucket(Bucket="train-ckpt")
-    out = tmp_path / "run"
+    out, seen = tmp_path / "run", tmp_path / "batches"
+    seen.mkdir()
     cfg = _cfg(small_parquet, out, steps=6, max_failures=1, storage_path="s3://train-ckpt/runs")
-    s = run(cfg, step_hook=fail_once)
+    s = run(cfg, step_hook=fail_once, data_hook=_record_batches(seen))
     assert marker.exists()
     assert (s["step"], s["samples_seen"], s["restarts"], s["resumed_from_step"]) == (6, 48, 1, 2)
     assert _steps(out) == [1, 2, 3, 4, 5, 6]  # steps 3.. replayed once, logged once
-    # every sample trained in the epoch is distinct: 6 steps x 8 = 48 ids, none twice
-    assert s["epoch"] == 0 and s["epoch_samples_consumed"] == 48
+    # the replayed steps got the failed attempt's batches: same rows, same order, same pixels
+    got: dict = {}
+    for f in seen.glob("*.npz"):
+        step, rank, _ = f.stem.split("-")
+        z = np.load(f)
+        got.setdefault((step, rank), []).append((z["ids"].tolist(), str(z["pixels"])))
+    replayed = {k: v for k, v in got.items() if len(v) > 1}
+    assert ("s3", "r1") in replayed  # rank 1 ran step 3, failed, and ran it again
+    assert all(v[0] == w for v in replayed.values() for w in v[1:])
+    ids = [i for r in ("r0", "r1") for st in range(1, 7) for i in got[(f"s{st}", r)][0][0]]
+    assert len(ids) == len(set(ids)) == 48  # 48 distinct rows: none twice, none after resume
+    assert s["epoch"] == 0 and len(s["data_position"]) == 2
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="train-ckpt")["Contents"]]
     assert any(k.startswith("runs/align/step_00000006") for k in keys)
     assert any(k.startswith("runs/align/tokenizer/") for k in keys)
