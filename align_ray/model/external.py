@@ -3,8 +3,9 @@
 ``--model`` in eval, index and serve names one of three kinds (:func:`model_kind`):
 
 * our own ``save_pretrained`` directory (``config.json`` with ``model_config``);
-* a Hugging Face ``save_pretrained`` directory of ``AlignModel``, ``CLIPModel`` or ``SiglipModel``
-  (the class comes from ``config.json``'s ``model_type``), with its processor saved beside it;
+* a Hugging Face ``save_pretrained`` directory of ``AlignModel``, ``CLIPModel``, ``SiglipModel``
+  or ``Siglip2Model`` (the class comes from ``config.json``'s ``model_type``), with its processor
+  saved beside it;
 * ``open_clip:ARCH[:CHECKPOINT]``: an open_clip architecture (a built-in name, ``hf-hub:``/
   ``local-dir:`` names, or a path to a model-config ``.json``) and a checkpoint file.
 
@@ -34,8 +35,9 @@ OPEN_CLIP_CONFIG = "open_clip_config.json"  # open_clip's local-dir:/hf-hub: fol
 # model_type -> transformers class name; SigLIP pools the last token, so it was trained on
 # text padded to a fixed length and must be fed that way ("max_length"), the others pool a
 # position that padding does not move
-HF_MODEL_TYPES = {"align": "AlignModel", "clip": "CLIPModel", "siglip": "SiglipModel"}
-_TEXT_PADDING = {"siglip": "max_length"}
+HF_MODEL_TYPES = {"align": "AlignModel", "clip": "CLIPModel", "siglip": "SiglipModel",
+                  "siglip2": "Siglip2Model"}
+_TEXT_PADDING = {"siglip": "max_length", "siglip2": "max_length"}
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
@@ -100,15 +102,44 @@ def _features(out: Any) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-class HFDualEncoder(nn.Module):
-    """An HF ``AlignModel`` / ``CLIPModel`` / ``SiglipModel``: its ``get_*_features``, L2-normalised."""
+class NaFlexPacking:
+    """SigLIP 2's NaFlex input as ONE float32 vector per image, so that it travels where every
+    other model's ``[3,S,S]`` pixels travel (the Embedder's batches, Serve's dynamic batching, the
+    index actors): ``pixel_values`` [P, D] (patches, padded to the processor's
+    ``max_num_patches`` P), ``pixel_attention_mask`` [P] and ``spatial_shapes`` [2] (the patch
+    grid kept for this image's aspect ratio), concatenated.  Both are exact in float32 (0/1 and
+    small integers)."""
 
-    def __init__(self, model: nn.Module, model_type: str):
+    def __init__(self, max_num_patches: int, patch_dim: int):
+        self.P, self.D = int(max_num_patches), int(patch_dim)
+
+    @property
+    def size(self) -> int:
+        return self.P * self.D + self.P + 2
+
+    def pack(self, out: dict) -> torch.Tensor:
+        return torch.cat([out["pixel_values"][0].reshape(-1).float(),
+                          out["pixel_attention_mask"][0].float(), out["spatial_shapes"][0].float()])
+
+    def unpack(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        n, pd = x.shape[0], self.P * self.D
+        return {"pixel_values": x[:, :pd].reshape(n, self.P, self.D),
+                "pixel_attention_mask": x[:, pd:pd + self.P].round().long(),
+                "spatial_shapes": x[:, pd + self.P:].round().long()}
+
+
+class HFDualEncoder(nn.Module):
+    """An HF ``AlignModel`` / ``CLIPModel`` / ``SiglipModel`` / ``Siglip2Model``: its
+    ``get_*_features``, L2-normalised (SigLIP 2's image input arrives packed: NaFlexPacking)."""
+
+    def __init__(self, model: nn.Module, model_type: str, packing: NaFlexPacking | None = None):
         super().__init__()
-        self.model, self.model_type = model, model_type
+        self.model, self.model_type, self.packing = model, model_type, packing
         self._text_args = set(inspect.signature(model.get_text_features).parameters)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.packing is not None:
+            return _unit(_features(self.model.get_image_features(**self.packing.unpack(pixels))))
         return _unit(_features(self.model.get_image_features(pixel_values=pixels)))
 
     def encode_text(self, **tokens: torch.Tensor) -> torch.Tensor:
@@ -154,9 +185,16 @@ class ExternalEmbedder(Embedder):
         self.batch_size, self.name = int(batch_size), name
         self.tokenizer = self.cfg = None  # no ModelConfig: the library owns these
         probe = self.transform(Image.new("RGB", (32, 32)))
-        if probe.ndim != 3 or probe.shape[0] != 3 or probe.shape[1] != probe.shape[2]:
+        packing = getattr(model, "packing", None)
+        if packing is not None:     # SigLIP 2: one packed vector; decode drafts at the max side
+            if probe.shape != (packing.size,):
+                raise SpecError(f"{name}: packed NaFlex input has shape {probe.shape}, "
+                                f"expected ({packing.size},)")
+            self._image_size = int(model.image_size_hint)
+        elif probe.ndim != 3 or probe.shape[0] != 3 or probe.shape[1] != probe.shape[2]:
             raise SpecError(f"{name}: image preprocessing gives {probe.shape}, expected [3,S,S]")
-        self._image_size = int(probe.shape[-1])
+        else:
+            self._image_size = int(probe.shape[-1])
         self._dim = int(self.embed_texts(["a"]).shape[1])
         image_dim = int(self.embed_pixels(probe[None]).shape[1])
         if image_dim != self._dim:  # no shared space: nothing downstream could compare them
@@ -211,6 +249,17 @@ def _hf_loader(spec: str, model_type: str) -> tuple[nn.Module, Callable, Callabl
 
     def tokenize(texts: list[str]) -> dict:
         return dict(tok(texts, padding=padding, truncation=True, max_length=max_len, return_tensors="pt"))
+
+    if model_type == "siglip2":
+        packing = NaFlexPacking(improc.max_num_patches, improc.patch_size ** 2 * 3)
+        encoder = HFDualEncoder(model, model_type, packing)
+        # the longest side a square image is resized to: JPEG drafts at least this large
+        encoder.image_size_hint = improc.patch_size * int(improc.max_num_patches ** 0.5)
+
+        def image_transform(img: Image.Image):
+            return packing.pack(improc(images=[img], return_tensors="pt"))
+
+        return encoder, tokenize, image_transform
 
     def image_transform(img: Image.Image):
         return improc(images=[img], return_tensors="pt")["pixel_values"][0]

@@ -144,6 +144,11 @@ def prepare(cfg) -> None:
             fields = {**src.to_dict(), "siglip": src.loss == "siglip"}
         else:
             emb = external.load_external(spec, batch_size=1)
+            if getattr(emb.model, "packing", None) is not None:
+                raise SpecError(f"init_from {spec}: fine-tuning a Siglip2Model is not supported: "
+                                "its NaFlex processor cuts each image into a variable patch grid, "
+                                "which the training data path (square uint8 crops) does not "
+                                "produce. eval, index and serve take it; fine-tune a SiglipModel")
             size, mean, std = _pixel_affine(emb.image_transform)
             inner = emb.model.model
             bias = getattr(inner, "logit_bias", None)

@@ -150,8 +150,10 @@ class ImageEncoder(_EncoderBase):
         return self._run_batch(self.embedder.embed_pixels, pixel_sets)
 
     def _canary(self) -> None:
-        size = self.embedder.image_size
-        self.embedder.embed_pixels(np.zeros((1, 3, size, size), np.float32))
+        from PIL import Image
+
+        size = self.embedder.image_size   # the model's own input layout (SigLIP 2's is packed)
+        self.embedder.embed_pixels(self.embedder.transform(Image.new("RGB", (size, size)))[None])
 
 
 @serve.deployment(name="TextEncoder", **_DEPLOYMENT_DEFAULTS)

@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported; Ray workers inherit it
-KINDS = ("align", "clip", "siglip", "open_clip")
+KINDS = ("align", "clip", "siglip", "open_clip")      # every kind, fine-tuning included
+EMBED_KINDS = (*KINDS, "siglip2")    # eval, index, serve (fine-tuning refuses SigLIP 2: NaFlex)
 SIZE = 32
 WORDS = ("a photo of the red green blue cat dog bird fish car tree house sun moon star picture "
          "small big face smiling grinning heart hand flag animal food").split()
@@ -114,17 +115,24 @@ def build_clip(out: Path) -> str:
     return str(out)
 
 
-def build_siglip(out: Path) -> str:
+def _word_tokenizer():
+    """A word-level fast tokenizer (SigLIP's sentencepiece tokenizers need the hub's model)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, SiglipConfig, SiglipImageProcessor, SiglipModel
-    from transformers import SiglipProcessor
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", *WORDS])}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>",
-                                  unk_token="<unk>", model_max_length=16)
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>", model_max_length=16)
+
+
+def build_siglip(out: Path) -> str:
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor
+
+    tok = _word_tokenizer()
+    vocab = tok.get_vocab()
     cfg = SiglipConfig(
         text_config=dict(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=37, max_position_embeddings=16, projection_size=32,
@@ -139,6 +147,42 @@ def build_siglip(out: Path) -> str:
     model.save_pretrained(out)
     SiglipProcessor(image_processor=SiglipImageProcessor(size={"height": SIZE, "width": SIZE}),
                     tokenizer=tok).save_pretrained(out)
+    return str(out)
+
+
+def build_siglip2(out: Path) -> str:
+    """A tiny Siglip2Model with its NaFlex image processor (8 px patches, at most 16 of them:
+    a patch grid that follows each image's aspect ratio)."""
+    from transformers import (Siglip2Config, Siglip2ImageProcessor, Siglip2Model, Siglip2Processor,
+                              Siglip2Tokenizer)
+
+    # Siglip2Processor reloads its tokenizer as a Siglip2Tokenizer (Gemma's BPE, lowercasing,
+    # "▁" for spaces), whatever was saved: so a real one, over a BPE vocab of whole WORDS
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "▁"])}
+    for ch in sorted({c for w in WORDS for c in w}):
+        vocab.setdefault(ch, len(vocab))
+    merges = []
+    for w in WORDS:
+        for cur, rest in (("▁", w), (w[0], w[1:])):    # mid-sentence and first word
+            for ch in rest:
+                merges.append((cur, ch))
+                cur += ch
+                vocab.setdefault(cur, len(vocab))
+    tok = Siglip2Tokenizer(vocab=vocab, merges=list(dict.fromkeys(merges)), model_max_length=16)
+    cfg = Siglip2Config(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, intermediate_size=37, max_position_embeddings=16,
+                         projection_size=32, pad_token_id=0, eos_token_id=1, bos_token_id=2),
+        vision_config=dict(patch_size=8, num_patches=16, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=37))
+    torch.manual_seed(0)
+    model = Siglip2Model(cfg).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(np.log(10.0))
+        model.logit_bias.fill_(-10.0)
+    model.save_pretrained(out)
+    Siglip2Processor(image_processor=Siglip2ImageProcessor(patch_size=8, max_num_patches=16),
+                     tokenizer=tok).save_pretrained(out)
     return str(out)
 
 
@@ -163,7 +207,8 @@ def build_open_clip(out: Path) -> str:
     return f"open_clip:{cfg}:{out / 'tiny.pt'}"
 
 
-BUILDERS = {"align": build_align, "clip": build_clip, "siglip": build_siglip, "open_clip": build_open_clip}
+BUILDERS = {"align": build_align, "clip": build_clip, "siglip": build_siglip,
+            "open_clip": build_open_clip, "siglip2": build_siglip2}
 
 
 def reference(spec: str, images: list[Image.Image], texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -186,19 +231,20 @@ def reference(spec: str, images: list[Image.Image], texts: list[str]) -> tuple[n
         from transformers import AutoModel, AutoProcessor
 
         model, proc = AutoModel.from_pretrained(spec).eval(), AutoProcessor.from_pretrained(spec)
-        siglip = model.config.model_type == "siglip"
+        siglip = model.config.model_type in ("siglip", "siglip2")
         enc = proc.tokenizer(texts, padding="max_length" if siglip else True, truncation=True,
                              max_length=16, return_tensors="pt")
         if model.config.model_type != "align":  # only BERT's get_text_features takes these
             enc.pop("token_type_ids", None)
-        pix = proc.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        return unit(model.get_image_features(pixel_values=pix)), unit(model.get_text_features(**enc))
+        # pixel_values, and SigLIP 2's pixel_attention_mask and spatial_shapes
+        pix = dict(proc.image_processor(images=images, return_tensors="pt"))
+        return unit(model.get_image_features(**pix)), unit(model.get_text_features(**enc))
 
 
 _BUILT: dict[str, str] = {}
 
 
-@pytest.fixture(scope="session", params=KINDS)
+@pytest.fixture(scope="session", params=EMBED_KINDS)
 def external_spec(request, tmp_path_factory) -> str:
     """``--model`` value of each tiny published model (built once per session)."""
     kind = request.param
@@ -224,13 +270,12 @@ def library_logits(spec: str, images: list[Image.Image], texts: list[str]) -> tu
         from transformers import AutoModel, AutoProcessor
 
         model, proc = AutoModel.from_pretrained(spec).eval(), AutoProcessor.from_pretrained(spec)
-        siglip = model.config.model_type == "siglip"
+        siglip = model.config.model_type in ("siglip", "siglip2")
         enc = proc.tokenizer(texts, padding="max_length" if siglip else True, truncation=True,
                              max_length=16, return_tensors="pt")
         if model.config.model_type != "align":
             enc.pop("token_type_ids", None)
-        pix = proc.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        out = model(pixel_values=pix, **enc)
+        out = model(**dict(proc.image_processor(images=images, return_tensors="pt")), **enc)
         cos = (out.image_embeds @ out.text_embeds.T).numpy()
         bias = float(model.logit_bias) if siglip else 0.0
         return out.logits_per_image.numpy(), cos, bias

@@ -172,3 +172,6 @@ def test_malformed_init_from_exits_2(pairs, tmp_path, capsys):
     exit_2(["--init-from", f"open_clip:{wider}:{spec.rsplit(':', 1)[1]}"],
            "checkpoint does not fit open_clip architecture tiny-clip-wide")
     exit_2(["--lock-image-unlocked-groups", "2"], "needs lock_image")
+    # SigLIP 2 is served and indexed (tests/model, tests/serve), not fine-tuned: said, not crashed
+    exit_2(["--init-from", BUILDERS["siglip2"](tmp_path / "siglip2")],
+           "fine-tuning a Siglip2Model is not supported", "NaFlex")
