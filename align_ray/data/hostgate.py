@@ -80,17 +80,6 @@ class HostGate:
         self.hosts: dict[str, _Host] = {}
         self._entries = 0
 
-    def paused(self, host: str) -> bool:
-        state = self.hosts.get(host)
-        return state is not None and state.paused_until > _now()
-
-    def pause(self, host: str) -> None:
-        """Pause ``host`` for ``host_pause_s`` (the robots.txt cache uses it too)."""
-        state = self.hosts.get(host)
-        if state is None:
-            state = self.hosts[host] = _Host(self.cap)
-        self._pause(state, _now())
-
     async def enter(self, host: str) -> Ticket:
         """Wait for a free place at ``host`` and for its window and rate; raises
         ``Drop("host_backoff")`` if the host is or becomes paused meanwhile."""

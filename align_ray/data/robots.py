@@ -60,7 +60,7 @@ class RobotsCache:
     async def check(self, url: URL, host: str) -> None:
         """Raise ``Drop("robots_txt")`` if the origin's robots.txt forbids ``url`` for us, or
         ``Drop("robots_txt_error")`` if it could not be read (retryable)."""
-        origin = f"{url.scheme}://{url.raw_host}:{url.port}"
+        origin = str(url.origin())   # scheme://host[:port], IPv6 literals bracketed
         task = self._origins.get(origin)
         if task is not None and task.done() and not task.cancelled() \
                 and task.exception() is None and task.result().expires <= _now():
