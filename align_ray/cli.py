@@ -66,7 +66,18 @@ def _parsers(sub: argparse._SubParsersAction) -> None:
                                                    "(link-local/metadata stay blocked)",
                           "processes": "download actors (default: one per CPU)",
                           "threads": "in-flight downloads per actor",
-                          "retry_failed": "re-attempt only rows dropped for retryable reasons"})
+                          "retry_failed": "re-attempt only rows dropped for retryable reasons",
+                          "max_per_host": "requests in flight to one host, per actor (0: no cap)",
+                          "max_host_rate": "request starts/s to one host, per actor (0: off)",
+                          "host_backoff_failures": "429/503 answers in a row that pause a host "
+                                                   "(its rows: host_backoff, retryable)",
+                          "host_pause_s": "how long a paused host gets no request",
+                          "respect_robots_txt": "honour robots.txt (fetched once per origin)",
+                          "blocklist_domains": "opt-out file, one domain a line (subdomains "
+                                               "match too): optout_domain",
+                          "blocklist_urls": "opt-out file, one URL a line: optout_url",
+                          "blocklist_hashes": "opt-out file, sha256 or pHash hex a line, "
+                                              "checked after download: optout_hash"})
     p.add_argument("--filter", action="store_true",
                    help="then run ALIGN's frequency filter (align-ray filter) in the same job")
     p.add_argument("--filter-output", default=None,
