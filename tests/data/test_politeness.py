@@ -108,6 +108,16 @@ def test_503_with_retry_after_backs_off_the_host_for_every_url(tmp_path):
         assert sorted(r for r, _, _ in dropped.values()).count("host_backoff") >= 4
 
 
+def test_retry_after_beyond_max_retry_after_pauses_the_host_at_once(tmp_path):
+    with Host("127.0.0.2") as h:
+        h.status, h.retry_after = 429, "3600"
+        _, dropped, _, _ = download(tmp_path, [h.url(f"/img/{i}.jpg") for i in range(5)],
+                                    max_per_host=1, max_retry_after=10.0)
+        assert len(h.paths("/img/")) == 1
+        assert dropped["k0000"][0] == "http_429" and "max_retry_after" in dropped["k0000"][2]
+        assert {dropped[f"k{i:04d}"][0] for i in range(1, 5)} == {"host_backoff"}
+
+
 def test_robots_txt_disallow_means_no_request_and_is_fetched_once(tmp_path):
     rules = "User-agent: align-ray\nDisallow: /img/1\n\nUser-agent: *\nDisallow: /\n"
     with Host("127.0.0.2", robots=rules) as h, Host("127.0.0.3", robots=503) as down, \
@@ -132,6 +142,21 @@ def test_robots_txt_disallow_means_no_request_and_is_fetched_once(tmp_path):
         samples, dropped, _, _ = download(tmp_path, [h.url("/img/3.jpg")],
                                           respect_robots_txt=False)
         assert len(samples) == 1 and h.paths("/robots.txt") == []
+
+
+def test_robots_txt_goes_through_the_ssrf_guard_and_its_size_cap(tmp_path):
+    # 127.0.0.3 is not admitted: neither robots.txt nor the image is asked for
+    with Host("127.0.0.3", robots="User-agent: *\nDisallow:\n") as h:
+        _, dropped, _, _ = download(tmp_path, [h.url("/img/0.jpg")],
+                                    allow_cidr=["127.0.0.2/32"])
+        assert dropped["k0000"][0] == "blocked_address" and h.log == []
+    # rules past robots_max_bytes are not read (as Google ignores them past 500 KiB)
+    late = "User-agent: *\n" + "# padding\n" * 2000 + "Disallow: /img/\n"
+    with Host("127.0.0.2", robots=late) as h:
+        samples, _, _, _ = download(tmp_path, [h.url("/img/0.jpg")], robots_max_bytes=4096)
+        assert len(samples) == 1
+        _, dropped, _, _ = download(tmp_path, [h.url("/img/1.jpg")])
+        assert dropped["k0000"][0] == "robots_txt" and h.paths("/img/") == ["/img/0.jpg"]
 
 
 def test_blocklists_each_with_its_reason(tmp_path):
