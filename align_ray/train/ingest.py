@@ -497,7 +497,7 @@ def _read_slice(cache: dict, fs: pafs.FileSystem, path: str, start: int, n: int,
     return t.slice(start - int(rg_starts[lo]), n)
 
 
-def _read_windows(batch: dict[str, np.ndarray], *, files: list[str], filesystem: pafs.FileSystem,
+def _read_windows(batch: dict[str, np.ndarray], *, filesystem: pafs.FileSystem,
                   columns: list[str], seed: int, rank: int, rows_per_block: int) -> Iterator[Any]:
     """``map_batches`` generator: each read item (one shuffle window, DataOrder.windows) -> its
     rows in the window's seeded order, from its ``skip``-th on, with their stream position
@@ -510,9 +510,9 @@ def _read_windows(batch: dict[str, np.ndarray], *, files: list[str], filesystem:
         cache: dict = {}
         try:
             parts, src = [], []
-            for f, s, n in zip(batch["file"][j], batch["start"][j], batch["len"][j]):
-                parts.append(_read_slice(cache, filesystem, files[int(f)], int(s), int(n),
-                                         columns))
+            for path, f, s, n in zip(batch["path"][j], batch["file"][j], batch["start"][j],
+                                     batch["len"][j]):
+                parts.append(_read_slice(cache, filesystem, str(path), int(s), int(n), columns))
                 src.append(np.full(int(n), int(f), np.int32))
         finally:
             for handle, *_ in cache.values():
@@ -619,11 +619,14 @@ class RankStream:
         ctx.enable_progress_bars = False
         d = self.data
         items = self.order.windows(self.rank, *self.position, min_rows)
+        for it in items:  # each read task gets its window's paths, never the whole file list
+            it["path"] = [d.files[f] for f in it["file"]]
         self.segment_rows = sum(sum(it["len"]) - it["skip"] for it in items)
         ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds.context.execution_options.preserve_order = True  # (the pipeline shares this context)
         ds = ds.map_batches(
             _read_windows, batch_size=1, batch_format="numpy",
-            fn_kwargs=dict(files=d.files, filesystem=d.filesystem, columns=d.columns,
+            fn_kwargs=dict(filesystem=d.filesystem, columns=d.columns,
                            seed=d.seed, rank=self.rank, rows_per_block=d.rows_per_block),
             compute=ray.data.TaskPoolStrategy(size=1), num_cpus=0)
         return ds.map_batches(
@@ -664,8 +667,12 @@ class RankStream:
             scale *= 2  # rows too sparse for one batch: read more next time
 
 
-def rank_stream(data: TrainData, *, rank: int, world: int, batch_size: int,
+def rank_stream(data: "TrainData | ray.ObjectRef", *, rank: int, world: int, batch_size: int,
                 position: tuple[int, int]) -> RankStream:
+    """The loop's stream (``data``: the TrainData, or run.py's object-store reference to it:
+    the file list and row counts travel once per node, not in every worker's config)."""
+    if isinstance(data, ray.ObjectRef):
+        data = ray.get(data)
     return RankStream(data, rank=rank, world=world, batch_size=batch_size, position=position)
 
 

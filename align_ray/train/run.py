@@ -114,7 +114,8 @@ def build_trainer(cfg: TrainConfig, datasets: dict, vocab_size: int,
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "vocab_size": vocab_size, "has_val": "val" in datasets,
                            "step_hook": step_hook, "data_hook": data_hook,
-                           "train_data": train_data},
+                           # in the object store: 1.8 M file names are not pickled per worker
+                           "train_data": ray.put(train_data)},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker=worker_resources(cfg)),
         run_config=ray.train.RunConfig(

@@ -24,16 +24,15 @@ def test_read_windows_stream_every_row_once_per_epoch(ray_cluster, tmp_path):
     for rank in range(2):
         rows = sum(order.epoch_rows(e, rank) for e in range(2))
         items = order.windows(rank, 0, 0, rows)
+        for it in items:
+            it["path"] = [files[f] for f in it["file"]]
         assert {it["epoch"] for it in items} == {0, 1}
         ds = ray_cluster.data.from_items(items).map_batches(
             ingest._read_windows, batch_size=1, batch_format="numpy",
-            fn_kwargs=dict(files=files, filesystem=fs, columns=["k"], seed=0, rank=rank,
-                           rows_per_block=3))
-        ctx = ray_cluster.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True
+            fn_kwargs=dict(filesystem=fs, columns=["k"], seed=0, rank=rank, rows_per_block=3))
+        ds.context.execution_options.preserve_order = True  # as RankStream runs it
         got = [(int(e), int(o), int(k)) for b in ds.iter_batches(batch_size=7)
                for e, o, k in zip(b["pos_epoch"], b["pos_offset"], b["k"])]
-        ctx.execution_options.preserve_order = False
         # positions run 0, 1, 2, ... within each epoch: the stream order
         for e in (0, 1):
             assert [o for ep, o, _ in got if ep == e] == list(range(order.epoch_rows(e, rank)))
