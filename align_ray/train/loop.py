@@ -1,8 +1,10 @@
 """``train_loop_per_worker``: the contrastive training loop that every Ray Train worker runs.
 
-Per step: next batch of the worker's Ray Data shard (decoded/augmented/tokenized upstream) -> both
+Per step: next batch of the rank's own Ray Data stream (ingest.RankStream: a deterministic order,
+decoded/augmented/tokenized upstream) -> both
 towers (bf16 autocast on GPU) -> loss against the embeddings gathered from all workers (local loss +
-gather with grad) -> backward (DDP averages) -> clip -> optimizer + schedule step.  Rank 0 logs
+gather with grad) -> backward (DDP averages) -> clip -> optimizer + schedule step (step.py; with
+``accum_steps`` > 1 one step takes that many batches, GradCache).  Rank 0 logs
 metrics every ``log_every`` steps and runs the validation retrieval eval every ``eval_every``;
 checkpoints every ``checkpoint_every`` steps and at the end (see checkpoint.py for the data position).
 """
@@ -13,7 +15,7 @@ import logging
 import tempfile
 import time
 from contextlib import nullcontext
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import ray.train
@@ -23,46 +25,14 @@ import torch.distributed as dist
 
 from align_ray.model import DualEncoder, build_loss, finetune, unwrap
 from align_ray.train import checkpoint as ckpt_lib
+from align_ray.train import step as step_lib
 from align_ray.train.config import TrainConfig
 from align_ray.train.evaluate import retrieval_metrics
-from align_ray.train.ingest import image_norm
+from align_ray.train.ingest import image_norm, rank_stream
 from align_ray.train.metrics import MetricsLogger
 from align_ray.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
-
-
-def _without(it: Iterator[dict], skip: np.ndarray | None, batch_size: int) -> Iterator[dict]:
-    """Batches of ``it`` minus the rows whose ``row_id`` is in ``skip``, re-batched to full size
-    (the trailing partial batch is dropped).  ``skip`` is a multiset: an id listed n times is
-    dropped the first n times it comes (one execution streams several epochs, so an id recurs)."""
-    if skip is None or len(skip) == 0:
-        yield from it
-        return
-    keys, counts = np.unique(skip, return_counts=True)
-    left = dict(zip(keys.tolist(), counts.tolist()))
-    buf: dict[str, list[torch.Tensor]] = {}
-    have = 0
-    for batch in it:
-        ids = batch["row_id"].numpy()
-        keep = np.ones(len(ids), dtype=bool)
-        if left:
-            for i in np.flatnonzero(np.isin(ids, keys)):
-                n = left.get(int(ids[i]), 0)
-                if n:
-                    keep[i] = False
-                    left[int(ids[i])] = n - 1
-        if not keep.any():
-            continue
-        keep_t = torch.from_numpy(keep)
-        for k, v in batch.items():
-            buf.setdefault(k, []).append(v[keep_t])
-        have += int(keep.sum())
-        while have >= batch_size:
-            cat = {k: torch.cat(v) for k, v in buf.items()}
-            yield {k: v[:batch_size] for k, v in cat.items()}
-            buf = {k: [v[batch_size:]] for k, v in cat.items()}
-            have -= batch_size
 
 
 def _all_agree(have_batch: bool, device: torch.device) -> bool:
@@ -73,14 +43,14 @@ def _all_agree(have_batch: bool, device: torch.device) -> bool:
     return bool(flag.item())
 
 
-def _gather_ids(local: np.ndarray, device: torch.device) -> np.ndarray:
-    """All ranks' consumed row ids (equal counts on every rank: same steps x same batch)."""
-    t = torch.from_numpy(local.astype(np.int64)).to(device)
+def _gather_position(pos: tuple[int, int], device: torch.device) -> list[list[int]]:
+    """Every rank's data position (epoch, offset), in rank order (ingest.DataOrder)."""
+    t = torch.tensor(pos, dtype=torch.int64, device=device)
     if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return local
+        return [[int(pos[0]), int(pos[1])]]
     out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(out, t)
-    return torch.cat(out).cpu().numpy()
+    return [[int(x) for x in o.cpu().tolist()] for o in out]
 
 
 def _gather_rng() -> list[dict]:
@@ -147,6 +117,8 @@ def _validate(model: DualEncoder, shard, device: torch.device, cfg: TrainConfig,
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg: TrainConfig = config["cfg"]
     step_hook: Callable[[int, int], None] | None = config.get("step_hook")
+    # debug: data_hook(step, rank, batches) sees each step's batches (tests/train/test_data_order)
+    data_hook: Callable[[int, int, list], None] | None = config.get("data_hook")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
@@ -195,43 +167,36 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     params = [p for p in ddp.parameters() if p.requires_grad]
     normalize = Normalize(cfg.model, device)
 
-    skip = state.epoch_consumed if len(state.epoch_consumed) else None
-    new_ids: list[np.ndarray] = []
+    def inputs(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (normalize(batch["pixels"]), batch["input_ids"].to(device, non_blocking=True),
+                batch["attention_mask"].to(device, non_blocking=True))
+
+    # this rank's rows in the deterministic order, from its checkpointed position (ingest.py)
+    stream = rank_stream(config.get("train_data"), rank=rank, world=world,
+                         batch_size=cfg.batch_size,
+                         position=ckpt_lib.rank_position(state, rank, world))
     win = {"loss": 0.0, "n": 0, "wait": 0.0, "t0": time.perf_counter()}
     last: dict[str, Any] = {}
     ddp.train()
     while state.step < cfg.steps:
-        shard = ray.train.get_dataset_shard("train")
-        it = shard.iter_torch_batches(
-            batch_size=cfg.batch_size, drop_last=True, device="cpu",
-            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-            local_shuffle_seed=cfg.seed * 100_003 + state.epoch * 1_009 + rank * 7 + state.restarts)
-        batches = _without(iter(it), skip, cfg.batch_size)
+        batches = stream.batches((cfg.steps - state.step) * G // (cfg.batch_size * world))
         steps_in_epoch = 0
         while state.step < cfg.steps:
             t_wait = time.perf_counter()
-            batch = next(batches, None)
-            if not _all_agree(batch is not None, device):
+            micro = step_lib.take(batches, cfg.accum_steps)  # accum_steps batches, or None
+            if not _all_agree(micro is not None, device):
                 break
             win["wait"] += time.perf_counter() - t_wait
-            pixels = normalize(batch["pixels"])
-            ids = batch["input_ids"].to(device, non_blocking=True)
-            mask = batch["attention_mask"].to(device, non_blocking=True)
-            with amp():
-                img, txt, temp = ddp(pixels, ids, mask)
-            loss = loss_fn(img.float(), txt.float(), temp.float())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            # max_norm=inf measures without clipping, so grad_norm is logged with clipping off too
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
+            # forward, loss, backward (GradCache over the micro-batches), clip, optimizer step
+            res = step_lib.train_step(ddp, loss_fn, micro, inputs, optimizer, scheduler, params,
+                                      cfg.grad_clip, amp)
+            loss, grad_norm, lr = res.loss, res.grad_norm, res.lr
             state.step += 1
             steps_in_epoch += 1
             state.samples_seen += G
-            new_ids.append(batch["row_id"].numpy())
+            state.epoch = stream.epoch
+            if data_hook is not None:
+                data_hook(state.step, rank, micro)
             win["loss"] += float(loss.detach())
             win["n"] += 1
             if step_hook is not None:
@@ -262,22 +227,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     logger.log({"step": state.step, **rec})
                 win["t0"] = time.perf_counter()
             if state.step % cfg.checkpoint_every == 0 or final:
-                ids_now = _gather_ids(np.concatenate(new_ids) if new_ids
-                                      else np.zeros(0, np.int64), device)
-                state.epoch_consumed = np.sort(np.concatenate([state.epoch_consumed, ids_now]))
-                new_ids = []
+                state.data_position = _gather_position(stream.position, device)
                 rngs = _gather_rng()
                 _report(state, last, rank, core, optimizer, scheduler, rngs,
                         logger.history if logger is not None else [])
         else:
             break  # steps reached inside this epoch
-        if steps_in_epoch == 0 and skip is None:  # a fresh epoch gave nothing (same on all ranks)
+        if steps_in_epoch == 0:  # the stream ended at once (the real one never ends)
             raise RuntimeError(
                 f"the training data gives no full global batch ({G} = {cfg.batch_size} x "
-                f"{world} decodable rows) in an epoch; add data or lower batch_size/workers")
-        state.epoch += 1
-        state.epoch_consumed = np.zeros(0, np.int64)
-        new_ids, skip = [], None
+                f"{world} x {cfg.accum_steps} decodable rows) in an epoch; add data or lower "
+                "batch_size/workers/accum_steps")
     if logger is not None:
         logger.close()
 
