@@ -15,6 +15,7 @@ temperature 1.0); ``preset: tiny`` plus keys overrides the tiny preset, e.g.::
 
 from __future__ import annotations
 
+import math
 import os
 import posixpath
 from dataclasses import dataclass, field
@@ -82,6 +83,17 @@ class TrainConfig:
         temperature (SigLIP: its bias and the sigmoid loss); the model section is then ignored
         and the run's model/ is saved in the source's own format (see README "Bring your own
         model").
+    min_workers: elastic training (Ray Train V2's ``num_workers=(min, max)``) when > 0: the run
+        goes on with as few as ``min_workers`` workers when nodes are lost and not replaced, and
+        grows back to ``workers`` when they return (checked every
+        ``elastic_resize_interval_s``).  The global contrastive batch stays ``batch_size x
+        workers x accum_steps`` throughout: each of W workers takes its share (so it must divide
+        evenly for every W in range), and the loss is the same objective at any size.  A resize
+        restarts from the last checkpoint; the data order depends on the world size, so every
+        rank then starts at the next epoch (the rest of the current one is skipped, never
+        repeated).
+    worker_resources: extra Ray resources per train worker (e.g. ``{"accelerator_type:A100":
+        0.01}``, or a node type's own resource), to place workers on a node type, one per node.
     lock_image / lock_text: LiT-style locking: that tower's weights (and BatchNorm statistics)
         stay as loaded and are left out of the optimizer.
     lock_image_unlocked_groups / lock_text_unlocked_groups: leave the last N groups of a locked
@@ -149,6 +161,9 @@ class TrainConfig:
     lock_text: bool = False
     lock_image_unlocked_groups: int = 0
     lock_text_unlocked_groups: int = 0
+    min_workers: int = 0
+    elastic_resize_interval_s: float = 60.0
+    worker_resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -187,12 +202,34 @@ class TrainConfig:
             n = getattr(self, f"lock_{tower}_unlocked_groups")
             if n < 0 or (n and not getattr(self, f"lock_{tower}")):
                 raise ValueError(f"lock_{tower}_unlocked_groups must be >= 0 and needs lock_{tower}")
+        if self.min_workers:
+            if not 0 < self.min_workers < self.workers:
+                raise ValueError("min_workers must be between 1 and workers - 1 (0: not elastic)")
+            bad = [w for w in range(self.min_workers, self.workers + 1)
+                   if self.global_batch % (w * self.accum_steps)]
+            if bad:
+                raise ValueError(
+                    f"elastic training keeps the global batch at {self.global_batch} "
+                    f"(batch_size x workers x accum_steps), which {bad} workers cannot share "
+                    f"evenly; pick batch_size so that it can (e.g. a multiple of "
+                    f"{math.lcm(*range(self.min_workers, self.workers + 1))})")
+        if self.elastic_resize_interval_s < 0:
+            raise ValueError("elastic_resize_interval_s must be >= 0")
+        if not all(isinstance(v, (int, float)) and v >= 0 for v in self.worker_resources.values()):
+            raise ValueError("worker_resources: every amount must be a number >= 0")
         self.model.loss = LOSSES[self.loss]
         self.model.label_smoothing = float(self.label_smoothing)
 
     @property
     def global_batch(self) -> int:
         return self.batch_size * self.workers * self.accum_steps
+
+    def rank_batch(self, world: int) -> int:
+        """Rows per micro-batch on each of ``world`` ranks: ``batch_size``, or with elastic
+        training the share of the fixed global batch (validated to divide evenly)."""
+        if world == self.workers or not self.min_workers:
+            return self.batch_size
+        return self.global_batch // (world * self.accum_steps)
 
     def resolved_storage(self) -> str:
         """The checkpoint storage URI (local absolute path or ``s3://...``)."""

@@ -172,14 +172,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 batch["attention_mask"].to(device, non_blocking=True))
 
     # this rank's rows in the deterministic order, from its checkpointed position (ingest.py)
-    stream = rank_stream(config.get("train_data"), rank=rank, world=world,
-                         batch_size=cfg.batch_size,
+    # batch_size, or (elastic, fewer workers than configured) this rank's share of the fixed
+    # global batch G
+    B = cfg.rank_batch(world)
+    if B != cfg.batch_size:
+        log.warning("train: elastic: %d of %d workers share the global batch %d: %d rows each",
+                    world, cfg.workers, G, B)
+    stream = rank_stream(config.get("train_data"), rank=rank, world=world, batch_size=B,
                          position=ckpt_lib.rank_position(state, rank, world))
     win = {"loss": 0.0, "n": 0, "wait": 0.0, "t0": time.perf_counter()}
     last: dict[str, Any] = {}
     ddp.train()
     while state.step < cfg.steps:
-        batches = stream.batches((cfg.steps - state.step) * G // (cfg.batch_size * world))
+        batches = stream.batches((cfg.steps - state.step) * cfg.accum_steps)
         steps_in_epoch = 0
         while state.step < cfg.steps:
             t_wait = time.perf_counter()
@@ -235,7 +240,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             break  # steps reached inside this epoch
         if steps_in_epoch == 0:  # the stream ended at once (the real one never ends)
             raise RuntimeError(
-                f"the training data gives no full global batch ({G} = {cfg.batch_size} x "
+                f"the training data gives no full global batch ({G} = {B} x "
                 f"{world} x {cfg.accum_steps} decodable rows) in an epoch; add data or lower "
                 "batch_size/workers/accum_steps")
     if logger is not None:

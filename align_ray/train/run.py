@@ -96,7 +96,8 @@ def posixpath_name(path: str) -> str:
 
 
 def worker_resources(cfg: TrainConfig) -> dict[str, float]:
-    return {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    return {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {}),
+            **{k: float(v) for k, v in cfg.worker_resources.items()}}
 
 
 def build_trainer(cfg: TrainConfig, datasets: dict, vocab_size: int,
@@ -116,8 +117,11 @@ def build_trainer(cfg: TrainConfig, datasets: dict, vocab_size: int,
                            "step_hook": step_hook, "data_hook": data_hook,
                            # in the object store: 1.8 M file names are not pickled per worker
                            "train_data": ray.put(train_data)},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
-                                               resources_per_worker=worker_resources(cfg)),
+        scaling_config=ray.train.ScalingConfig(
+            # elastic: any group size in [min_workers, workers] (the global batch is fixed)
+            num_workers=(cfg.min_workers, cfg.workers) if cfg.min_workers else cfg.workers,
+            elastic_resize_monitor_interval_s=cfg.elastic_resize_interval_s,
+            use_gpu=cfg.use_gpu, resources_per_worker=worker_resources(cfg)),
         run_config=ray.train.RunConfig(
             name=cfg.name,
             # bounded wait for a worker group (never a silent hang after losing nodes)

@@ -175,3 +175,45 @@ def test_too_few_nodes_left_fails_clearly(cluster, small_parquet, tmp_path):
     assert proc.returncode == 3, err[-3000:]
     assert "WAITS FOR 2 worker(s) x {1 CPU}" in err and "ALIGN_RAY_TRAIN_START_TIMEOUT_S" in err
     print(f"too few nodes: exit 3 after {waited:.0f} s (start timeout {timeout_s} s)")
+
+
+def test_elastic_training_shrinks_to_the_nodes_left_with_the_same_global_batch(
+        cluster, small_parquet, tmp_path):
+    """3 workers (one per ``gpu_train`` node), elastic down to 2: a node dies and none replaces
+    it; the group goes on with 2 workers of 6 rows each instead of 3 of 4, so the global batch
+    stays 12, and the step count and ``samples_seen`` are exact."""
+    ensure(cluster, cpu_worker=1, gpu_train=3)
+    progress, out, log = tmp_path / "progress", tmp_path / "run", tmp_path / "train.log"
+    progress.mkdir()
+    steps = 10
+    proc = _start(["-m", "tests.multinode.train_driver", cluster.address, small_parquet,
+                   str(out), str(progress), str(steps), "1.5", "elastic"], cluster, log)
+
+    def rank(r: int) -> dict | None:
+        try:
+            return json.loads((progress / f"rank{r}.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def ready():
+        snap = out / "checkpoints" / "align" / "checkpoint_manager_snapshot.json"
+        ok = snap.exists() and "step_0000000" in snap.read_text()
+        r2 = rank(2)
+        return r2 if ok and r2 and r2["step"] >= 3 and r2["world"] == 3 else None
+
+    r2 = _wait_for(ready, proc, log, 240, "a checkpoint and 3 ranks past it")
+    victim = cluster.node_of_pid(r2["pid"])
+    assert victim.type == "gpu_train" and victim is not cluster.node_of_pid(rank(0)["pid"])
+    cluster.kill(victim)                          # and no replacement
+    t_kill = time.monotonic()
+    _wait_for(lambda: (rank(0) or {}).get("world") == 2, proc, log, 240, "a 2-worker group")
+    shrink_s = time.monotonic() - t_kill
+    (progress / "fast").touch()
+    stdout = _finish(proc, log, 300)
+    assert proc.returncode == 0, log.read_text()[-4000:]
+    s = json.loads(stdout.strip().splitlines()[-1])
+    assert s["step"] == steps and s["global_batch"] == 12
+    assert s["samples_seen"] == steps * 12
+    assert s["restarts"] >= 1
+    assert "elastic: 2 of 3 workers share the global batch 12: 6 rows each" in log.read_text()
+    print(f"elastic: 3 -> 2 workers {shrink_s:.0f} s after the kill, {s['restarts']} restart(s)")

@@ -2,7 +2,10 @@
 with a step hook that records, per rank, its step, pid and node, and paces the steps so a node
 can be killed mid-run.  Prints the run summary as the last line (JSON).
 
-    python -m tests.multinode.train_driver ADDRESS DATA OUTPUT PROGRESS_DIR STEPS SLEEP_S
+    python -m tests.multinode.train_driver ADDRESS DATA OUTPUT PROGRESS_DIR STEPS SLEEP_S [elastic]
+
+``elastic``: 3 workers, one per ``gpu_train`` node (its node-type resource), elastic down to 2,
+with the global batch fixed at 12.
 
 PROGRESS_DIR is on this machine's disk, which every "node" of the one-box cluster shares: it is
 test instrumentation read by the test process, not a path any stage reads across nodes.
@@ -22,9 +25,12 @@ def make_hook(progress_dir: str, sleep_s: float):
 
         import ray
 
+        import ray.train
+
         path = os.path.join(progress_dir, f"rank{rank}.json")
         with open(path + ".tmp", "w") as f:
             _json.dump({"step": step, "pid": os.getpid(),
+                        "world": ray.train.get_context().get_world_size(),
                         "node": ray.get_runtime_context().get_node_id()}, f)
         os.replace(path + ".tmp", path)
         if not os.path.exists(os.path.join(progress_dir, "fast")):  # the test kills a node
@@ -34,7 +40,8 @@ def make_hook(progress_dir: str, sleep_s: float):
 
 
 def main(argv: list[str]) -> int:
-    address, data, output, progress, steps, sleep_s = argv
+    address, data, output, progress, steps, sleep_s = argv[:6]
+    elastic = argv[6:] == ["elastic"]
     from align_ray.model import ModelConfig
     from align_ray.train.config import TrainConfig
     from align_ray.train.run import run
@@ -46,6 +53,11 @@ def main(argv: list[str]) -> int:
                       batch_size=4, steps=int(steps), checkpoint_every=2, keep_checkpoints=2,
                       log_every=1, warmup_steps=1, shuffle_buffer=16, seed=0, max_failures=3,
                       model=ModelConfig.tiny(embed_dim=32, vocab_size=1000, max_length=32))
+    if elastic:
+        cfg.workers, cfg.min_workers, cfg.elastic_resize_interval_s = 3, 2, 5.0
+        cfg.cpus_per_worker, cfg.data_cpus = 0.5, 0.5
+        cfg.worker_resources = {"gpu_train": 1}
+        cfg.__post_init__()                     # validates the elastic batch (12 = 2 x 6 = 3 x 4)
     summary = run(cfg, step_hook=make_hook(progress, float(sleep_s)), address=address)
     print(json.dumps(summary, default=str))
     return 0
