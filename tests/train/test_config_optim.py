@@ -38,6 +38,22 @@ def test_bad_values_are_errors(tmp_path, text, err):
         load(TrainConfig, str(y))
 
 
+def test_elastic_keeps_the_global_batch_and_checks_it_divides(tmp_path):
+    y = tmp_path / "t.yaml"
+    y.write_text("workers: 4\nmin_workers: 2\nbatch_size: 6\naccum_steps: 2\n"
+                 "worker_resources: {gpu_train: 1}\n")
+    cfg = load(TrainConfig, str(y))
+    assert cfg.global_batch == 48 and cfg.worker_resources == {"gpu_train": 1}
+    assert [cfg.rank_batch(w) for w in (4, 3, 2)] == [6, 8, 12]   # x w x 2 = 48 at every size
+    assert TrainConfig(workers=4, batch_size=6).rank_batch(2) == 6  # not elastic: unchanged
+    for text, err in (("workers: 3\nmin_workers: 2\nbatch_size: 5\n", r"\[2\] workers cannot share"),
+                      ("workers: 2\nmin_workers: 2\n", "min_workers must be between"),
+                      ("worker_resources: {gpu: -1}\n", "worker_resources")):
+        y.write_text(text)
+        with pytest.raises(ValueError, match=err):
+            load(TrainConfig, str(y))
+
+
 def test_linear_and_cosine_schedules():
     kw = dict(total=10, warmup=2)
     assert [lr_factor(s, schedule="linear", **kw) for s in (0, 1, 2, 6, 10)] == \
