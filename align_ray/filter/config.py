@@ -18,6 +18,11 @@ Defaults are the paper's (ALIGN, Jia et al. 2021, §3).  Interpretation choices,
   global cut (ties broken by the smaller key, :mod:`align_ray.filter.quantile`).  Both come
   after the frequency rules, so a row another rule drops keeps that reason; with those rules
   on, fewer than ceil(fraction x N) rows may survive (DataComp's "basic ∩ CLIP score").
+* SemDeDup (``semdedup: true``, off by default; needs ``image_embedding`` + ``pair_score``
+  from ``align-ray score``): k-means over the image embeddings of the rows every other rule
+  kept, then inside each cluster a pair whose image cosine to a kept pair is > 1 - eps is
+  dropped (``semantic_duplicate``), the highest ``pair_score`` kept (ties: smaller key).
+  ``eps`` is a cosine *distance*, as in the paper (:mod:`align_ray.filter.semdedup`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from dataclasses import dataclass, field
 
 RULES = ("image_too_small", "aspect_ratio", "too_few_tokens", "too_many_tokens",
          "eval_near_duplicate", "image_too_many_texts", "text_too_many_images", "rare_token",
-         "exact_duplicate", "score_min", "score_keep_fraction", "unsafe")
+         "exact_duplicate", "score_min", "score_keep_fraction", "semantic_duplicate", "unsafe")
 SCORE_RULES = ("score_min", "score_keep_fraction")   # on only with a value (the field of that name)
 IMAGE_IDENTITIES = ("sha256", "phash")  # exact bytes, or near-identical re-encodings too
 
@@ -56,6 +61,12 @@ class FilterConfig:
     # CLIP-score rules on the pair_score column (`align-ray score`); None: off
     score_min: float | None = None        # keep pairs with pair_score >= score_min
     score_keep_fraction: float | None = None  # keep the top fraction of all rows by pair_score
+    # SemDeDup on the score stage's image embeddings (semdedup.py); off: it needs `align-ray
+    # score` first and costs a k-means plus an all-pairs pass inside every cluster
+    semdedup: bool = False               # SemDeDup on image embeddings (needs `align-ray score`)
+    semdedup_clusters: int = 0            # k-means k; 0 = one cluster per ~10 k rows (the paper's ratio)
+    semdedup_eps: float = 0.05            # cosine distance: drop when cosine > 1 - eps to a kept pair
+    semdedup_train_rows: int = 200_000    # k-means sample (by key hash): bounds the training task
     # optional per-row safety hook "package.module:function" (off by default; see safety.py)
     safety_hook: str = ""
     # execution
@@ -76,9 +87,15 @@ class FilterConfig:
             raise ValueError(f"disabled_rules: unknown rule(s) {unknown}; rules: {list(RULES)}")
         if self.score_keep_fraction is not None and not 0 <= self.score_keep_fraction <= 1:
             raise ValueError(f"score_keep_fraction must be in [0, 1], not {self.score_keep_fraction}")
+        if (not 0 <= self.semdedup_eps < 1 or self.semdedup_clusters < 0
+                or self.semdedup_train_rows < 1):
+            raise ValueError("semdedup_eps must be in [0, 1), semdedup_clusters >= 0 and "
+                             "semdedup_train_rows >= 1")
 
     def enabled(self, rule: str) -> bool:
         if rule in SCORE_RULES and getattr(self, rule) is None:
+            return False
+        if rule == "semantic_duplicate" and not self.semdedup:
             return False
         return rule not in self.disabled_rules
 

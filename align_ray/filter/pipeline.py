@@ -27,6 +27,7 @@ from align_ray import storage, watchdog
 from align_ray.data.errors import InputError
 from align_ray.filter import plan as plan_lib
 from align_ray.filter import report as report_lib
+from align_ray.filter import semdedup
 from align_ray.filter.config import RULES, FilterConfig
 from align_ray.filter.evalset import load_hashes
 from align_ray.filter.safety import load_hook
@@ -112,6 +113,8 @@ def run(cfg: FilterConfig) -> dict:
     if not cfg.overwrite and dst.is_complete(input=cfg.input):
         log.info("filter: %s is complete; nothing to do (--overwrite redoes it)", cfg.output)
         return dst.stats()
+    if cfg.enabled(semdedup.RULE):
+        semdedup.check_columns(src, shards)   # before clearing anything: run `score` first
     dst.clear()
     if cfg.safety_hook:
         load_hook(cfg.safety_hook)  # fail fast on a typo, before any work
@@ -120,6 +123,10 @@ def run(cfg: FilterConfig) -> dict:
     plan = plan_lib.build(read_rows(src, shards, plan_lib.meta_cols(cfg)), cfg, eval_hashes,
                           npart)
     plan.verdicts = plan.verdicts.materialize()
+    sem = None
+    if cfg.enabled(semdedup.RULE):
+        verdicts, sem = semdedup.apply(src, shards, plan.verdicts, cfg, npart)
+        plan.verdicts = verdicts.materialize()
     written = map_groups(plan.verdicts, "shard", _write_group, npart,
                          {"cfg": cfg, "shards": shards})
     dropped: Counter = Counter()
@@ -147,6 +154,7 @@ def run(cfg: FilterConfig) -> dict:
                               "dropped": dict(sorted(dropped.items(), key=lambda kv: -kv[1]))}},
         "vocab": plan.vocab, "partitions": npart,
         "score_cut": vars(plan.score_cut) if plan.score_cut else None,
+        "semdedup": sem,
         "config": {k: v for k, v in vars(cfg).items() if k not in ("input", "output")},
     }
     assert stats["input_rows"] == kept + sum(total_dropped.values()), "row accounting broken"
@@ -159,7 +167,8 @@ def run(cfg: FilterConfig) -> dict:
                     "original_height": pa.array([], pa.int32())})),
                "top_dropped_texts": report_lib.top_dropped_texts(plan.verdicts, plan.rows,
                                                                  cfg.report_top, npart),
-               "top_images": report_lib.top_images(plan.images, plan.rows, cfg.report_top)}
+               "top_images": report_lib.top_images(plan.images, plan.rows, cfg.report_top),
+               "semdedup": sem}
         storage.write_bytes(dst.fs, dst.path("report.json"), report_lib.dumps(rep))
         rep["plots"] = report_lib.plot(rep, cfg.output)
         stats["report"] = report_lib.text_summary(rep)

@@ -170,6 +170,11 @@ def text_summary(report: dict) -> str:
     if report.get("funnel"):
         lines.append("  funnel: " + " -> ".join(f"{f['rule']} {f['rows_left']}"
                                                 for f in report["funnel"]))
+    if report.get("semdedup"):
+        s = report["semdedup"]
+        lines.append(f"  semdedup: {s['clusters']} clusters ({s['nonempty']} non-empty), sizes "
+                     f"max {s['max']} median {s['median']}, eps {s['eps']}, "
+                     f"{s['dropped']} dropped")
     if report.get("top_dropped_texts"):
         lines.append("  most frequent dropped alt-texts:")
         lines += [f"    {t['dropped_rows']:>7}  {t['text']!r}"
