@@ -141,3 +141,34 @@ def test_semdedup_needs_the_score_columns(tmp_path, capsys):
     assert not FilterConfig(semdedup=True, disabled_rules=[semdedup.RULE]).enabled(semdedup.RULE)
     with pytest.raises(ValueError, match="semdedup_eps"):
         FilterConfig(semdedup_eps=1.5)
+
+
+# ---- on `align-ray score`'s real output: the serve corpus re-encodes the images of rows 3 and
+# 5 as JPEG (rows 40, 41); the tiny model puts every other image far from its neighbours
+from tests.score import conftest as score_fixtures  # noqa: E402
+from tests.serve.conftest import DUP_IMAGES, N_BASE  # noqa: E402
+
+# the score tests' fixtures, shared rather than copied
+corpus, stage_in, tiny_model = score_fixtures.corpus, score_fixtures.stage_in, score_fixtures.tiny_model
+
+
+def test_stage_on_score_output_drops_the_reencoded_copies(ray_cluster, tiny_model, stage_in,
+                                                         tmp_path):
+    from align_ray.score import pipeline as score_pipeline
+    from align_ray.score.config import ScoreConfig
+
+    scored = tmp_path / "scored"
+    score_pipeline.run(ScoreConfig(model=tiny_model, input=str(stage_in), output=str(scored),
+                                   batch_size=16, concurrency=1, num_cpus=1))
+    stats, verdict = _run(scored, tmp_path / "f", semdedup_clusters=2, num_partitions=2,
+                          report=False)
+    every = read_dir(scored, "parquet")
+    score = dict(zip(every.column("key").to_pylist(), every.column("pair_score").to_pylist()))
+    want = set()
+    for j, src in enumerate(DUP_IMAGES):   # of each image and its copy, the lower score goes
+        a, b = f"{src:014d}", f"{N_BASE + j:014d}"
+        want.add(min((a, b), key=lambda k: (score[k], -int(k))))
+    assert {k for k, r in verdict.items() if r} == want
+    assert all(verdict[k] == semdedup.RULE for k in want)
+    assert stats["stages"]["filter"]["dropped"] == {semdedup.RULE: len(DUP_IMAGES)}
+    assert stats["input_rows"] == stats["output_rows"] + sum(stats["dropped"].values())
