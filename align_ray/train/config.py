@@ -72,7 +72,9 @@ class TrainConfig:
         slice, so 2 workers x B normalise like 1 x 2B.  None (auto) = on when ``use_gpu``, more
         than one worker and the image tower has BatchNorm.  GPU only (torch's SyncBatchNorm has
         no CPU kernel): ``sync_bn: true`` without ``use_gpu`` is an error.
-    data_workers / data_cpus: Ray Data actors that decode, augment and tokenize, CPUs each.
+    data_workers / data_cpus: Ray Data tasks that decode, augment and tokenize (shared out over
+        the ranks, at least one each), and the CPUs set aside for each when the run is sized to
+        the cluster; Ray schedules them with 0 logical CPUs (ingest.RankStream.dataset: why).
     crop_scale / hflip: training augmentation (ALIGN: random resized crop + horizontal flip):
         the crop's area range ((1, 1), the default: no random crop, the centre square) and the
         flip probability.  Set ``hflip: 0`` when captions name left and right (a flipped image

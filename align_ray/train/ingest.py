@@ -629,10 +629,19 @@ class RankStream:
             fn_kwargs=dict(filesystem=d.filesystem, columns=d.columns,
                            seed=d.seed, rank=self.rank, rows_per_block=d.rows_per_block),
             compute=ray.data.TaskPoolStrategy(size=1), num_cpus=0)
+        # 0 logical CPUs, on purpose: Ray Data (2.60) budgets each execution from its
+        # AutoscalingCoordinator, which splits the CPUs left after Train's workers between
+        # concurrent executions in integer shares (amount // n).  With one pipeline per rank,
+        # 2 workers x 0.5 CPU on a 2-CPU machine leave 1 CPU for 2 pipelines: 0 each, and a task
+        # that asks for any CPU never starts ("Cluster resources are not enough to run any
+        # task": training hung at its first batch).  A placement group per rank reserves the
+        # CPUs but cannot be placed on fragmented nodes (0.25 CPU left on each).  So the
+        # decode tasks are bounded by the pool size (tasks_per_rank per rank), and their CPUs
+        # are set aside when the run is sized (run.fit_to_cluster counts data_cpus per task).
         return ds.map_batches(
             preprocess_batch, fn_kwargs=dict(cache_key=d.cache_key, **d.preprocess),
             batch_size=d.rows_per_block, batch_format="numpy",
-            compute=ray.data.TaskPoolStrategy(size=d.tasks_per_rank), num_cpus=d.data_cpus)
+            compute=ray.data.TaskPoolStrategy(size=d.tasks_per_rank), num_cpus=0)
 
     def batches(self, n_batches: int) -> Iterator[dict]:
         """Full batches, for ever (``n_batches``: how many the run still needs, to size the
