@@ -26,6 +26,7 @@ import torch.distributed as dist
 from align_ray.model import DualEncoder, build_loss, finetune, unwrap
 from align_ray.train import checkpoint as ckpt_lib
 from align_ray.train import step as step_lib
+from align_ray.train import syncbn
 from align_ray.train.config import TrainConfig
 from align_ray.train.evaluate import retrieval_metrics
 from align_ray.train.ingest import image_norm, rank_stream
@@ -63,18 +64,23 @@ def _gather_rng() -> list[dict]:
 
 
 def wants_sync_bn(model: torch.nn.Module, cfg: TrainConfig, world: int) -> bool:
-    """``cfg.sync_bn``, or (None = auto) a multi-worker GPU run whose model has BatchNorm."""
+    """``cfg.sync_bn``, or (None = auto) a multi-worker run whose model has BatchNorm."""
+    if world < 2:
+        return False
     if cfg.sync_bn is not None:
-        return bool(cfg.sync_bn) and world > 1
-    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    return bool(cfg.use_gpu and world > 1 and has_bn)
+        return bool(cfg.sync_bn)
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def maybe_sync_bn(model: torch.nn.Module, cfg: TrainConfig, world: int) -> torch.nn.Module:
-    """BatchNorm -> SyncBatchNorm when :func:`wants_sync_bn` (timm's converter also handles its
-    fused BatchNorm+activation layers, which torch's would strip of their activation)."""
+def maybe_sync_bn(model: torch.nn.Module, cfg: TrainConfig, world: int,
+                  device: torch.device) -> torch.nn.Module:
+    """BatchNorm -> synchronised BatchNorm when :func:`wants_sync_bn`: torch's SyncBatchNorm on
+    GPUs (timm's converter, which also keeps its fused BatchNorm+activation layers' activation),
+    train/syncbn.py's gloo one on CPU (torch's has no CPU kernel)."""
     if not wants_sync_bn(model, cfg, world):
         return model
+    if device.type == "cpu":
+        return syncbn.convert(model, syncbn.new_group())
     from timm.layers import convert_sync_batchnorm
 
     return convert_sync_batchnorm(model)
@@ -132,7 +138,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
     # a fresh DualEncoder, or the --init-from model (ours, HF, open_clip) with its own weights
-    model = maybe_sync_bn(finetune.build_model(cfg, config["vocab_size"]), cfg, world)
+    model = maybe_sync_bn(finetune.build_model(cfg, config["vocab_size"]), cfg, world, device)
     counts = finetune.prepare_for_training(model, cfg)  # locks after SyncBN swapped the modules
     if rank == 0:
         log.info("train: %(trainable)d trainable, %(locked)d locked parameter tensors", counts)

@@ -74,23 +74,29 @@ def test_no_weight_decay_on_biases_norms_temperature():
     assert type(opt).__name__ == "Lamb" and opt.param_groups[1]["weight_decay"] == 0.0
 
 
-def test_sync_batchnorm_option():
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_sync_batchnorm_option(device):
+    from align_ray.train import syncbn
     from align_ray.train.loop import maybe_sync_bn, wants_sync_bn
 
     model = DualEncoder(ModelConfig.tiny(embed_dim=16, vocab_size=100), 100)
-    auto_gpu = TrainConfig(use_gpu=True)
-    assert wants_sync_bn(model, auto_gpu, world=2)  # auto: GPU, >1 worker, BatchNorm
-    assert not wants_sync_bn(model, auto_gpu, world=1)
-    assert not wants_sync_bn(model, TrainConfig(), world=2)  # CPU: no SyncBatchNorm kernel
-    assert not wants_sync_bn(model, TrainConfig(use_gpu=True, sync_bn=False), world=2)
-    with pytest.raises(ValueError, match="sync_bn needs use_gpu"):
-        TrainConfig(sync_bn=True)
+    auto = TrainConfig(use_gpu=device == "cuda")
+    assert wants_sync_bn(model, auto, world=2)  # auto: >1 worker and BatchNorm, CPU or GPU
+    assert not wants_sync_bn(model, auto, world=1)
+    assert not wants_sync_bn(model, TrainConfig(sync_bn=False), world=2)
     n_bn = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     acts = [type(m.act) for m in model.modules() if hasattr(m, "act") and
             isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    synced = maybe_sync_bn(model, auto_gpu, world=2)
-    sync = [m for m in synced.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
+    synced = maybe_sync_bn(model, auto, world=2, device=torch.device(device))
+    # CPU: our gloo-capable layer (torch's refuses CPU tensors); GPU: torch's own
+    kind = syncbn.SyncBatchNorm if device == "cpu" else torch.nn.SyncBatchNorm
+    sync = [m for m in synced.modules() if isinstance(m, kind)]
     assert len(sync) == n_bn > 0
     # timm's fused BatchNorm+activation layers keep their activation
     assert [type(m.act) for m in sync if hasattr(m, "act")] == acts and acts
     assert set(synced.state_dict()) == set(DualEncoder(model.cfg, 100).state_dict())
+    if device == "cpu":   # outside a process group it is plain BatchNorm, same outputs
+        ref = DualEncoder(model.cfg, 100)
+        ref.load_state_dict(synced.state_dict())
+        x = torch.randn(4, 3, 64, 64)
+        assert torch.allclose(synced.encode_image(x), ref.encode_image(x), atol=1e-6)

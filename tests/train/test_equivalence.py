@@ -11,10 +11,10 @@ fixed batches fed to the step directly: no augmentation, a fixed order (rank r t
 (``accum_steps`` 1), 2 x B/2 x 2 micro-batches (GradCache under DDP) and 1 x B x 2 (GradCache in
 one process), each for InfoNCE and SigLIP.
 
-BatchNorm is frozen (eval mode; dropout is 0): with batch statistics, 2 x B equals 1 x 2B only
-with SyncBatchNorm, which torch has no CPU kernel for (the ``sync_bn`` option, GPU only), and
-GradCache normalises per micro-batch.  Everything else about "2 x B trains like 1 x 2B" is
-covered here.
+BatchNorm is frozen (eval mode; dropout is 0) in that test: GradCache normalises per
+micro-batch by design.  The second test runs BatchNorm in train mode (batch statistics):
+2 x B with ``sync_bn`` (train/syncbn.py, which runs on gloo/CPU) gives the parameters and running
+statistics of 1 x 2B, and without it they differ (each worker normalised over its own B rows).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from align_ray.model import build_loss
 from align_ray.train import step as step_lib
+from align_ray.train import syncbn
 from align_ray.train.config import TrainConfig
 from align_ray.train.optim import build_optimizer, build_scheduler
 from tests.train import dist_helpers as h
@@ -53,11 +54,17 @@ def _cfg(kind: str, workers: int, batch_size: int, accum: int) -> TrainConfig:
 
 
 def train(kind: str, state: dict, data: list, *, workers: int, batch_size: int, accum: int,
-          rank: int = 0, ddp: bool = False) -> dict:
-    """STEPS real steps; this rank's rows of each global batch, as ``accum`` micro-batches."""
+          rank: int = 0, ddp: bool = False, bn: str = "frozen") -> dict:
+    """STEPS real steps; this rank's rows of each global batch, as ``accum`` micro-batches.
+    ``bn``: "frozen" (running statistics), "batch" (train mode, this process's rows) or "sync"
+    (train mode, statistics over every rank: syncbn.convert, as the training loop does)."""
     cfg = _cfg(kind, workers, batch_size, accum)
     assert cfg.global_batch == W * B
     model = h.build(kind, state)
+    if bn != "frozen":
+        model.train()
+    if bn == "sync":
+        model = syncbn.convert(model, syncbn.new_group())
     wrapped = DDP(model) if ddp else model
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
@@ -90,6 +97,18 @@ def _worker(rank: int, port: int, tmp: str) -> None:
                 out[kind, accum] = train(kind, setup[kind], setup["data"], workers=W,
                                          batch_size=B // accum, accum=accum, rank=rank, ddp=True)
         torch.save(out, Path(tmp) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _bn_worker(rank: int, port: int, tmp: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=W)
+    try:
+        setup = torch.load(Path(tmp) / "setup.pt")
+        out = {bn: train("clip", setup["clip"], setup["data"], workers=W, batch_size=B, accum=1,
+                         rank=rank, ddp=True, bn=bn) for bn in ("sync", "batch")}
+        torch.save(out, Path(tmp) / f"bn{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -132,3 +151,26 @@ def test_two_workers_train_like_one_process_on_the_concatenated_batch(tmp_path):
             err = _param_err(got["state"], want["state"], setup[kind])
             print(f"{kind} {name}: parameter error / largest update {err:.1e}")
             assert err < 1e-9, (kind, name, err)
+
+
+def test_sync_batchnorm_makes_two_workers_train_like_one_process_in_train_mode(tmp_path):
+    data = h.batches(STEPS, W * B, seed=6)
+    state = h.build("clip").state_dict()
+    want = train("clip", state, data, workers=1, batch_size=W * B, accum=1, bn="batch")
+    torch.save({"clip": state, "data": data}, tmp_path / "setup.pt")
+    mp.spawn(_bn_worker, args=(h.free_port(), str(tmp_path)), nprocs=W, join=True)
+    ranks = [torch.load(tmp_path / f"bn{r}.pt") for r in range(W)]
+    # running statistics are compared with the parameters: they moved too
+    assert any("running_mean" in k and not torch.equal(v, state[k])
+               for k, v in want["state"].items())
+    for r, res in enumerate(ranks):
+        got = res["sync"]
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-12), r
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-10), r
+        err = _param_err(got["state"], want["state"], state)
+        print(f"rank {r}: 2 x B, sync_bn: parameter error / largest update {err:.1e}")
+        assert err < 1e-9, (r, err)
+        # the control: per-worker batch statistics are a different model (the test can fail)
+        local = _param_err(res["batch"]["state"], want["state"], state)
+        print(f"rank {r}: 2 x B, per-worker BatchNorm: {local:.1e}")
+        assert local > 1e-4, (r, local)
