@@ -42,6 +42,9 @@ class ModelConfig:
         keys left out take ``BertConfig``'s defaults (BERT-base), ``vocab_size`` comes from the tokenizer.
     tokenizer: HF name/dir. ``None`` = the ``text_model``'s tokenizer when ``text_model`` is set,
         else a WordPiece vocabulary of ``vocab_size`` trained on the training texts.
+    text_pooling: the text tower's output: ``"cls"`` (the ``[CLS]`` state: BERT's, ALIGN's) or
+        ``"mean"`` (the mean of the unmasked token states: what sentence-transformers models such
+        as all-MiniLM-L6-v2 were trained to output, so a pretrained one starts useful).
     temperature_init: 1.0 = ALIGN (long runs); 0.07 = CLIP (short runs, tests, demo).
     temperature_min: lower bound of the learnable temperature (it is clamped, cannot collapse).
     loss: ``"clip"`` (symmetric InfoNCE with label smoothing) or ``"siglip"`` (pairwise sigmoid; the
@@ -57,6 +60,7 @@ class ModelConfig:
     tokenizer: str | None = None
     vocab_size: int = 8000
     max_length: int = 64
+    text_pooling: str = "cls"
     embed_dim: int = 640
     temperature_init: float = 1.0
     temperature_min: float = 0.01
@@ -71,6 +75,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.loss not in ("clip", "siglip"):
             raise ValueError(f"loss must be 'clip' or 'siglip', got {self.loss!r}")
+        if self.text_pooling not in ("cls", "mean"):
+            raise ValueError(f"text_pooling must be 'cls' or 'mean', got {self.text_pooling!r}")
         if not 0 < self.temperature_min <= self.temperature_init:
             raise ValueError("need 0 < temperature_min <= temperature_init")
         if self.image_mean is not None:

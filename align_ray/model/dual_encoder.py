@@ -124,9 +124,13 @@ class DualEncoder(nn.Module):
         return F.normalize(_upcast(self.image_proj(feats)), dim=-1)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.text_tower(input_ids=input_ids, attention_mask=attention_mask)
-        cls = out.last_hidden_state[:, 0]
-        return F.normalize(_upcast(self.text_proj(cls)), dim=-1)
+        h = self.text_tower(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.cfg.text_pooling == "mean":  # padding excluded; a row is never all padding
+            m = attention_mask.unsqueeze(-1).to(h.dtype)
+            pooled = (h * m).sum(1) / m.sum(1).clamp_min(1)
+        else:
+            pooled = h[:, 0]
+        return F.normalize(_upcast(self.text_proj(pooled)), dim=-1)
 
     def forward(
         self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor

@@ -133,3 +133,26 @@ def test_a_few_steps_learn_the_pairing(tokenizer, dev_rows):
     with torch.no_grad():
         img, txt, _ = model(pixels, enc["input_ids"], enc["attention_mask"])
     assert (txt @ img.T).argmax(1).eq(torch.arange(8)).float().mean() >= 0.375  # chance: 0.125
+
+
+def test_mean_text_pooling_averages_the_unmasked_token_states():
+    import pytest
+    torch.manual_seed(0)
+    model = DualEncoder(tiny_cfg(text_pooling="mean"), 100).eval()
+    _, ids, mask = _inputs()
+    with torch.no_grad():
+        got = model.encode_text(ids, mask)
+        h = model.text_tower(input_ids=ids, attention_mask=mask).last_hidden_state
+        want = torch.stack([h[i, mask[i].bool()].mean(0) for i in range(len(ids))])
+        want = torch.nn.functional.normalize(model.text_proj(want), dim=-1)
+        assert torch.allclose(got, want, atol=1e-6)
+        # what the padded positions hold does not matter
+        other = ids.clone()
+        other[mask == 0] = 7
+        assert torch.allclose(model.encode_text(other, mask), got, atol=1e-6)
+        # and it is not the [CLS] output
+        cls = DualEncoder(tiny_cfg(), 100).eval()
+        cls.load_state_dict(model.state_dict())
+        assert not torch.allclose(cls.encode_text(ids, mask), got, atol=1e-3)
+    with pytest.raises(ValueError, match="text_pooling"):
+        tiny_cfg(text_pooling="max")
