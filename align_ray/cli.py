@@ -107,7 +107,8 @@ def _parsers(sub: argparse._SubParsersAction) -> None:
         choices={"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "loss": LOSSES},
         help={"data": "parquet input: stage output dir, file, folder or glob, local or s3:// "
                       "(repeatable)",
-              "output": "run directory (model/, metrics.jsonl, curves.png, eval.json)",
+              "output": "run directory (model/, metrics.jsonl, curves.png, eval.json), local "
+                        "or s3://",
               "batch_size": "per worker",
               "storage_path": "checkpoints (local or s3://)",
               "name": "run name under the storage path (resume key)"})

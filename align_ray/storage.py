@@ -10,6 +10,7 @@ import fnmatch
 import os
 import posixpath
 import uuid
+from pathlib import Path
 
 import pyarrow.fs as pafs
 
@@ -27,6 +28,11 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
             kwargs["region"] = region
         return pafs.S3FileSystem(**kwargs), uri[len("s3://"):].rstrip("/")
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def is_uri(location: str | None) -> bool:
+    """An object-store location (``s3://``), as opposed to a path on this node's disk."""
+    return bool(location) and str(location).startswith("s3://")
 
 
 def is_local(fs: pafs.FileSystem) -> bool:
@@ -86,3 +92,14 @@ def delete_quietly(fs: pafs.FileSystem, path: str) -> bool:
         return True
     except FileNotFoundError:
         return False
+
+
+def upload_dir(local: str | Path, uri: str, skip: tuple[str, ...] = (), last: str = "") -> None:
+    """Copy a local folder to ``uri`` (files whose relative path starts with one of ``skip`` are
+    left out); ``last`` (a completion marker) is written after every other file."""
+    local = Path(local)
+    fs, base = filesystem(uri)
+    files = [f for f in sorted(local.rglob("*")) if f.is_file()
+             and not (skip and f.relative_to(local).as_posix().startswith(skip))]
+    for f in sorted(files, key=lambda f: f.relative_to(local).as_posix() == last):
+        write_bytes(fs, join(base, f.relative_to(local).as_posix()), f.read_bytes())

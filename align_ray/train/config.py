@@ -38,8 +38,9 @@ class TrainConfig:
         ``val_fraction`` of the rows, chosen by a hash of the caption (so no val caption is ever a
         training caption); else no validation.  ``val_match_col``: rows sharing its value count as
         correct for each other (default: the caption itself).
-    output: run directory (model/, metrics.jsonl, TensorBoard events, curves.png, eval.json).
-        Must be local (or shared, for multi-node runs) since rank 0 writes metrics there.
+    output: run directory (model/, metrics.jsonl, TensorBoard events, curves.png, eval.json):
+        a local path, or an ``s3://`` URI for multi-node runs (no disk shared between nodes
+        is assumed: rank 0 and the driver copy their files to it, run.py).
     storage_path: where Ray Train keeps checkpoints (local or ``s3://``); default OUTPUT/checkpoints.
         Re-running with the same (storage_path, name) resumes from the latest checkpoint.
     batch_size: per worker; global batch = batch_size * workers * accum_steps (the gathered
@@ -68,10 +69,10 @@ class TrainConfig:
     checkpoint_every: steps between checkpoints (a final one is always written).
     eval_every: steps between validation retrieval evals on rank 0 (0 = only the final eval).
     bf16: autocast to bfloat16 on GPU (ignored on CPU).
-    sync_bn: BatchNorm statistics over the global batch (SyncBatchNorm) instead of each worker's
-        slice, so 2 workers x B normalise like 1 x 2B.  None (auto) = on when ``use_gpu``, more
-        than one worker and the image tower has BatchNorm.  GPU only (torch's SyncBatchNorm has
-        no CPU kernel): ``sync_bn: true`` without ``use_gpu`` is an error.
+    sync_bn: BatchNorm statistics over the global batch instead of each worker's slice, so
+        2 workers x B train like 1 x 2B (tests/train/test_equivalence.py).  None (auto) = on
+        when there is more than one worker and the image tower has BatchNorm: torch's
+        SyncBatchNorm on GPUs, train/syncbn.py's gloo one on CPU (torch's has no CPU kernel).
     data_workers / data_cpus: Ray Data tasks that decode, augment and tokenize (shared out over
         the ranks, at least one each), and the CPUs set aside for each when the run is sized to
         the cluster; Ray schedules them with 0 logical CPUs (ingest.RankStream.dataset: why).
@@ -196,8 +197,6 @@ class TrainConfig:
             raise ValueError("warmup_steps/eval_every must be >= 0, max_failures >= -1")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError("val_fraction must be in [0, 1)")
-        if self.sync_bn and not self.use_gpu:
-            raise ValueError("sync_bn needs use_gpu (torch's SyncBatchNorm has no CPU kernel)")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError("label_smoothing must be in [0, 1)")
         for tower in ("image", "text"):
@@ -240,6 +239,8 @@ class TrainConfig:
             return sp if sp.startswith("s3://") else os.path.abspath(os.path.expanduser(sp))
         if not self.output:
             raise ValueError("output (or storage_path) is required")
+        if self.output.startswith("s3://"):
+            return posixpath.join(self.output.rstrip("/"), "checkpoints")
         return posixpath.join(os.path.abspath(os.path.expanduser(self.output)), "checkpoints")
 
     def has_validation(self) -> bool:

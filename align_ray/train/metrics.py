@@ -3,20 +3,33 @@
 
 After a restart the history is rewritten from the checkpoint (so a step is never logged twice) and
 TensorBoard's ``purge_step`` hides the events of the replayed steps.
+
+An ``s3://`` run directory is never written as a local path: the files are kept in a local scratch
+folder on rank 0's node and copied to the URI at most every ``sync_s`` seconds and on close, so a
+dashboard pointed at the URI follows the run whichever node rank 0 landed on.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
+
+from align_ray import storage
 
 
 class MetricsLogger:
     def __init__(self, out_dir: str | Path, history: list[dict] | None = None,
-                 purge_step: int | None = None, tensorboard: bool = True) -> None:
-        self.dir = Path(out_dir)
+                 purge_step: int | None = None, tensorboard: bool = True,
+                 sync_s: float = 30.0) -> None:
+        self.remote = str(out_dir).rstrip("/") if storage.is_uri(str(out_dir)) else None
+        self.sync_s, self._synced = sync_s, 0.0
+        self.dir = Path(tempfile.mkdtemp(prefix="align-ray-metrics-")) if self.remote \
+            else Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
         self.history: list[dict] = list(history or [])
@@ -41,10 +54,21 @@ class MetricsLogger:
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(k.replace("@", "_at_"), v, step)  # '@' is no valid tag
             self.tb.flush()
+        if self.remote and time.monotonic() - self._synced >= self.sync_s:
+            self.sync()
+
+    def sync(self) -> None:
+        """Copy metrics.jsonl and the TensorBoard events to the ``s3://`` run directory."""
+        if self.remote:
+            storage.upload_dir(self.dir, self.remote)
+            self._synced = time.monotonic()
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.remote:
+            self.sync()
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -5,6 +5,12 @@ OUTPUT/curves.png and OUTPUT/eval.json; checkpoints live under ``storage_path/na
 again with the same (storage_path, name) resumes from the latest checkpoint (Train V2: no
 ``resume_from_checkpoint``; the tokenizer saved next to the checkpoints is reused so token ids
 never change across a resume).
+
+OUTPUT may be an ``s3://`` URI: nothing then assumes a disk shared between nodes.  Checkpoints go
+to OUTPUT/checkpoints through Ray Train's storage filesystem; rank 0 (on whatever node) keeps
+metrics.jsonl and tb/ in a local scratch folder and copies them to the URI as it goes
+(metrics.MetricsLogger); the driver builds model/, curves.png and eval.json in its own scratch
+folder and uploads them, eval.json last (the "finished" marker the workflow checks).
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -142,9 +150,27 @@ def run(cfg: TrainConfig, *, step_hook: Callable[[int, int], None] | None = None
     and ``data_hook(step, rank, batches)`` run on the workers after each step (tests)."""
     if not cfg.output:
         raise ValueError("output is required")
-    out = Path(os.path.abspath(os.path.expanduser(cfg.output)))
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.output = str(out)
+    remote = storage.is_uri(cfg.output)
+    if remote:  # built here, uploaded at the end (a URI is never a local path on any node)
+        cfg.output = cfg.output.rstrip("/")
+        out = Path(tempfile.mkdtemp(prefix="align-ray-train-"))
+    else:
+        out = Path(os.path.abspath(os.path.expanduser(cfg.output)))
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.output = str(out)
+    try:
+        summary = _run(cfg, out, step_hook=step_hook, address=address, data_hook=data_hook)
+        if remote:
+            storage.upload_dir(out, cfg.output, skip=("tb",), last="eval.json")
+            summary = {k: v.replace(str(out), cfg.output) if isinstance(v, str) else v
+                       for k, v in summary.items()}
+        return summary
+    finally:
+        if remote:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def _run(cfg: TrainConfig, out: Path, *, step_hook, address, data_hook) -> dict[str, Any]:
     ensure_ray(address)
     fit_to_cluster(cfg)
     t0 = time.perf_counter()

@@ -16,7 +16,6 @@ output root skips every stage whose outputs are complete.
 from __future__ import annotations
 
 import argparse
-import shutil
 import signal
 import sys
 import threading
@@ -82,12 +81,10 @@ def init_ray(cfg: RunConfig, address: str | None) -> bool:
 
 def fresh(cfg: RunConfig) -> None:
     from align_ray import storage
-    from align_ray.workflow.stages import cache_dir
 
     fs, root = storage.filesystem(cfg.output)
     if storage.exists(fs, root):
         fs.delete_dir_contents(root, missing_dir_ok=True)
-    shutil.rmtree(cache_dir(cfg, "."), ignore_errors=True)  # this run's staging folder only
 
 
 def _print_final(run, report_uri: str, eval_summary: dict | None) -> None:

@@ -6,9 +6,8 @@ Completion: data/filter directories by :func:`align_ray.layout.Layout.is_complet
 ``stats.json`` says ``complete: true``); train ``eval.json`` + ``model/config.json`` (eval.json
 is written last); index ``index.json``.
 
-Training writes its run directory locally, so for an ``s3://`` train output the workflow trains
-into a local cache folder and uploads the result (Ray Train's checkpoints go straight to S3
-through ``storage_path``).  Index and serve take ``s3://`` locations natively: the index actors
+Every stage takes ``s3://`` locations natively (training too: its run directory, checkpoints,
+metrics and TensorBoard events are written to the URI, train/run.py).  The index actors
 load the model from S3 and write their shards there, and every Serve replica loads the model and
 index itself, so they work across nodes.
 """
@@ -16,13 +15,9 @@ index itself, so they work across nodes.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
-import tempfile
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Iterator
 
 from align_ray import storage
@@ -30,32 +25,11 @@ from align_ray.layout import Layout
 from align_ray.workflow.config import RunConfig, to_dict
 
 
-def is_s3(uri: str | None) -> bool:
-    return bool(uri) and str(uri).startswith("s3://")
-
-
-def cache_dir(cfg: RunConfig, name: str) -> Path:
-    """A local folder standing in for the s3:// location ``name`` of this run."""
-    tag = hashlib.sha1(cfg.output.encode()).hexdigest()[:10]
-    d = Path(tempfile.gettempdir(), f"align-ray-work-{os.getuid()}", tag, name)
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
 def read_json(uri: str) -> dict | None:
     fs, path = storage.filesystem(uri)
     if not storage.exists(fs, path):
         return None
     return json.loads(storage.read_bytes(fs, path))
-
-
-def upload_dir(local: Path, uri: str, skip: tuple[str, ...] = (), last: str = "") -> None:
-    """Copy a local folder to ``uri``; ``last`` (the completion marker) is written last."""
-    fs, base = storage.filesystem(uri)
-    files = [f for f in sorted(local.rglob("*")) if f.is_file()
-             and not f.relative_to(local).as_posix().startswith(skip)]
-    for f in sorted(files, key=lambda f: f.relative_to(local).as_posix() == last):
-        storage.write_bytes(fs, storage.join(base, f.relative_to(local).as_posix()), f.read_bytes())
 
 
 class Run:
@@ -165,18 +139,10 @@ def train(run: Run) -> dict:
             print(f"[train] {cfg.train.output} holds a trained model and eval.json: skipped")
             return rec["summary"]
         tcfg = dataclasses.replace(cfg.train)
-        remote = is_s3(cfg.train.output)
-        if remote:  # the train stage writes its run directory locally; checkpoints go to S3
-            tcfg.output = str(cache_dir(cfg, "train"))
-            tcfg.storage_path = tcfg.storage_path or f"{cfg.train.output.rstrip('/')}/checkpoints"
         print(f"[train] {tcfg.workers} workers x batch {tcfg.batch_size}, {tcfg.steps} steps, "
               f"model {tcfg.model.image_model}@{tcfg.model.image_size}px, checkpoints in "
               f"{tcfg.resolved_storage()}", flush=True)
         summary = train_run(tcfg, step_hook=StepPrinter(tcfg.steps, tcfg.log_every))
-        if remote:
-            upload_dir(Path(tcfg.output), cfg.train.output, skip=("checkpoints",), last="eval.json")
-            summary["output"] = cfg.train.output
-            summary["model_dir"] = f"{cfg.train.output.rstrip('/')}/model"
         rec["summary"] = summary
         print(f"[train] step {summary['step']}, final loss {summary['final_loss']}, "
               f"temperature {summary['temperature']}, model -> {summary['model_dir']}", flush=True)

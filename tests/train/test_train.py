@@ -81,7 +81,9 @@ def _record_batches(folder: Path):
 
 def test_worker_failure_resumes_from_last_checkpoint_on_s3(ray_cluster, small_parquet, tmp_path,
                                                            s3):
-    """Rank 1 raises after step 3 once; checkpoints (every 2 steps) live on a real S3 server."""
+    """Rank 1 raises after step 3 once.  The whole run directory is an s3:// URI on a real S3
+    server (no local path is written): checkpoints (every 2 steps), rank 0's metrics.jsonl and
+    TensorBoard events, the driver's model/, curves.png and eval.json."""
     marker = tmp_path / "failed-once"
 
     def fail_once(step: int, rank: int) -> None:  # runs on the workers (pickled by value)
@@ -90,13 +92,15 @@ def test_worker_failure_resumes_from_last_checkpoint_on_s3(ray_cluster, small_pa
             raise RuntimeError("injected failure at step 3")
 
     s3.create_bucket(Bucket="train-ckpt")
-    out, seen = tmp_path / "run", tmp_path / "batches"
+    seen = tmp_path / "batches"
     seen.mkdir()
-    cfg = _cfg(small_parquet, out, steps=6, max_failures=1, storage_path="s3://train-ckpt/runs")
+    cfg = _cfg(small_parquet, "s3://train-ckpt/runs", steps=6, max_failures=1)
     s = run(cfg, step_hook=fail_once, data_hook=_record_batches(seen))
     assert marker.exists()
     assert (s["step"], s["samples_seen"], s["restarts"], s["resumed_from_step"]) == (6, 48, 1, 2)
-    assert _steps(out) == [1, 2, 3, 4, 5, 6]  # steps 3.. replayed once, logged once
+    metrics = s3.get_object(Bucket="train-ckpt", Key="runs/metrics.jsonl")["Body"].read().decode()
+    steps = [json.loads(x)["step"] for x in metrics.splitlines() if "loss" in json.loads(x)]
+    assert steps == [1, 2, 3, 4, 5, 6]  # steps 3.. replayed once, logged once
     # the replayed steps got the failed attempt's batches: same rows, same order, same pixels
     got: dict = {}
     for f in seen.glob("*.npz"):
@@ -110,6 +114,12 @@ def test_worker_failure_resumes_from_last_checkpoint_on_s3(ray_cluster, small_pa
     assert len(ids) == len(set(ids)) == 48  # 48 distinct rows: none twice, none after resume
     assert s["epoch"] == 0 and len(s["data_position"]) == 2
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="train-ckpt")["Contents"]]
-    assert any(k.startswith("runs/align/step_00000006") for k in keys)
-    assert any(k.startswith("runs/align/tokenizer/") for k in keys)
-    assert s["checkpoint"].startswith("train-ckpt/runs/align/step_00000006")
+    assert any(k.startswith("runs/checkpoints/align/step_00000006") for k in keys)
+    assert any(k.startswith("runs/checkpoints/align/tokenizer/") for k in keys)
+    assert s["checkpoint"].startswith("train-ckpt/runs/checkpoints/align/step_00000006")
+    assert {"runs/model/config.json", "runs/model/model.safetensors", "runs/curves.png",
+            "runs/eval.json"} <= set(keys)
+    assert any(k.startswith("runs/tb/events.") for k in keys)  # uploaded by rank 0 as it ran
+    assert s["model_dir"] == "s3://train-ckpt/runs/model" and s["output"] == "s3://train-ckpt/runs"
+    assert Embedder.load(s["model_dir"]).embed_texts(["grinning face"]).shape == (1, 32)
+    assert not Path("s3:").exists() and not (Path.cwd() / "s3:").exists()
