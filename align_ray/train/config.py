@@ -70,9 +70,10 @@ class TrainConfig:
     eval_every: steps between validation retrieval evals on rank 0 (0 = only the final eval).
     bf16: autocast to bfloat16 on GPU (ignored on CPU).
     sync_bn: BatchNorm statistics over the global batch instead of each worker's slice, so
-        2 workers x B train like 1 x 2B (tests/train/test_equivalence.py).  None (auto) = on
-        when there is more than one worker and the image tower has BatchNorm: torch's
+        2 workers x B train like 1 x 2B (tests/train/test_equivalence.py): torch's
         SyncBatchNorm on GPUs, train/syncbn.py's gloo one on CPU (torch's has no CPU kernel).
+        None (auto) = on for multi-worker GPU runs whose image tower has BatchNorm; on CPU set
+        ``sync_bn: true`` (each layer then costs a gloo round trip per pass).
     data_workers / data_cpus: Ray Data tasks that decode, augment and tokenize (shared out over
         the ranks, at least one each), and the CPUs set aside for each when the run is sized to
         the cluster; Ray schedules them with 0 logical CPUs (ingest.RankStream.dataset: why).

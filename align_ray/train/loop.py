@@ -64,12 +64,16 @@ def _gather_rng() -> list[dict]:
 
 
 def wants_sync_bn(model: torch.nn.Module, cfg: TrainConfig, world: int) -> bool:
-    """``cfg.sync_bn``, or (None = auto) a multi-worker run whose model has BatchNorm."""
+    """``cfg.sync_bn``, or (None = auto) a multi-worker GPU run whose model has BatchNorm.  Not
+    auto on CPU: there every BatchNorm layer adds a gloo round trip per pass, a lock-step that
+    a busy CPU box pays dearly for (BENCHMARKS.md "Training quality"), while per-worker
+    statistics cost little quality at small batches (same section)."""
     if world < 2:
         return False
     if cfg.sync_bn is not None:
         return bool(cfg.sync_bn)
-    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return bool(cfg.use_gpu and has_bn)
 
 
 def maybe_sync_bn(model: torch.nn.Module, cfg: TrainConfig, world: int,

@@ -81,13 +81,15 @@ def test_sync_batchnorm_option(device):
 
     model = DualEncoder(ModelConfig.tiny(embed_dim=16, vocab_size=100), 100)
     auto = TrainConfig(use_gpu=device == "cuda")
-    assert wants_sync_bn(model, auto, world=2)  # auto: >1 worker and BatchNorm, CPU or GPU
+    # auto: >1 worker, BatchNorm and a GPU; on CPU opt-in (a gloo round trip per layer)
+    assert wants_sync_bn(model, auto, world=2) == (device == "cuda")
+    assert wants_sync_bn(model, TrainConfig(sync_bn=True), world=2)
     assert not wants_sync_bn(model, auto, world=1)
     assert not wants_sync_bn(model, TrainConfig(sync_bn=False), world=2)
     n_bn = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     acts = [type(m.act) for m in model.modules() if hasattr(m, "act") and
             isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    synced = maybe_sync_bn(model, auto, world=2, device=torch.device(device))
+    synced = maybe_sync_bn(model, TrainConfig(sync_bn=True), world=2, device=torch.device(device))
     # CPU: our gloo-capable layer (torch's refuses CPU tensors); GPU: torch's own
     kind = syncbn.SyncBatchNorm if device == "cpu" else torch.nn.SyncBatchNorm
     sync = [m for m in synced.modules() if isinstance(m, kind)]
