@@ -29,7 +29,8 @@ from align_ray.train import step as step_lib
 from align_ray.train import syncbn
 from align_ray.train.config import TrainConfig
 from align_ray.train.evaluate import retrieval_metrics
-from align_ray.train.ingest import image_norm, rank_stream
+from align_ray.train.ingest import (image_norm, rank_stream, same_file_fraction,
+                                    uniform_same_file_fraction)
 from align_ray.train.metrics import MetricsLogger
 from align_ray.train.optim import build_optimizer, build_scheduler
 
@@ -61,6 +62,19 @@ def _gather_rng() -> list[dict]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, state)
     return out
+
+
+def _same_file_pairs(micro: list[dict], world: int, device: torch.device) -> float | None:
+    """Fraction of the row pairs of this step's global batch that come from the same input file
+    (every rank's ``src_file``, gathered; a collective, so every rank calls it)."""
+    if not micro or "src_file" not in micro[0]:
+        return None
+    src = torch.cat([torch.as_tensor(b["src_file"]).long() for b in micro]).to(device)
+    if world > 1:
+        parts = [torch.empty_like(src) for _ in range(world)]
+        dist.all_gather(parts, src)
+        src = torch.cat(parts)
+    return same_file_fraction(src.cpu().numpy())
 
 
 def wants_sync_bn(model: torch.nn.Module, cfg: TrainConfig, world: int) -> bool:
@@ -190,6 +204,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     world, cfg.workers, G, B)
     stream = rank_stream(config.get("train_data"), rank=rank, world=world, batch_size=B,
                          position=ckpt_lib.rank_position(state, rank, world))
+    uniform_mix = uniform_same_file_fraction(stream.order.rows)
     win = {"loss": 0.0, "n": 0, "wait": 0.0, "t0": time.perf_counter()}
     last: dict[str, Any] = {}
     ddp.train()
@@ -225,13 +240,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     dist.all_reduce(stats)
                 elapsed = time.perf_counter() - win["t0"]
                 n = max(1, win["n"])
+                mix = _same_file_pairs(micro, world, device)
                 last = {"step": state.step, "epoch": state.epoch, "samples_seen": state.samples_seen,
                         "loss": float(stats[0]) / float(stats[1]),
                         "temperature": float(core.temperature.detach()),
                         "lr": float(lr), "grad_norm": float(grad_norm),
                         "samples_per_s": win["n"] * G / max(elapsed, 1e-9),
                         "data_wait_s": float(stats[2]) / float(stats[1]),
-                        "step_time_s": elapsed / n}
+                        "step_time_s": elapsed / n,
+                        # how correlated in-batch negatives are: pairs of this step's global
+                        # batch from one file, vs uniform sampling (issue 13 part 2)
+                        "mix/same_file_pairs": mix, "mix/same_file_pairs_uniform": uniform_mix}
                 if logger is not None:
                     logger.log(last)
                 win = {"loss": 0.0, "n": 0, "wait": 0.0, "t0": time.perf_counter()}

@@ -48,6 +48,10 @@ def test_run_writes_outputs_and_resumes(ray_cluster, small_parquet, tmp_path):
               "eval.json"):
         assert (out / f).stat().st_size > 0, f
     assert list((out / "tb").glob("events.out.tfevents.*"))
+    # the mixing metric of every logged step (one input file: every pair shares it)
+    logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["mix/same_file_pairs"] == r["mix/same_file_pairs_uniform"] == 1.0
+               for r in logged if "loss" in r)
     ev = json.loads((out / "eval.json").read_text())
     assert ev["n"] == 32 and set(ev["image_to_text"]) == {"R@1", "R@5", "R@10", "mean_rank",
                                                           "median_rank"}
