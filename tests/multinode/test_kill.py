@@ -110,6 +110,7 @@ def test_download_survives_losing_a_download_node(cluster, web, tmp_path):
     assert on_disk == live
 
 
+@pytest.mark.timeout(900)   # a loaded CI box: up to 420 s to a registered checkpoint, 300 after
 def test_training_survives_losing_a_train_workers_node(cluster, small_parquet, tmp_path):
     ensure(cluster, cpu_worker=1, gpu_train=2)
     progress, out, log = tmp_path / "progress", tmp_path / "run", tmp_path / "train.log"
@@ -133,7 +134,7 @@ def test_training_survives_losing_a_train_workers_node(cluster, small_parquet, t
         ok = snap.exists() and "step_0000000" in snap.read_text()
         return r1 if ok and r1 and r1["step"] >= 3 else None
 
-    r1 = _wait_for(ready, proc, log, 240, "a checkpoint and rank 1 past it")
+    r1 = _wait_for(ready, proc, log, 420, "a checkpoint and rank 1 past it")
     victim = cluster.node_of_pid(r1["pid"])
     assert victim is not cluster.node_of_pid(rank(0)["pid"])   # one worker per node
     # the bad-image counter is a side actor: it must live with the driver, on the head
