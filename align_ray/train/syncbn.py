@@ -132,8 +132,14 @@ def convert(module: nn.Module, process_group=None) -> nn.Module:
 
 def new_group():
     """A gloo group of every rank for the BatchNorm all-reduces (call on every rank), or None
-    (the default group) when the default group is already the only gloo group available."""
+    (the default group) outside a process group or where no gloo sub-group can be made."""
+    if not dist.is_initialized():
+        return None
     try:
         return dist.new_group(backend="gloo")
-    except Exception:       # noqa: BLE001 - some backends cannot create sub-groups; share WORLD
+    except (RuntimeError, ValueError) as e:   # no gloo sub-groups here: share the default one
+        import logging
+
+        logging.getLogger(__name__).warning("sync_bn: no gloo sub-group (%s); BatchNorm "
+                                            "all-reduces share the default process group", e)
         return None
