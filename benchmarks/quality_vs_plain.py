@@ -101,6 +101,32 @@ def smoothed_clip_loss(label_smoothing: float):
     return Smoothed()
 
 
+def align_ray_order(n: int, seed: int, world: int, rows: int) -> list:
+    """Per rank, an endless iterator of ``rows``-row batches of row indices in align-ray's
+    training order over ``n`` rows in one file (ingest.DataOrder with the default
+    ``shuffle_buffer``), to tell the order's effect from everything else."""
+    from align_ray.train.config import TrainConfig
+    from align_ray.train.ingest import DataOrder, window_order
+
+    order = DataOrder([n], seed=seed, world=world, window_rows=TrainConfig().shuffle_buffer)
+
+    def stream(rank: int):
+        epoch, buf = 0, np.zeros(0, np.int64)
+        while True:
+            for it in order.windows(rank, epoch, 0, order.epoch_rows(epoch, rank)):
+                if it["epoch"] != epoch:
+                    break
+                pos = np.concatenate([s + np.arange(m) for s, m in zip(it["start"], it["len"])])
+                buf = np.concatenate([buf, pos[window_order(seed, epoch, rank, it["window"],
+                                                            len(pos))]])
+                while len(buf) >= rows:
+                    yield buf[:rows]
+                    buf = buf[rows:]
+            epoch += 1
+
+    return [stream(r) for r in range(world)]
+
+
 def plain_run(args, seed: int) -> dict:
     """The 40-line loop: uniform random batches, hflip, AdamW, warm-up + linear decay."""
     import torch
@@ -127,14 +153,22 @@ def plain_run(args, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     curve, win, t0 = [], [], time.perf_counter()
     model.train()
+    ranked = align_ray_order(len(texts), seed, args.workers, args.batch // args.workers) \
+        if args.plain_order == "align_ray" else None
     for step in range(1, args.steps + 1):
-        idx = torch.randint(len(texts), (args.batch,), generator=g) if args.with_replacement \
-            else torch.randperm(len(texts), generator=g)[: args.batch]
+        if ranked is not None:
+            idx = torch.from_numpy(np.concatenate([next(r) for r in ranked]))
+        elif args.with_replacement:
+            idx = torch.randint(len(texts), (args.batch,), generator=g)
+        else:
+            idx = torch.randperm(len(texts), generator=g)[: args.batch]
         px = pixels[idx].clone()
         flip = torch.rand(len(idx), generator=g) < 0.5
         px[flip] = px[flip].flip(-1)
         x = (px.float() / 255 - mean) / std
-        loss = loss_fn(model.encode_image(x), model.encode_text(enc["input_ids"][idx],
+        bn = args.plain_bn_rows or len(x)
+        img = torch.cat([model.encode_image(c) for c in x.split(bn)])
+        loss = loss_fn(img, model.encode_text(enc["input_ids"][idx],
                                                                 enc["attention_mask"][idx]),
                        model.logit_scale.exp())
         opt.zero_grad(set_to_none=True)
@@ -253,6 +287,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=30, help="plain loop")
     ap.add_argument("--temperature-init", type=float, default=0.07, help="plain loop")
     ap.add_argument("--with-replacement", action="store_true", help="plain loop sampling")
+    ap.add_argument("--plain-order", choices=["uniform", "align_ray"], default="uniform",
+                    help="plain loop batches: uniform random rows, or align-ray's training order "
+                         "(ingest.DataOrder: per-rank shuffle windows of file slices, --workers "
+                         "ranks of batch/workers rows each, concatenated)")
+    ap.add_argument("--plain-bn-rows", type=int, default=0,
+                    help="plain loop: BatchNorm statistics over groups of this many rows (what W "
+                         "workers of that many rows each see without SyncBatchNorm); 0 = the batch")
     ap.add_argument("--ar-flags", default="", help="extra align-ray train flags")
     ap.add_argument("--ar-set", nargs="*", default=[],
                     help="TrainConfig YAML lines for align-ray, e.g. 'grad_clip: 1.0'")
@@ -271,6 +312,7 @@ def main() -> None:
     result: dict = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                     "steps": args.steps, "batch": args.batch, "workers": args.workers,
                     "seeds": args.seeds, "plain_lr": args.lr, "plain_warmup": args.warmup,
+                    "plain_bn_rows": args.plain_bn_rows, "plain_order": args.plain_order,
                     "ar_flags": args.ar_flags, "ar_set": args.ar_set, "tag": args.tag,
                     "cpus": os.cpu_count()}
     for side in ("plain", "align_ray"):

@@ -363,7 +363,8 @@ class DataOrder:
 
     * **Slices**: every file is cut into slices of ``slice_rows`` consecutive rows (fewer for a
       small dataset, so that each rank has at least ``MIN_WINDOW_SLICES`` slices per epoch, and
-      for a small window, so that a window holds at least that many slices).
+      for a small window, so that a window holds at least that many slices; one row when every
+      rank's epoch fits in one window: then the order is uniform sampling without replacement).
     * **Epoch e**: a permutation of all slices seeded by (seed, e): a new file order every epoch.
       Rank r takes slices ``perm[r::world]`` (each rank reads only its own slices: no row is read
       by two ranks, no read amplification).
@@ -389,6 +390,14 @@ class DataOrder:
         S = min(int(slice_rows), total // (world * MIN_WINDOW_SLICES))
         if window_rows >= MIN_WINDOW_SLICES:  # shuffle_buffer 0: whole slices, rows mixed in one
             S = min(S, int(window_rows) // MIN_WINDOW_SLICES)
+        if total <= world * int(window_rows):
+            # every rank's epoch fits in one shuffle window, which reads each row group once
+            # whatever the slicing: one-row slices cost nothing more and make each rank's epoch
+            # a uniform random share of the rows (uniform sampling without replacement).  With
+            # 1/(world x 8) of a file per slice instead, a rank's batches drew from ~8 slices:
+            # on a topically sorted file, correlated negatives that fit the dev set measurably
+            # more slowly (BENCHMARKS.md "Training quality").
+            S = 1
         S = max(1, S)
         n = -(-rows // S)  # slices per file
         self.slice_file = np.repeat(np.arange(len(rows), dtype=np.int32), n)
