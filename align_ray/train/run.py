@@ -68,7 +68,8 @@ def fit_to_cluster(cfg: TrainConfig, cluster_cpus: float | None = None) -> Train
     cpw, dcpu = (math.floor(v * scale * 1000) / 1000 for v in (cfg.cpus_per_worker, cfg.data_cpus))
     log.warning("train: %g workers x %g CPU + %d data tasks x %g CPU do not fit the cluster's "
                 "%g CPUs; using %.3g CPU per worker and %.3g per data task",
-                cfg.workers, cfg.cpus_per_worker, cfg.data_workers, cfg.data_cpus,
+                cfg.workers, cfg.cpus_per_worker, cfg.workers * ingest.data_tasks_per_rank(cfg),
+                cfg.data_cpus,
                 cluster_cpus, cpw, dcpu)
     cfg.cpus_per_worker, cfg.data_cpus = cpw, dcpu
     return cfg

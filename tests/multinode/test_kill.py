@@ -159,7 +159,7 @@ def test_too_few_nodes_left_fails_clearly(cluster, small_parquet, tmp_path):
     timeout_s = 20
     proc = _start(["-m", "align_ray.cli", "train", "--data", small_parquet, "--image-col",
                    "image", "--text-col", "alt_text", "--output", str(out), "--workers", "2",
-                   "--cpus-per-worker", "1", "--data-workers", "1", "--data-cpus", "1",
+                   "--cpus-per-worker", "1", "--data-workers", "1", "--data-cpus", "0.5",
                    "--batch-size", "4", "--steps", "400", "--checkpoint-every", "2",
                    "--ray-address", cluster.address],
                   cluster, log, ALIGN_RAY_TRAIN_START_TIMEOUT_S=str(timeout_s))
