@@ -3,6 +3,8 @@ fail a finished run."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from align_ray.train import resilience
@@ -57,4 +59,14 @@ def test_a_lost_counter_is_a_warning_not_a_failure(ray_cluster):
     counter.add.remote([1, 2, 2])
     assert resilience.read_count(counter, "test") == 2
     ray.kill(counter)  # what a node loss does to it
+    # ray.kill is asynchronous: a call sent right after it can still be served, so wait
+    # until calls fail (a lost node's actors are dead before anyone asks them).
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            ray.get(counter.count.remote(), timeout=5)
+        except ray.exceptions.RayActorError:
+            break
+        assert time.monotonic() < deadline, "the killed counter never died"
+        time.sleep(0.1)
     assert resilience.read_count(counter, "test") is None
