@@ -26,7 +26,8 @@ def _stage_parser(sub: argparse._SubParsersAction, name: str, cls: type, summary
         f"{description} Every field of {cls.__name__} is a flag and a key of --config YAML; "
         "flags given here win over the YAML.").strip())
     cli_args.add_flags(p, cls, **flags)
-    p.add_argument("--config", help=f"YAML file with {cls.__name__} fields")
+    p.add_argument("--config",
+                   help=f"YAML file (a path or an s3:// URI) with {cls.__name__} fields")
     if ray:
         p.add_argument("--ray-address", default=None, help=RAY_ADDRESS_HELP)
     return p

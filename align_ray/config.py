@@ -12,10 +12,11 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
+from align_ray import storage
 
 T = TypeVar("T")
 
@@ -81,7 +82,7 @@ def load(cls: type[T], yaml_path: str | None = None, **overrides: Any) -> T:
     """Defaults < YAML < overrides (overrides whose value is None are ignored)."""
     data: dict[str, Any] = {}
     if yaml_path:
-        text = Path(yaml_path).read_text()
+        text = storage.read_text(yaml_path)   # a local path or an s3:// URI
         loaded = yaml.safe_load(text) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{yaml_path}: expected a mapping of option: value")

@@ -85,6 +85,19 @@ def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
         return f.read()
 
 
+def read_text(location: str | Path) -> str:
+    """A small file (a config YAML) from a local path or an ``s3://`` URI.  A job on a cluster
+    can then name a config that no node has on its disk.  A missing file raises
+    FileNotFoundError either way."""
+    location = str(location)
+    if not is_uri(location):
+        return Path(location).read_text()
+    fs, path = filesystem(location)
+    if not exists(fs, path):
+        raise FileNotFoundError(f"{location}: no such object")
+    return read_bytes(fs, path).decode()
+
+
 def delete_quietly(fs: pafs.FileSystem, path: str) -> bool:
     """Delete a file that may already be gone; returns whether it existed."""
     try:

@@ -23,3 +23,19 @@ def test_unknown_keys_and_bad_values_are_errors(tmp_path):
         load(DataConfig, str(y))
     with pytest.raises(ValueError, match="resize_mode"):
         load(DataConfig, None, resize_mode="stretch")
+
+
+def test_a_config_may_live_on_s3(s3):
+    """``--config s3://...``: a job on a cluster names a config no node has on its disk (the
+    stage loader and the workflow's run YAML read it the same way)."""
+    from align_ray.workflow.config import load as load_run
+
+    s3.create_bucket(Bucket="conf")
+    s3.put_object(Bucket="conf", Key="data.yaml", Body=b"image_size: 96\nthreads: 4\n")
+    cfg = load(DataConfig, "s3://conf/data.yaml", threads=8)
+    assert cfg.image_size == 96 and cfg.threads == 8
+    s3.put_object(Bucket="conf", Key="run.yaml", Body=b"output: s3://conf/run\ntrain: {steps: 3}\n")
+    run = load_run("s3://conf/run.yaml", smoke=True)
+    assert run.train.steps == 3 and run.train.output == "s3://conf/run/train"
+    with pytest.raises(FileNotFoundError, match="s3://conf/missing.yaml"):
+        load(DataConfig, "s3://conf/missing.yaml")

@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from align_ray import config as config_lib
+from align_ray import storage
 from align_ray.data.config import DataConfig
 from align_ray.filter.config import FilterConfig
 from align_ray.serve.config import IndexConfig, ServeConfig
@@ -135,7 +136,7 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    data = yaml.safe_load(storage.read_text(path)) or {}   # a local path or an s3:// URI
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping with sections {list(TOP_LEVEL)}")
     return data

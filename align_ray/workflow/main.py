@@ -28,8 +28,9 @@ from align_ray.workflow.config import STAGES, RunConfig
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="end_to_end.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="run YAML: sections data/filter/train/index/serve (+ output, "
-                                    "web, queries, top_k); e.g. workflows/configs/local.yaml")
+    p.add_argument("--config", help="run YAML (a path or an s3:// URI): sections data/filter/"
+                                    "train/index/serve (+ output, web, queries, top_k); e.g. "
+                                    "workflows/configs/local.yaml")
     p.add_argument("--smoke", action="store_true", help="the tiny CI variant (on top of --config)")
     p.add_argument("--output", help="output root (local or s3://); overrides the config's")
     p.add_argument("--serve", action="store_true", help="leave the Serve app running, print its URL")
@@ -122,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     run = stages.Run(cfg)
     print(f"align-ray end to end -> {cfg.output} (stages: {','.join(args.stages)})", flush=True)
     owned = init_ray(cfg, args.ray_address)
+    from align_ray.workflow.nodes import NodeTimeline
+
+    run.timeline = NodeTimeline().start()
     train_summary: dict = {}
     eval_summary: dict | None = None
     results: list[dict] = []
@@ -143,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             url, results = serving.start(run)
         ok = True
     finally:
+        run.timeline.stop()
         run.save()
         try:
             uri = report.write(cfg, run.record, results)

@@ -89,6 +89,22 @@ def _stage_table(stages: dict) -> str:
             + "".join(rows) + "</table>")
 
 
+def _nodes_table(nodes: dict) -> str:
+    """Per stage: live nodes, the nodes that ran its work, the peak CPUs in use
+    (workflow/nodes.py samples the GCS)."""
+    per = nodes.get("per_stage") or {}
+    if not per:
+        return "<p>(no node samples)</p>"
+    rows = "".join(
+        f"<tr><td>{html.escape(n)}</td><td>{s['alive_min']}&ndash;{s['alive_max']}</td>"
+        f"<td>{s['busy_nodes']}</td><td>{s['busy_max']}</td><td>{s['cpus_max']:g}</td></tr>"
+        for n, s in per.items())
+    return ("<table><tr><th>stage</th><th>nodes alive</th><th>nodes that ran work</th>"
+            "<th>busy at once (max)</th><th>CPUs in use (max)</th></tr>" + rows + "</table>"
+            f"<p>Sampled every {nodes.get('interval_s')} s; every sample is in workflow.json "
+            "(<code>nodes.samples</code>).</p>")
+
+
 def _metrics_table(ev: dict) -> str:
     dirs = [d for d in ("image_to_text", "text_to_image") if d in ev]
     if not dirs:
@@ -171,6 +187,7 @@ def write(cfg: RunConfig, record: dict[str, Any], results: list[dict]) -> str:
 <p>Output root <code>{html.escape(cfg.output)}</code>; input: {source}; written
 {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; total {record.get('seconds', '?')} s.</p>
 <h2>Stages</h2>{_stage_table(stages)}
+<h3>Nodes per stage</h3>{_nodes_table(record.get("nodes") or {})}
 <h2>Funnel</h2><div class=row><table><tr><th>step</th><th>rows</th></tr>{funnel_rows}</table>
 {_img(fpng, "funnel.png")}</div>
 <div class=row>{_drops_table("dropped by the download stage", data.get("dropped", {}))}

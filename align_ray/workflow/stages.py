@@ -39,10 +39,13 @@ class Run:
         self.cfg = cfg
         self.t0 = time.time()
         self.record: dict[str, Any] = {"config": to_dict(cfg), "stages": {}}
+        self.timeline = None   # a workflow.nodes.NodeTimeline once Ray is up (main.py)
 
     def save(self) -> None:
         fs, root = storage.filesystem(self.cfg.output)
         self.record["seconds"] = round(time.time() - self.t0, 1)
+        if self.timeline is not None:
+            self.record["nodes"] = self.timeline.record()
         storage.write_bytes(fs, storage.join(root, "workflow.json"),
                             json.dumps(self.record, indent=1, default=str).encode())
 
@@ -52,12 +55,16 @@ class Run:
         rec: dict[str, Any] = {"status": "ran"}
         t = time.time()
         print(f"\n[{name}] starting (t+{t - self.t0:.0f}s)", flush=True)
+        if self.timeline is not None:
+            self.timeline.stage = name
         try:
             yield rec
         except BaseException as e:
             rec.update(status="failed", error=f"{type(e).__name__}: {e}")
             raise
         finally:
+            if self.timeline is not None:
+                self.timeline.stage = ""
             rec["seconds"] = round(time.time() - t, 1)
             self.record["stages"][name] = rec
             self.save()

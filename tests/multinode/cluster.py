@@ -65,20 +65,30 @@ class Node:
     temp_dir: Path
     raylet_pid: int = 0
     killed: bool = False
+    env: dict[str, str] = field(default_factory=dict)   # the node's processes' environment
     # every process seen in this node's tree, pid -> start time (a pid the OS reused later
     # for someone else's process is never signalled)
     procs: dict[int, float] = field(default_factory=dict)
 
 
 class LocalCluster:
-    def __init__(self, root: Path | None = None) -> None:
+    def __init__(self, root: Path | None = None, private_disks: bool = False) -> None:
+        """``private_disks``: every node runs in its own mount namespace with its own tmpfs at
+        ROOT/p, which holds its ``--temp-dir``, ``TMPDIR`` and ``HOME``.  A file one node writes
+        there (its temp files, its job working directory, its caches) does not exist on any
+        other node, as on separate machines; the rest of the host stays shared (the code, the
+        venv)."""
         self.root = Path(root or tempfile.mkdtemp(prefix="mn-", dir="/tmp"))
+        self.private_disks = private_disks
         self.types = node_types()
         self.nodes: list[Node] = []
         self.port = free_port()
         self.address = ""
+        self.dashboard = ""
         self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                     "PYTHONPATH": str(REPO),
+                    # a job's entrypoint (`python ...`) resolves through the node's PATH
+                    "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
                     # a SIGKILLed raylet refuses the GCS's health checks at once; checking every
                     # 1 s instead of 3 s marks it dead after ~5 s instead of ~16 s (measured)
                     "RAY_health_check_period_ms": "1000"}
@@ -90,8 +100,15 @@ class LocalCluster:
     # -- starting ---------------------------------------------------------------------------
 
     def _start(self, name: str, typ: str, args: list[str]) -> Node:
-        node = Node(name, typ, self.root / name)
-        node.temp_dir.mkdir(parents=True)
+        env = self.env
+        if self.private_disks:   # short paths: Ray's unix socket paths must stay < 108 chars
+            node = Node(name, typ, self.root / "p" / name)
+            (self.root / "p").mkdir(exist_ok=True)
+            env = {**self.env, "HOME": str(node.temp_dir / "home"),
+                   "TMPDIR": str(node.temp_dir / "tmp")}
+        else:
+            node = Node(name, typ, self.root / name)
+            node.temp_dir.mkdir(parents=True)
         res = {k: v for k, v in self.types[typ].items() if k != "CPU"}
         cmd = [RAY, "start", f"--temp-dir={node.temp_dir}", f"--num-cpus={self.types[typ]['CPU']:g}",
                "--num-gpus=0", f"--resources={_json(res)}",
@@ -101,17 +118,35 @@ class LocalCluster:
                f"--dashboard-agent-grpc-port={free_port()}",
                f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
                *args]
+        if self.private_disks:
+            # `ray start` daemonises the node's processes inside this namespace; they keep it
+            p, home = self.root / "p", node.temp_dir / "home"
+            setup = (f"mount -t tmpfs -o size=4g,mode=1777 align-{name} {p} && "
+                     f"mkdir -p {home} {node.temp_dir / 'tmp'} && "
+                     f"printf 'provider:\\n  type: local\\n' > {home}/ray_bootstrap_config.yaml"
+                     ' && exec "$@"')
+            cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", setup, "sh", *cmd]
+        node.env = env
         self.nodes.append(node)
-        proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"ray start for {name} failed:\n{proc.stdout}\n{proc.stderr}")
         node.raylet_pid = self._raylet_pid(node)
         node.procs.update(self._tree(node))
         return node
 
-    def start_head(self) -> Node:
-        head = self._start("head", "head", ["--head", f"--port={self.port}",
-                                            "--include-dashboard=false"])
+    def start_head(self, dashboard: bool = False) -> Node:
+        """The CPU-0 head; ``dashboard``: with the job API on ``self.dashboard`` (for
+        ``ray job submit``)."""
+        args = ["--head", f"--port={self.port}", f"--ray-client-server-port={free_port()}"]
+        if dashboard:
+            port = free_port()
+            args += ["--include-dashboard=true", f"--dashboard-port={port}",
+                     "--dashboard-host=127.0.0.1"]
+            self.dashboard = f"http://127.0.0.1:{port}"
+        else:
+            args.append("--include-dashboard=false")
+        head = self._start("head", "head", args)
         self.address = f"{_node_ip()}:{self.port}"
         return head
 
@@ -148,6 +183,15 @@ class LocalCluster:
             except psutil.Error:
                 pass
         return out
+
+    def on_node(self, node: Node, argv: list[str]) -> tuple[list[str], dict[str, str]]:
+        """(command, environment) that run ``argv`` as a process of ``node``: inside its mount
+        namespace when disks are private.  A Ray driver must run on a node: it talks to the
+        raylet through sockets in that node's temp dir (the head's, for ``ray.init(address)``
+        on a host with several nodes)."""
+        if not self.private_disks:
+            return argv, node.env
+        return ["nsenter", f"--target={node.raylet_pid}", "--mount", *argv], node.env
 
     # -- finding and killing ----------------------------------------------------------------
 

@@ -1,0 +1,89 @@
+"""The node timeline of a workflow run: which nodes were alive and which were busy, over time
+and per stage.  It goes into ROOT/workflow.json (``nodes``) and the report.
+
+A daemon thread in the driver samples the GCS every ``interval_s`` seconds.  It reads the live
+nodes and, per node, the CPUs (and GPUs) in use, that is total minus available.  On an
+autoscaling cluster, this shows nodes coming up for a stage and going away after the idle
+timeout.  On a fixed cluster, it shows where each stage's work ran.  Only the GCS is asked:
+no dashboard and no state API are needed, so it works under ``ray job submit`` and with a
+plain ``ray.init()``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+
+def sample() -> dict[str, Any]:
+    """{"alive": [node ids], "busy": {node id: CPUs in use}, "gpus": GPUs in use}."""
+    import ray
+    from ray._private import state   # DeveloperAPI: the per-node view the GCS already has
+
+    alive = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
+    total, avail = state.total_resources_per_node(), state.available_resources_per_node()
+    busy, gpus = {}, 0.0
+    for node in alive:
+        t, a = total.get(node, {}), avail.get(node, {})
+        used = t.get("CPU", 0.0) - a.get("CPU", 0.0)
+        if used > 1e-6:
+            busy[node] = round(used, 2)
+        gpus += t.get("GPU", 0.0) - a.get("GPU", 0.0)
+    return {"alive": alive, "busy": busy, "gpus": round(gpus, 2)}
+
+
+class NodeTimeline:
+    """Samples in the background; ``stage`` is whatever stage runs now (set by the Run)."""
+
+    def __init__(self, interval_s: float = 2.0):
+        self.interval_s = interval_s
+        self.stage = ""
+        self.rows: list[dict[str, Any]] = []
+        self._t0 = time.time()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="node-timeline", daemon=True)
+
+    def start(self) -> "NodeTimeline":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                row = sample()
+            except Exception:  # noqa: BLE001 - a diagnostic never fails the run
+                row = None
+            if row is not None:
+                self.rows.append({"t": round(time.time() - self._t0, 1), "stage": self.stage,
+                                  **row})
+            self._stop.wait(self.interval_s)
+
+    def per_stage(self) -> dict[str, dict[str, Any]]:
+        """Per stage: alive nodes (min, max), the nodes that were ever busy, the most busy at
+        once, and the peak CPUs in use."""
+        out: dict[str, dict[str, Any]] = {}
+        for r in self.rows:
+            if not r["stage"]:
+                continue
+            s = out.setdefault(r["stage"], {"alive_min": len(r["alive"]), "alive_max": 0,
+                                            "busy_nodes": set(), "busy_max": 0, "cpus_max": 0.0,
+                                            "samples": 0})
+            s["alive_min"] = min(s["alive_min"], len(r["alive"]))
+            s["alive_max"] = max(s["alive_max"], len(r["alive"]))
+            s["busy_nodes"].update(r["busy"])
+            s["busy_max"] = max(s["busy_max"], len(r["busy"]))
+            s["cpus_max"] = max(s["cpus_max"], round(sum(r["busy"].values()), 2))
+            s["samples"] += 1
+        return {k: {**v, "busy_nodes": len(v["busy_nodes"])} for k, v in out.items()}
+
+    def record(self) -> dict[str, Any]:
+        """What goes into workflow.json: the per-stage summary and the samples (node ids
+        shortened to 8 hex digits)."""
+        short = [{**r, "alive": [n[:8] for n in r["alive"]],
+                  "busy": {n[:8]: c for n, c in r["busy"].items()}} for r in self.rows]
+        return {"interval_s": self.interval_s, "per_stage": self.per_stage(), "samples": short}
