@@ -166,8 +166,12 @@ def test_serve_scales_each_way_and_survives_a_node_loss(cluster, tiny_model, cor
                 after_kill.append((round(time.monotonic() - t_kill, 1), up_now))
                 bad = [r for r in text.results if r[2] != 200 and r[0] >= t_kill - 5]
                 last_bad = max((r[1] for r in bad), default=t_kill)
+                # whole again: both replicas up, 5 s without a refusal, and every client has
+                # had an answer to a request it sent after the last refusal (a client still
+                # waiting on the dead replica is not served)
+                fresh = sum(r[2] == 200 and r[0] >= last_bad for r in text.results)
                 if (up_now == 2 and any(n < 2 for _, n in after_kill)
-                        and time.monotonic() - last_bad > 5):
+                        and time.monotonic() - last_bad > 5 and fresh >= CLIENTS):
                     recovered = max(last_bad - t_kill,
                                     next(t for t, n in reversed(after_kill) if n < 2))
                     break
@@ -187,6 +191,9 @@ def test_serve_scales_each_way_and_survives_a_node_loss(cluster, tiny_model, cor
             "by_status": {str(s): sum(r[2] == s for r in res) for s in {r[2] for r in res}},
             "recovered_s": recovered, "text_replicas_after_kill": after_kill,
             "max_refusal_s": round(max((r[1] - r[0] for r in res if r[2] != 200), default=0), 2),
+            # the requests in flight on the killed replica: answered late or refused
+            "max_latency_after_kill_s": round(max((r[1] - r[0] for r in res if r[1] >= t_kill),
+                                                  default=0), 2),
             "after_kill": _phase(res, t_kill, t_stop)}
 
         # 3. image load scales the ImageEncoder alone
@@ -213,6 +220,10 @@ def test_serve_scales_each_way_and_survives_a_node_loss(cluster, tiny_model, cor
     assert not wrong, wrong[:5]
     slow = [r for r in text.results if r[2] != 200 and r[1] - r[0] > FAST_S]
     assert not slow, slow[:5]
-    assert report["kill"]["requests_after_kill"] > 50, report["kill"]
     assert recovered is not None, f"not whole again within {RECOVER_S} s: {report['kill']}"
+    # the load ran through the outage and past it: at least a request per client after the
+    # kill, and answers after the recovery (a count, not a rate: a loaded box serves slower)
+    assert report["kill"]["requests_after_kill"] >= CLIENTS, report["kill"]
+    # no client hung on the dead replica: whatever it got, it got it within the refusal bound
+    assert report["kill"]["max_latency_after_kill_s"] < FAST_S, report["kill"]
     assert healthy == 200
