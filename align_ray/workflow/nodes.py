@@ -82,8 +82,15 @@ class NodeTimeline:
         return {k: {**v, "busy_nodes": len(v["busy_nodes"])} for k, v in out.items()}
 
     def record(self) -> dict[str, Any]:
-        """What goes into workflow.json: the per-stage summary and the samples (node ids
-        shortened to 8 hex digits)."""
-        short = [{**r, "alive": [n[:8] for n in r["alive"]],
-                  "busy": {n[:8]: c for n, c in r["busy"].items()}} for r in self.rows]
-        return {"interval_s": self.interval_s, "per_stage": self.per_stage(), "samples": short}
+        """What goes into workflow.json: the per-stage summary and the samples, with node ids
+        shortened to ``n1``, ``n2``, ... in order of first appearance (``node_ids`` maps them
+        back).  A prefix would not do: the autoscaler's fake provider numbers its nodes
+        ``fff...f00001``, ``fff...f00002``."""
+        names: dict[str, str] = {}
+        for r in self.rows:
+            for n in r["alive"]:
+                names.setdefault(n, f"n{len(names) + 1}")
+        short = [{**r, "alive": [names[n] for n in r["alive"]],
+                  "busy": {names.get(n, n): c for n, c in r["busy"].items()}} for r in self.rows]
+        return {"interval_s": self.interval_s, "per_stage": self.per_stage(), "samples": short,
+                "node_ids": {v: k for k, v in names.items()}}

@@ -29,5 +29,17 @@ def test_timeline_sees_a_stage_use_cpus_and_records_per_stage(ray_cluster):
     assert per["busy"]["cpus_max"] >= 2 and per["busy"]["samples"] >= 3
     assert per["idle"]["cpus_max"] < per["busy"]["cpus_max"]
     rec = tl.record()
-    assert rec["samples"] and all(len(n) == 8 for r in rec["samples"] for n in r["alive"])
-    assert any(node[:8] in r["busy"] for r in rec["samples"] if r["stage"] == "busy")
+    ids = rec["node_ids"]
+    assert rec["samples"] and all(n in ids for r in rec["samples"] for n in r["alive"])
+    assert any(ids[n] == node for r in rec["samples"] if r["stage"] == "busy" for n in r["busy"])
+
+
+def test_record_names_nodes_whose_ids_share_a_prefix_apart():
+    tl = NodeTimeline()
+    a, b = "f" * 51 + "00001", "f" * 51 + "00002"     # the fake provider's node ids
+    tl.rows = [{"t": 0.0, "stage": "data", "alive": [a], "busy": {a: 1.0}, "gpus": 0.0},
+               {"t": 2.0, "stage": "data", "alive": [a, b], "busy": {a: 1.0, b: 1.0}, "gpus": 0.0}]
+    rec = tl.record()
+    assert rec["samples"][1]["busy"] == {"n1": 1.0, "n2": 1.0}
+    assert rec["node_ids"] == {"n1": a, "n2": b}
+    assert rec["per_stage"]["data"]["busy_nodes"] == 2
