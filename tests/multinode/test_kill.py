@@ -178,15 +178,17 @@ def test_too_few_nodes_left_fails_clearly(cluster, small_parquet, tmp_path):
     print(f"too few nodes: exit 3 after {waited:.0f} s (start timeout {timeout_s} s)")
 
 
-def test_elastic_training_shrinks_to_the_nodes_left_with_the_same_global_batch(
+def test_elastic_training_shrinks_to_the_nodes_left_and_grows_back_with_the_same_global_batch(
         cluster, small_parquet, tmp_path):
-    """3 workers (one per ``gpu_train`` node), elastic down to 2: a node dies and none replaces
-    it; the group goes on with 2 workers of 6 rows each instead of 3 of 4, so the global batch
-    stays 12, and the step count and ``samples_seen`` are exact."""
+    """3 workers (one per ``gpu_train`` node), elastic down to 2: a node dies; the group goes on
+    with 2 workers of 6 rows each instead of 3 of 4, so the global batch stays 12.  Then a
+    ``gpu_train`` node joins again, and the group grows back to 3 workers of 4 rows (Ray Train
+    checks the cluster every ``elastic_resize_interval_s`` while it runs).  The step count and
+    ``samples_seen`` are exact across both resizes."""
     ensure(cluster, cpu_worker=1, gpu_train=3)
     progress, out, log = tmp_path / "progress", tmp_path / "run", tmp_path / "train.log"
     progress.mkdir()
-    steps = 10
+    steps = 14
     proc = _start(["-m", "tests.multinode.train_driver", cluster.address, small_parquet,
                    str(out), str(progress), str(steps), "1.5", "elastic"], cluster, log)
 
@@ -196,25 +198,44 @@ def test_elastic_training_shrinks_to_the_nodes_left_with_the_same_global_batch(
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
+    snap = out / "checkpoints" / "align" / "checkpoint_manager_snapshot.json"
+
+    def checkpointed(fragment: str) -> bool:
+        return snap.exists() and fragment in snap.read_text()
+
     def ready():
-        snap = out / "checkpoints" / "align" / "checkpoint_manager_snapshot.json"
-        ok = snap.exists() and "step_0000000" in snap.read_text()
         r2 = rank(2)
+        ok = checkpointed("step_0000000")
         return r2 if ok and r2 and r2["step"] >= 3 and r2["world"] == 3 else None
 
     r2 = _wait_for(ready, proc, log, 240, "a checkpoint and 3 ranks past it")
     victim = cluster.node_of_pid(r2["pid"])
     assert victim.type == "gpu_train" and victim is not cluster.node_of_pid(rank(0)["pid"])
-    cluster.kill(victim)                          # and no replacement
+    cluster.kill(victim)                          # no replacement yet
     t_kill = time.monotonic()
     _wait_for(lambda: (rank(0) or {}).get("world") == 2, proc, log, 240, "a 2-worker group")
     shrink_s = time.monotonic() - t_kill
+    # the 2-worker group trains on: a checkpoint of its own (named -r1: after one restart)
+    _wait_for(lambda: checkpointed("-r1"), proc, log, 120, "a checkpoint of the 2-worker group")
+    # hold the steps so the run is still going when the node is back, then add it
+    (progress / "hold").touch()
+    (progress / "rank2.json").unlink()
+    t_add = time.monotonic()
+    cluster.add("gpu_train")
+    back = _wait_for(lambda: (r := rank(2)) and r["world"] == 3 and r, proc, log, 240,
+                     "the group grown back to 3 workers")
+    grow_s = time.monotonic() - t_add
+    assert cluster.node_of_pid(back["pid"]).type == "gpu_train"
+    (progress / "hold").unlink()
     (progress / "fast").touch()
     stdout = _finish(proc, log, 300)
     assert proc.returncode == 0, log.read_text()[-4000:]
     s = json.loads(stdout.strip().splitlines()[-1])
     assert s["step"] == steps and s["global_batch"] == 12
     assert s["samples_seen"] == steps * 12
-    assert s["restarts"] >= 1
-    assert "elastic: 2 of 3 workers share the global batch 12: 6 rows each" in log.read_text()
-    print(f"elastic: 3 -> 2 workers {shrink_s:.0f} s after the kill, {s['restarts']} restart(s)")
+    assert s["restarts"] >= 2
+    text = log.read_text()
+    assert "elastic: 2 of 3 workers share the global batch 12: 6 rows each" in text
+    assert (rank(0) or {}).get("world") == 3 and (rank(0) or {}).get("step") == steps
+    print(f"elastic: 3 -> 2 workers {shrink_s:.0f} s after the kill, back to 3 {grow_s:.0f} s "
+          f"after the node was added, {s['restarts']} restart(s)")

@@ -5,7 +5,8 @@ can be killed mid-run.  Prints the run summary as the last line (JSON).
     python -m tests.multinode.train_driver ADDRESS DATA OUTPUT PROGRESS_DIR STEPS SLEEP_S [elastic]
 
 ``elastic``: 3 workers, one per ``gpu_train`` node (its node-type resource), elastic down to 2,
-with the global batch fixed at 12.
+with the global batch fixed at 12.  While PROGRESS_DIR/hold exists, every step waits (so the
+test can add a node back before the run ends).
 
 PROGRESS_DIR is on this machine's disk, which every "node" of the one-box cluster shares: it is
 test instrumentation read by the test process, not a path any stage reads across nodes.
@@ -35,6 +36,11 @@ def make_hook(progress_dir: str, sleep_s: float):
         os.replace(path + ".tmp", path)
         if not os.path.exists(os.path.join(progress_dir, "fast")):  # the test kills a node
             time.sleep(sleep_s)                                      # during these steps
+        # while PROGRESS_DIR/hold exists, steps wait (at most 5 min): the run cannot end
+        # before a node the test adds back has been taken into the group
+        deadline = time.monotonic() + 300
+        while os.path.exists(os.path.join(progress_dir, "hold")) and time.monotonic() < deadline:
+            time.sleep(0.2)
 
     return hook
 
