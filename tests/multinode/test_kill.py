@@ -9,7 +9,9 @@ clear message instead of hanging:
 * mid-training: Ray Train restores the group from the last checkpoint (a replacement node
   joins), and the step count, ``samples_seen`` and the bad-image count are exact;
 * too few nodes left: ``align-ray train`` exits 3 within its start timeout, naming what the
-  worker group waits for.
+  worker group waits for;
+* elastic: the group shrinks to the nodes left and grows back when a node joins, with the same
+  global batch.
 
 Stages run as their own driver processes (the CLI, or tests/multinode/train_driver.py for the
 rank-aware kill); the test process never joins Ray.  The run directories are on this box's one
