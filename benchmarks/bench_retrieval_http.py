@@ -1,0 +1,246 @@
+#!/usr/bin/env python
+"""Retrieval over HTTP at 1 M x 256 (issue 16 part 4): ``/v1/search`` and clip-retrieval's
+``/knn-service`` through Serve's proxy and the Router, with the tuned ANN index that
+``align-ray index`` builds, against exact search in the same script.
+
+    .venv/bin/python benchmarks/bench_retrieval_http.py --json benchmarks/results/retrieval-http-DATE.json
+
+What runs, per round (``--rounds``, the backends alternating so a noisy box loads both alike):
+
+1. Serve the index with ``backend: auto`` (the stored IVF index, memory-mapped, at its tuned
+   nprobe) or ``backend: exact`` (the Router's matrix product over the 1 GB of vectors).
+2. Closed-loop aiohttp clients at each ``--concurrency`` for ``--seconds``, one endpoint at a
+   time: ``/v1/search`` with an embedding (the index alone), with a text (TextEncoder + index),
+   ``/knn-service`` with ``embedding_input`` and with ``text``, and ``GET /indices-list`` (proxy
+   + Router, no work: the floor of the per-request cost; ``/healthz`` pings both encoders).
+3. Every ``/v1/search`` and ``/knn-service`` embedding answer is scored against exact top-10
+   of the same held-out caption vector (recall@10 measured on what the clients received).
+4. CPU per request: the machine's busy core-seconds during the load (``/proc/stat``) minus
+   the client process's own CPU time, over the requests answered: proxy, Router, encoder and
+   search together (and whatever else ran on the box: keep it quiet).
+
+The vectors are bench_ann.py's synthetic, clustered space (images around N/200 centres, captions
+near their image); queries are held-out captions.  The index is built once, as ``align-ray
+index`` builds it (``ann.build``: k-means on a sample, 2 parallel add tasks, nprobe tuned for
+recall@10 >= 0.95 on captions it never serves here).  The text tower is bench_serve.py's
+MiniLM-sized random init: its forward is what a text query costs, its answers are not compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+ENDPOINTS = ("search_embedding", "search_text", "knn_embedding", "knn_text", "indices_list")
+
+
+def write_index(work: Path, image: np.ndarray, text: np.ndarray) -> dict:
+    """An index dir as ``align-ray index`` writes it: both modalities' vectors, metadata,
+    index.json."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n, dim = image.shape
+    np.save(work / "image_embeddings.npy", image)
+    np.save(work / "text_embeddings.npy", text)
+    rng = np.random.default_rng(1)
+    pq.write_table(pa.table({"id": np.arange(n), "text": [f"item {i}" for i in range(n)],
+                             "url": [None] * n,
+                             "phash": rng.integers(0, 2**63, n, dtype=np.uint64),
+                             "text_hash": rng.integers(0, 2**63, n, dtype=np.uint64)}),
+                   work / "metadata.parquet")
+    manifest = {"format": 1, "count": n, "dim": dim, "modalities": ["image", "text"],
+                "dropped": 0}
+    (work / "index.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+async def load(url: str, bodies: list, seconds: float, concurrency: int,
+               check=None) -> dict:
+    """Closed-loop clients; ``bodies`` None = GET.  ``check(i, json)`` -> recall of answer i."""
+    import aiohttp
+
+    from _bench_common import machine_busy_seconds
+
+    lat, recalls, errors = [], [], 0
+    busy0, client0 = machine_busy_seconds(), time.process_time()
+    stop = time.perf_counter() + seconds
+    counter = iter(range(10**9))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as s:
+        async def client():
+            nonlocal errors
+            while time.perf_counter() < stop:
+                i = next(counter)
+                t = time.perf_counter()
+                if bodies is None:
+                    r = await s.get(url)
+                else:
+                    r = await s.post(url, json=bodies[i % len(bodies)])
+                async with r:
+                    payload = await r.read()
+                lat.append(time.perf_counter() - t)
+                if r.status != 200:
+                    errors += 1
+                elif check is not None:
+                    recalls.append(check(i % len(bodies), json.loads(payload)))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    # CPU per request on the server side: the whole machine's busy core-seconds minus this
+    # client process's own (aiohttp, JSON), over the requests answered
+    busy, client = machine_busy_seconds() - busy0, time.process_time() - client0
+    ms = np.asarray(lat) * 1000
+    out = {"requests": len(lat), "qps": round(len(lat) / wall, 1), "errors": errors,
+           "server_cpu_ms_per_request": round((busy - client) * 1000 / max(len(lat), 1), 2),
+           "client_cpu_ms_per_request": round(client * 1000 / max(len(lat), 1), 2),
+           "p50_ms": round(float(np.percentile(ms, 50)), 1) if len(ms) else None,
+           "p99_ms": round(float(np.percentile(ms, 99)), 1) if len(ms) else None}
+    if recalls:
+        out["recall_at_10"] = round(float(np.mean(recalls)), 4)
+    return out
+
+
+def run_backend(backend: str, model: str, index: Path, queries: np.ndarray, truth: np.ndarray,
+                args) -> dict:
+    import requests
+    from ray import serve
+
+    from align_ray.serve import app
+    from align_ray.serve.config import ServeConfig
+    from bench_serve import texts
+
+    cfg = ServeConfig.from_dict(dict(model=model, index=str(index), port=args.port,
+                                     backend=backend, app_name="bench-http", index_name="bench"))
+    t0 = time.perf_counter()
+    base = app.start(cfg)
+    deadline = time.monotonic() + 300
+    while True:   # the proxy may come up after the deployments
+        try:
+            if requests.get(f"{base}/healthz", timeout=30).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        assert time.monotonic() < deadline, "the app did not become healthy"
+        time.sleep(1)
+    out: dict = {"backend": backend, "deploy_s": round(time.perf_counter() - t0, 1)}
+    qs = [q.tolist() for q in queries]
+    words = texts(np.random.default_rng(3), 512)
+
+    def ids_recall(ids: list[int], i: int) -> float:
+        return len(set(ids) & set(truth[i].tolist())) / truth.shape[1]
+
+    cases = {
+        "search_embedding": (f"{base}/v1/search", [{"embedding": q, "k": 10} for q in qs],
+                             lambda i, js: ids_recall([h["id"] for h in js["results"]], i)),
+        "search_text": (f"{base}/v1/search", [{"text": t, "k": 10} for t in words], None),
+        "knn_embedding": (f"{base}/knn-service",
+                          [{"embedding_input": q, "modality": "image", "num_images": 10,
+                            "indice_name": "bench"} for q in qs],
+                          lambda i, js: ids_recall([h["id"] for h in js], i)),
+        "knn_text": (f"{base}/knn-service", [{"text": t, "modality": "image", "num_images": 10,
+                                              "indice_name": "bench"} for t in words], None),
+        "indices_list": (f"{base}/indices-list", None, None),
+    }
+    try:
+        for name in ENDPOINTS:
+            url, bodies, check = cases[name]
+            asyncio.run(load(url, bodies, 2.0, max(args.concurrency)))          # warm-up
+            for c in args.concurrency:
+                out[f"{name}_c{c}"] = asyncio.run(load(url, bodies, args.seconds, c, check))
+                print(backend, name, c, out[f"{name}_c{c}"], flush=True)
+    finally:
+        serve.delete("bench-http")
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=1_000_000)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--queries", type=int, default=500, help="held-out caption vectors")
+    p.add_argument("--kind", default="ivf", help="AnnConfig.kind (auto picks HNSW32 at 1 M)")
+    p.add_argument("--seconds", type=float, default=10)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--backends", nargs="+", default=["auto", "exact"])
+    p.add_argument("--work", help="reuse an index dir built by an earlier run")
+    p.add_argument("--json", required=True)
+    args = p.parse_args()
+
+    import ray
+
+    from _bench_common import machine
+    from align_ray.serve import ann
+    from align_ray.serve.config import AnnConfig
+    from align_ray.serve.search import topk_exact
+    from bench_ann import corpus
+    from bench_serve import build_model
+
+    from bench_serve import free_port
+
+    args.port = free_port()      # one proxy for the whole run (serve.start keeps its first port)
+    t_all = time.perf_counter()
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    result: dict = {"command": " ".join(sys.argv), "machine": machine(), "n": args.n,
+                    "dim": args.dim, "load_avg_start": os.getloadavg()}
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-http-", dir="/tmp"))
+    if not (work / "index.json").exists() or "ann" not in json.loads((work / "index.json").read_text()):
+        work.mkdir(parents=True, exist_ok=True)
+        image, text = corpus(args.n + args.queries, args.dim, seed=0)
+        np.save(work / "queries.npy", text[args.n:])
+        manifest = write_index(work, image[:args.n], text[:args.n])
+        del image, text
+        t0 = time.perf_counter()
+        manifest["ann"] = ann.build(str(work), manifest,
+                                    AnnConfig(kind=args.kind, exact_below=1), parts=2)
+        result["build_both_modalities_s"] = round(time.perf_counter() - t0, 1)
+        (work / "index.json").write_text(json.dumps(manifest))
+        build_model(str(work / "model"), args.dim, 384, 6)
+    manifest = json.loads((work / "index.json").read_text())
+    result["ann"] = manifest["ann"]
+    queries = np.load(work / "queries.npy")[:args.queries]
+    _, truth = topk_exact(np.load(work / "image_embeddings.npy", mmap_mode="r"), queries, 10)
+
+    runs: list[dict] = []
+    for r in range(args.rounds):
+        order = args.backends if r % 2 == 0 else list(reversed(args.backends))
+        for backend in order:
+            runs.append({"round": r, **run_backend(backend, str(work / "model"), work,
+                                                   queries, truth, args)})
+    result["runs"] = runs
+    summary: dict = {}
+    for backend in args.backends:
+        mine = [x for x in runs if x["backend"] == backend]
+        for key in mine[0]:
+            if not isinstance(mine[0][key], dict):
+                continue
+            summary[f"{backend}/{key}"] = {
+                m: round(statistics.median(x[key][m] for x in mine), 4 if "recall" in m else 1)
+                for m in ("qps", "p50_ms", "p99_ms", "recall_at_10", "server_cpu_ms_per_request",
+                          "client_cpu_ms_per_request") if m in mine[0][key]}
+            summary[f"{backend}/{key}"]["errors"] = sum(x[key]["errors"] for x in mine)
+    result["median_over_rounds"] = summary
+    result["load_avg_end"] = os.getloadavg()
+    result["total_s"] = round(time.perf_counter() - t_all, 1)
+    result["work"] = str(work)
+    Path(args.json).write_text(json.dumps(result, indent=1))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
