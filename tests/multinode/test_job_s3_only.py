@@ -30,9 +30,10 @@ import yaml
 
 from tests.conftest import REPO, free_port
 from tests.multinode.cluster import LocalCluster
-from tests.workflow.test_job_submit import EXCLUDES
-
 VENV_BIN = str(Path(sys.executable).parent)
+# what `ray job submit --working-dir .` leaves out of the upload
+EXCLUDES = [".venv", ".venv-*", ".git", "out", "demo-output", ".pytest_cache", "**/__pycache__",
+            "*.egg-info", ".ci-home"]
 BUCKET = "jobs"
 # process titles of each stage's work (Ray names a worker process after its actor class)
 STAGE_TITLES = {"data": "ShardDownloader", "train": "RayTrainWorker", "index": "_EmbedBatch",
@@ -198,8 +199,11 @@ def test_job_submit_runs_the_workflow_s3_only(isolated, s3):
     # the app the job left deployed answers, from replicas on worker nodes
     url = record["stages"]["serve"]["summary"]["url"]
     assert url == f"http://127.0.0.1:{port}"
-    hits = AlignClient(url, timeout=60).search(text="a red circle", k=3)
-    assert len(hits) == 3 and all(h["id"] >= 0 for h in hits)
+    client = AlignClient(url, timeout=60)
+    assert client.healthz()["status"] == "ok"
+    hits = client.search(text="a red circle", k=3)
+    assert len(hits) == 3 and all(h["id"] >= 0 and "text" in h for h in hits)
+    assert client.image(hits[0]["id"])[:2] == b"\xff\xd8"   # a JPEG thumbnail
     app = record["stages"]["serve"]["summary"]["app"]
     for name in ("Router", "TextEncoder", "ImageEncoder"):
         placed = isolated.node_of_title(f"ServeReplica:{app}:{name}")
