@@ -127,6 +127,27 @@ class NaFlexPacking:
                 "pixel_attention_mask": x[:, pd:pd + self.P].round().long(),
                 "spatial_shapes": x[:, pd + self.P:].round().long()}
 
+    @property
+    def patch(self) -> int:
+        return int(round((self.D / 3) ** 0.5))
+
+    def from_square(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The model inputs of already normalised square crops ``[N,3,S,S]`` (fine-tuning's
+        data path), cut into patches as the processor cuts an image of that size: each patch
+        row-major, its values (row, column, channel), the grid row-major, padded to P."""
+        n, c, h, w = pixels.shape
+        p = self.patch
+        gh, gw = h // p, w // p
+        if gh * p != h or gw * p != w or gh * gw > self.P:
+            raise ValueError(f"a {h}x{w} crop is not a grid of at most {self.P} {p}px patches")
+        x = pixels.reshape(n, c, gh, p, gw, p).permute(0, 2, 4, 3, 5, 1).reshape(n, gh * gw, -1)
+        values = torch.zeros(n, self.P, self.D, dtype=pixels.dtype, device=pixels.device)
+        values[:, :gh * gw] = x
+        mask = torch.zeros(n, self.P, dtype=torch.long, device=pixels.device)
+        mask[:, :gh * gw] = 1
+        shapes = torch.tensor([[gh, gw]] * n, dtype=torch.long, device=pixels.device)
+        return {"pixel_values": values, "pixel_attention_mask": mask, "spatial_shapes": shapes}
+
 
 class HFDualEncoder(nn.Module):
     """An HF ``AlignModel`` / ``CLIPModel`` / ``SiglipModel`` / ``Siglip2Model``: its

@@ -1,7 +1,7 @@
 """Fine-tuning from a saved or published dual encoder: ``align-ray train --init-from MODEL``.
 
 MODEL is any ``--model`` kind (align_ray/model/external.py): our own dir, a Hugging Face
-``save_pretrained`` dir of ``AlignModel`` / ``CLIPModel`` / ``SiglipModel``, or
+``save_pretrained`` dir of ``AlignModel`` / ``CLIPModel`` / ``SiglipModel`` / ``Siglip2Model``, or
 ``open_clip:ARCH[:CKPT]``.  Training keeps the source's architecture, temperature (ALIGN's
 ``temperature``, ``1 / exp(logit_scale)`` for the others) and, for SigLIP, its ``logit_bias``
 with the sigmoid loss; the loss itself is the unchanged gathered-negative one (loss.py).
@@ -18,8 +18,11 @@ Preprocessing decision (the Ray Data ingest, ingest.py):
   Size, mean and std are *measured* from the source's preprocessing (the HF image processor,
   open_clip's val transform) on constant images, so every per-channel affine normalisation
   (ImageNet, CLIP's, SigLIP's 0.5, EfficientNet's rescale offset) is reproduced exactly without
-  knowing each processor's options.  The saved model is then evaluated and served with the
-  library's own preprocessing (load_embedder), as any published model is.
+  knowing each processor's options.  SigLIP 2's NaFlex processor makes patch grids, not
+  square images: it trains on square crops of side ``patch x floor(sqrt(max_num_patches))``,
+  cut into the grid the processor gives a square image (:func:`_naflex_affine`).  The saved
+  model is then evaluated and served with the library's own preprocessing (load_embedder), as
+  any published model is.
 
 Saving keeps the source's format (:func:`save_model`): HF ``save_pretrained`` of the model class
 plus the processor; open_clip as a ``local-dir:`` folder (``open_clip_config.json`` +
@@ -74,9 +77,17 @@ class _Trainable:
 
 
 class TrainableHF(_Trainable, HFDualEncoder):
-    def __init__(self, model: nn.Module, model_type: str, use_mask: bool, tmin: float):
-        HFDualEncoder.__init__(self, model, model_type)
+    def __init__(self, model: nn.Module, model_type: str, use_mask: bool, tmin: float,
+                 packing: external.NaFlexPacking | None = None):
+        HFDualEncoder.__init__(self, model, model_type, packing)
         self.use_mask, self.tmin = use_mask, tmin
+
+    def encode_image(self, pixels):
+        if self.packing is None:
+            return HFDualEncoder.encode_image(self, pixels)
+        # SigLIP 2: the ingest's square crops, cut into the NaFlex patch grid here
+        return external._unit(external._features(
+            self.model.get_image_features(**self.packing.from_square(pixels))))
 
     def encode_text(self, input_ids, attention_mask=None):
         # only where the tokenizer makes one (a SigLIP tokenizer may not: trained unmasked)
@@ -112,12 +123,38 @@ def _pixel_affine(transform: Callable[[Image.Image], Any]) -> tuple[int, tuple, 
         arr = transform(Image.new("RGB", (48, 40), (v, v, v)))
         arr = np.asarray(arr.numpy() if isinstance(arr, torch.Tensor) else arr, np.float64)
         out[v] = arr.reshape(3, -1).mean(1)
+    if arr.ndim != 3 or arr.shape[1] != arr.shape[2]:
+        raise SpecError("the model's image preprocessing does not give a square image (got "
+                        f"shape {arr.shape}); cannot reproduce it in training")
+    return (int(arr.shape[-1]), *_affine(out))
+
+
+def _affine(out: dict[int, np.ndarray]) -> tuple[tuple, tuple]:
+    """(mean, std) from the per-channel outputs for grey levels 0, 128 and 255."""
     a = (out[255] - out[0]) / 255.0
-    if arr.ndim != 3 or arr.shape[1] != arr.shape[2] or np.any(np.abs(a) < 1e-9) or \
+    if np.any(np.abs(a) < 1e-9) or \
             not np.allclose(out[128], a * 128 + out[0], atol=2e-3 * np.abs(a).max() * 255):
-        raise SpecError("the model's image preprocessing is not a per-channel affine map to a "
-                        f"square image (got shape {arr.shape}); cannot reproduce it in training")
-    return int(arr.shape[-1]), tuple((-out[0] / (255 * a)).tolist()), tuple((1 / (255 * a)).tolist())
+        raise SpecError("the model's image preprocessing is not a per-channel affine map; "
+                        "cannot reproduce it in training")
+    return tuple((-out[0] / (255 * a)).tolist()), tuple((1 / (255 * a)).tolist())
+
+
+def _naflex_affine(emb) -> tuple[int, tuple, tuple]:
+    """SigLIP 2 (NaFlex): fine-tuning feeds square crops of side S = patch x floor(sqrt(max
+    patches)), the grid the processor gives a square image, cut into patches by
+    ``NaFlexPacking.from_square``.  (S, mean, std) are measured as in :func:`_pixel_affine`,
+    from the processor's patches of constant grey S x S images."""
+    packing, size = emb.model.packing, int(emb.model.image_size_hint)
+    out = {}
+    for v in (0, 128, 255):
+        got = packing.unpack(emb.image_transform(Image.new("RGB", (size, size), (v, v, v)))[None])
+        grid = size // packing.patch
+        if got["spatial_shapes"][0].tolist() != [grid, grid]:
+            raise SpecError(f"the NaFlex processor cuts a {size}px square into "
+                            f"{got['spatial_shapes'][0].tolist()} patches, not {grid}x{grid}")
+        rows = got["pixel_values"][0][got["pixel_attention_mask"][0] == 1]
+        out[v] = rows.reshape(-1, 3).double().mean(0).numpy()   # (row, column, channel) order
+    return (size, *_affine(out))
 
 
 def prepare(cfg) -> None:
@@ -145,11 +182,9 @@ def prepare(cfg) -> None:
         else:
             emb = external.load_external(spec, batch_size=1)
             if getattr(emb.model, "packing", None) is not None:
-                raise SpecError(f"init_from {spec}: fine-tuning a Siglip2Model is not supported: "
-                                "its NaFlex processor cuts each image into a variable patch grid, "
-                                "which the training data path (square uint8 crops) does not "
-                                "produce. eval, index and serve take it; fine-tune a SiglipModel")
-            size, mean, std = _pixel_affine(emb.image_transform)
+                size, mean, std = _naflex_affine(emb)     # SigLIP 2: square crops
+            else:
+                size, mean, std = _pixel_affine(emb.image_transform)
             inner = emb.model.model
             bias = getattr(inner, "logit_bias", None)
             fields = {"image_size": size, "image_mean": mean, "image_std": std,
@@ -221,7 +256,8 @@ def build_model(cfg, vocab_size: int) -> nn.Module:
     from transformers import AutoTokenizer
 
     use_mask = "attention_mask" in AutoTokenizer.from_pretrained(cfg.init_from).model_input_names
-    return TrainableHF(external._hf_loader(cfg.init_from, mtype)[0].model, mtype, use_mask, tmin)
+    enc = external._hf_loader(cfg.init_from, mtype)[0]
+    return TrainableHF(enc.model, mtype, use_mask, tmin, enc.packing)
 
 
 def prepare_for_training(model: nn.Module, cfg) -> dict[str, int]:

@@ -1,4 +1,5 @@
-"""``align-ray train --init-from``: each kind (our own dir, HF ALIGN / CLIP / SigLIP, open_clip)
+"""``align-ray train --init-from``: each kind (our own dir, HF ALIGN / CLIP / SigLIP / SigLIP 2,
+open_clip)
 fine-tuned for a few steps on 2 Ray Train workers through the real ingest, loop and loss.
 
 The data set is 8 pairs = one global batch (2 workers x 4), no flip, no random crop: every step
@@ -32,6 +33,7 @@ LOCKS = {
     "align": dict(lock_image=True),          # HF EfficientNet + BatchNorm: statistics stay too
     "clip": dict(lock_image=True, lock_image_unlocked_groups=1),
     "siglip": dict(lock_text=True),
+    "siglip2": dict(lock_text=True),         # the image tower trains: its NaFlex patch path
     "open_clip": dict(lock_image=True),
 }
 # the library's own state_dict prefixes of each tower
@@ -95,7 +97,7 @@ def _state(kind: str, spec: str) -> dict[str, torch.Tensor]:
 
     mtype = json.loads((Path(spec) / "config.json").read_text())["model_type"]
     cls = getattr(transformers, {"align": "AlignModel", "clip": "CLIPModel",
-                                 "siglip": "SiglipModel"}[mtype])
+                                 "siglip": "SiglipModel", "siglip2": "Siglip2Model"}[mtype])
     model, info = cls.from_pretrained(spec, output_loading_info=True)
     assert not info["missing_keys"] and not info["mismatched_keys"]
     return model.state_dict()
@@ -118,15 +120,23 @@ def _loss(spec: str, pairs: dict, siglip: bool) -> float:
 def test_finetune_each_kind(name, ray_cluster, pairs, tmp_path):
     src = (_ours(tmp_path / "src", pairs) if name == "ours"
            else BUILDERS[name](tmp_path / "src"))
-    cfg = TrainConfig(data=[pairs["path"]], image_col="image", text_col="text",
-                      output=str(tmp_path / "run"), workers=2, batch_size=4, steps=4, lr=2e-3,
-                      warmup_steps=0, schedule="constant", log_every=1, checkpoint_every=4,
-                      data_workers=1, data_batch_size=8, shuffle_buffer=0, hflip=0.0,
-                      init_from=src, **LOCKS[name])
+    def config(steps: int) -> TrainConfig:
+        return TrainConfig(data=[pairs["path"]], image_col="image", text_col="text",
+                           output=str(tmp_path / "run"), workers=2, batch_size=4, steps=steps,
+                           lr=2e-3, warmup_steps=0, schedule="constant", log_every=1,
+                           checkpoint_every=2, data_workers=1, data_batch_size=8,
+                           shuffle_buffer=0, hflip=0.0, init_from=src, **LOCKS[name])
+
+    cfg = config(4)
     kind = finetune.kind_of(cfg)
     s = run(cfg)
-    out = s["model_dir"]
     assert s["step"] == 4 and s["samples_seen"] == 4 * N
+    if name == "clip":
+        # a fine-tune resumes like any run: same output, more steps -> on from the step-4
+        # checkpoint of the library model (locks, temperature and optimizer state with it)
+        s = run(config(6))
+        assert (s["step"], s["samples_seen"], s["resumed_from_step"]) == (6, 6 * N, 4)
+    out = s["model_dir"]
 
     before, after = _state(kind, src), _state(kind, out)   # loads back in its own library
     assert set(before) == set(after)
@@ -142,7 +152,7 @@ def test_finetune_each_kind(name, ray_cluster, pairs, tmp_path):
     assert not changed, changed[:5]                         # bit-identical, BN statistics too
     assert not all(torch.equal(before[k], after[k]) for k in free)
 
-    siglip = name == "siglip"
+    siglip = name in ("siglip", "siglip2")
     assert cfg.loss == ("siglip" if siglip else "infonce")
     start, end = _loss(src, pairs, siglip), _loss(out, pairs, siglip)
     assert end < start, (start, end)
@@ -172,6 +182,31 @@ def test_malformed_init_from_exits_2(pairs, tmp_path, capsys):
     exit_2(["--init-from", f"open_clip:{wider}:{spec.rsplit(':', 1)[1]}"],
            "checkpoint does not fit open_clip architecture tiny-clip-wide")
     exit_2(["--lock-image-unlocked-groups", "2"], "needs lock_image")
-    # SigLIP 2 is served and indexed (tests/model, tests/serve), not fine-tuned: said, not crashed
-    exit_2(["--init-from", BUILDERS["siglip2"](tmp_path / "siglip2")],
-           "fine-tuning a Siglip2Model is not supported", "NaFlex")
+
+
+def test_siglip2_square_crops_are_what_its_processor_makes(tmp_path):
+    """SigLIP 2 trains on square crops (the ingest's), cut into NaFlex patches by
+    ``NaFlexPacking.from_square``: on a square image of the training side, the trainable
+    model's image embedding equals the library's processor + ``get_image_features``."""
+    import numpy as np
+    from PIL import Image
+
+    from align_ray.model.external import load_external
+
+    spec = BUILDERS["siglip2"](tmp_path / "siglip2")
+    cfg = TrainConfig(data=["x"], output=str(tmp_path / "o"), init_from=spec)
+    finetune.prepare(cfg)
+    S = cfg.model.image_size
+    assert S == 8 * 4                                  # 8 px patches, at most 16: a 4 x 4 grid
+    model = finetune.build_model(cfg, 0).eval()
+    lib = load_external(spec)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        arr = rng.integers(0, 256, (S, S, 3), dtype=np.uint8)
+        mean = torch.tensor(cfg.model.image_mean).view(3, 1, 1)
+        std = torch.tensor(cfg.model.image_std).view(3, 1, 1)
+        px = (torch.from_numpy(arr).permute(2, 0, 1).float() - 255 * mean) / (255 * std)
+        with torch.no_grad():
+            ours = model.encode_image(px[None])
+            theirs = lib.model.encode_image(lib.image_transform(Image.fromarray(arr))[None])
+        assert torch.nn.functional.cosine_similarity(ours, theirs).item() > 0.9999
