@@ -8,6 +8,7 @@ clear message instead of hanging:
   once, every shard file whole and named by its marker;
 * mid-training: Ray Train restores the group from the last checkpoint (a replacement node
   joins), and the step count, ``samples_seen`` and the bad-image count are exact;
+* mid-index: the index holds every row once, in corpus order;
 * too few nodes left: ``align-ray train`` exits 3 within its start timeout, naming what the
   worker group waits for;
 * elastic: the group shrinks to the nodes left and grows back when a node joins, with the same
@@ -110,6 +111,47 @@ def test_download_survives_losing_a_download_node(cluster, web, tmp_path):
     on_disk = {f"{d}/{f.name}" for d in ("parquet", "webdataset", "dropped")
                for f in (out / d).iterdir()}
     assert on_disk == live
+
+
+def test_index_survives_losing_an_encoder_node(cluster, tiny_model, tmp_path):
+    """``align-ray index`` with 2 encoder actors on worker nodes; the node of one of them dies
+    after the first shard file is written.  Ray Data restarts the actor and reruns its blocks:
+    the index holds every row exactly once, in corpus order (ids follow the input)."""
+    import pyarrow as pa
+
+    ensure(cluster, cpu_worker=1, gpu_train=2)
+    dev = pq.read_table(DEV_SET, columns=["image", "text"])
+    src = tmp_path / "corpus.parquet"             # 4 x the dev set: a run long enough to
+    pq.write_table(pa.concat_tables([dev] * 4), src)    # kill a node in the middle of
+    out, log = tmp_path / "index", tmp_path / "index.log"
+    proc = _start(["-m", "align_ray.cli", "index", "--model", tiny_model, "--data", str(src),
+                   "--image-col", "image", "--text-col", "text", "--output", str(out),
+                   "--concurrency", "2", "--num-cpus", "1", "--batch-size", "32",
+                   "--ray-address", cluster.address], cluster, log)
+    shards = out / "shards"
+
+    def mid_run():
+        written = list(shards.glob("*.parquet")) if shards.exists() else []
+        nodes = [n for n in cluster.node_of_title("_EmbedBatch") if n.type != "head"]
+        return nodes if written and nodes else None
+
+    victim = _wait_for(mid_run, proc, log, 240, "a shard file and an encoder actor")[0]
+    written_at_kill = len(list(shards.glob("*.parquet")))
+    cluster.kill(victim)
+    cluster.add(victim.type)                      # what an autoscaler does for a lost node
+    _finish(proc, log, 420)
+    assert proc.returncode == 0, log.read_text()[-4000:]
+    manifest = json.loads((out / "index.json").read_text())
+    total = 4 * dev.num_rows
+    assert manifest["count"] + manifest["dropped"] == total
+    assert manifest["dropped"] == 0               # every dev image decodes
+    meta = pq.read_table(out / "metadata.parquet", columns=["id", "text"])
+    assert meta.column("id").to_pylist() == list(range(total))
+    assert meta.column("text").to_pylist() == dev.column("text").to_pylist() * 4
+    written = len(list(shards.glob("*.parquet")))
+    assert written_at_kill < written, "the run had finished writing before the kill"
+    print(f"index: node killed after {written_at_kill} of {written} shard files; "
+          f"{manifest['count']} rows, in order")
 
 
 @pytest.mark.timeout(900)   # a loaded CI box: up to 420 s to a registered checkpoint, 300 after
