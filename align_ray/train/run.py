@@ -134,7 +134,8 @@ def build_trainer(cfg: TrainConfig, datasets: dict, vocab_size: int,
         run_config=ray.train.RunConfig(
             name=cfg.name,
             # bounded wait for a worker group (never a silent hang after losing nodes)
-            failure_config=resilience.failure_config(cfg.max_failures),
+            failure_config=resilience.failure_config(cfg.max_failures,
+                                                     elastic=bool(cfg.min_workers)),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             **fs_kwargs),
         # training data: each rank builds its own pipeline from train_data (ingest.RankStream);

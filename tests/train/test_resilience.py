@@ -22,6 +22,11 @@ def test_failure_config_bounds_the_worker_group_wait(monkeypatch):
     assert fc.controller_failure_limit >= 1
     assert (fc.controller_failure_limit + 1) * per_try == pytest.approx(20)
     assert resilience.failure_config(3, timeout_s=0).controller_failure_limit == -1  # for ever
+    # an elastic group is sized from ready resources: shorter attempts, the same whole bound
+    fc = resilience.failure_config(3, timeout_s=600, elastic=True)
+    per_try = float(resilience.os.environ[resilience.RAY_TRY_ENV])
+    assert per_try == resilience.ELASTIC_TRY_S < 60
+    assert (fc.controller_failure_limit + 1) * per_try == 600
 
 
 def test_a_users_own_per_attempt_wait_is_kept(monkeypatch):
