@@ -4,7 +4,8 @@
     DIR2/dropped/SHARD.parquet          rows this stage dropped: reason (the rule), detail
     DIR2/dropped/download-SHARD.parquet the download stage's dropped rows, carried over
     DIR2/stats.json                     input_rows == output_rows + sum(dropped), both stages
-    DIR2/report.json + *.png            counts per rule, top dropped texts, top images, histograms
+    DIR2/report.json + *.png            counts per rule, top dropped texts, top images, histograms,
+                                        pair_score histogram + lowest/highest pairs (scored input)
 
 The global plan (plan.py) has to see the whole corpus, so the stage is all-or-nothing: a rerun
 of a completed output returns its stats; an incomplete one is redone from scratch.
@@ -27,7 +28,7 @@ from align_ray import storage, watchdog
 from align_ray.data.errors import InputError
 from align_ray.filter import plan as plan_lib
 from align_ray.filter import report as report_lib
-from align_ray.filter import semdedup
+from align_ray.filter import score_report, semdedup
 from align_ray.filter.config import RULES, FilterConfig
 from align_ray.filter.evalset import load_hashes
 from align_ray.filter.safety import load_hook
@@ -169,8 +170,12 @@ def run(cfg: FilterConfig) -> dict:
                                                                  cfg.report_top, npart),
                "top_images": report_lib.top_images(plan.images, plan.rows, cfg.report_top),
                "semdedup": sem}
+        thumbs = None
+        if cfg.needs_score():
+            rep["pair_score"], thumbs = score_report.build(plan.rows, src, shards, cfg,
+                                                           plan.score_cut)
         storage.write_bytes(dst.fs, dst.path("report.json"), report_lib.dumps(rep))
-        rep["plots"] = report_lib.plot(rep, cfg.output)
+        rep["plots"] = report_lib.plot(rep, cfg.output, thumbs)
         stats["report"] = report_lib.text_summary(rep)
     stats["seconds"] = round(time.time() - t0, 3)
     dst.write_stats(stats)

@@ -1,5 +1,6 @@
 """The filter report: counts per rule, the most frequent dropped alt-texts, the most repeated
-images, and text-length / image-size histograms before and after (PNG + JSON + console text).
+images, and text-length / image-size histograms before and after (PNG + JSON + console text);
+with scored input, the ``pair_score`` section of :mod:`align_ray.filter.score_report`.
 
 Everything here is computed from small per-block partial results (histograms, top-k lists);
 nothing row-sized reaches the driver."""
@@ -121,8 +122,10 @@ def funnel(input_rows: int, dropped: dict, rules: tuple, enabled) -> list[dict]:
     return out
 
 
-def plot(report: dict, out_dir_uri: str) -> list[str]:
-    """Write rules.png, tokens.png and image_size.png next to report.json; returns names."""
+def plot(report: dict, out_dir_uri: str, thumbs: dict | None = None) -> list[str]:
+    """Write rules.png, tokens.png and image_size.png next to report.json, and with a
+    ``pair_score`` section score.png and score_examples.png (``thumbs``: key_id -> JPEG of its
+    examples); returns the names."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -158,6 +161,9 @@ def plot(report: dict, out_dir_uri: str) -> list[str]:
         ax.set_ylabel("rows")
         ax.legend()
         save(fig, name)
+    if report.get("pair_score"):
+        from align_ray.filter import score_report
+        score_report.plot(report["pair_score"], thumbs or {}, save)
     return names
 
 
@@ -175,6 +181,9 @@ def text_summary(report: dict) -> str:
         lines.append(f"  semdedup: {s['clusters']} clusters ({s['nonempty']} non-empty), sizes "
                      f"max {s['max']} median {s['median']}, eps {s['eps']}, "
                      f"{s['dropped']} dropped")
+    if report.get("pair_score"):
+        from align_ray.filter import score_report
+        lines += score_report.summary(report["pair_score"])
     if report.get("top_dropped_texts"):
         lines.append("  most frequent dropped alt-texts:")
         lines += [f"    {t['dropped_rows']:>7}  {t['text']!r}"

@@ -35,13 +35,18 @@ def _scores() -> np.ndarray:
     return s
 
 
-@pytest.fixture(scope="module")
-def scored_stage(tmp_path_factory):
+def crafted_rows() -> crafted.Corpus:
     c = crafted.Corpus()
     for i in range(N):
         c.add(f"img{i}", f"w{i % 7} w{i % 5} w{i % 3}", None)
     for row, s in zip(c.rows, _scores()):
         row["pair_score"] = float(s)
+    return c
+
+
+@pytest.fixture(scope="module")
+def scored_stage(tmp_path_factory):
+    c = crafted_rows()
     out = tmp_path_factory.mktemp("scored") / "stage"
     crafted.write_stage1(c, out, shard_size=SHARD, extra_fields=[("pair_score", pa.float32())])
     return out, {r["key"]: r["pair_score"] for r in c.rows}
@@ -89,6 +94,38 @@ def test_score_min_and_keep_fraction_exact_global_top_k(ray_cluster, scored_stag
     assert funnel == [   # the frequency rules (and the hook) are off here
         {"rule": "score_min", "dropped": counts["score_min"], "rows_left": N - counts["score_min"]},
         {"rule": "score_keep_fraction", "dropped": counts["score_keep_fraction"], "rows_left": K}]
+    _check_score_report(tmp_path / "out", scores, {"score_min": 0.15,
+                                                   "score_keep_fraction": cut["score"]})
+
+
+def _check_score_report(out, scores: dict[str, float], thresholds: dict) -> None:
+    """report.json's pair_score section against the planted scores: the histogram (0.01 bins
+    from -1) holds every row in the bin of its score, the thresholds are the rules' cuts, and
+    the examples are the 8 lowest and 8 highest rows by (score, key) with their captions; the
+    two plots are real PNGs, and the examples one shows the thumbnails (non-white pixels)."""
+    from PIL import Image
+
+    from align_ray.filter.score_report import BINS, EXAMPLES
+
+    sec = json.loads((out / "report.json").read_text())["pair_score"]
+    want = np.zeros(BINS, int)
+    for v in scores.values():
+        want[min(BINS - 1, int((np.float64(np.float32(v)) + 1.0) / 0.01))] += 1
+    assert sec["counts"] == want.tolist() and sec["rows"] == N and sec["missing"] == 0
+    assert sec["thresholds"] == pytest.approx(thresholds)
+    order = sorted(scores, key=lambda key: (np.float32(scores[key]), int(key)))
+    texts = {r["key"]: r["text"] for r in crafted_rows().rows}
+    for name, keys in (("lowest", order[:EXAMPLES]), ("highest", order[::-1][:EXAMPLES])):
+        got = sec[name]
+        assert [e["key"] for e in got] == keys, name
+        assert [e["text"] for e in got] == [texts[k] for k in keys]
+        assert [e["score"] for e in got] == pytest.approx([scores[k] for k in keys])
+    for name in ("score.png", "score_examples.png"):
+        img = Image.open(out / name)
+        assert img.format == "PNG" and img.size[0] > 300
+    px = np.asarray(Image.open(out / "score_examples.png").convert("RGB"))
+    red = (px[..., 0] > 150) & (px[..., 1] < 100) & (px[..., 2] < 100)   # the red test JPEGs
+    assert red.sum() > 16 * 500
 
 
 def test_score_rules_are_off_until_set_and_need_the_column(ray_cluster, tmp_path):
