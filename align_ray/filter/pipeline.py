@@ -28,7 +28,7 @@ from align_ray import storage, watchdog
 from align_ray.data.errors import InputError
 from align_ray.filter import plan as plan_lib
 from align_ray.filter import report as report_lib
-from align_ray.filter import score_report, semdedup
+from align_ray.filter import balance, score_report, semdedup
 from align_ray.filter.config import RULES, FilterConfig
 from align_ray.filter.evalset import load_hashes
 from align_ray.filter.safety import load_hook
@@ -116,6 +116,8 @@ def run(cfg: FilterConfig) -> dict:
         return dst.stats()
     if cfg.enabled(semdedup.RULE):
         semdedup.check_columns(src, shards)   # before clearing anything: run `score` first
+    if cfg.enabled(balance.RULE):
+        balance.load_entries(cfg.balance_entries)  # the same for a missing or empty file
     dst.clear()
     if cfg.safety_hook:
         load_hook(cfg.safety_hook)  # fail fast on a typo, before any work
@@ -155,7 +157,7 @@ def run(cfg: FilterConfig) -> dict:
                               "dropped": dict(sorted(dropped.items(), key=lambda kv: -kv[1]))}},
         "vocab": plan.vocab, "partitions": npart,
         "score_cut": vars(plan.score_cut) if plan.score_cut else None,
-        "semdedup": sem,
+        "semdedup": sem, "balance": plan.balance,
         "config": {k: v for k, v in vars(cfg).items() if k not in ("input", "output")},
     }
     assert stats["input_rows"] == kept + sum(total_dropped.values()), "row accounting broken"
@@ -169,7 +171,7 @@ def run(cfg: FilterConfig) -> dict:
                "top_dropped_texts": report_lib.top_dropped_texts(plan.verdicts, plan.rows,
                                                                  cfg.report_top, npart),
                "top_images": report_lib.top_images(plan.images, plan.rows, cfg.report_top),
-               "semdedup": sem}
+               "semdedup": sem, "balance": plan.balance}
         thumbs = None
         if cfg.needs_score():
             rep["pair_score"], thumbs = score_report.build(plan.rows, src, shards, cfg,

@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import ray.data
 
 from align_ray.filter import counts as counts_lib
-from align_ray.filter import quantile, vocab
+from align_ray.filter import balance, quantile, vocab
 from align_ray.filter.config import FilterConfig
 from align_ray.filter.evalset import min_distance
 from align_ray.filter.rules import PairRules, pair_reasons, token_counts
@@ -102,6 +102,14 @@ def _score_checks(batch: pa.Table, cfg: FilterConfig, cut: quantile.Cut | None) 
     return out
 
 
+def _balance_check(batch: pa.Table, cfg: FilterConfig) -> list:
+    if not cfg.enabled(balance.RULE):
+        return []
+    bad = np.asarray(batch.column("bal_bad").to_numpy(zero_copy_only=False), bool)
+    detail = batch.column("bal_detail").to_pylist()
+    return [(balance.RULE, bad, lambda i: detail[i])]
+
+
 def decide(batch: pa.Table, cfg: FilterConfig, cut_at: int,
            score_cut: quantile.Cut | None = None) -> pa.Table:
     """Turn the joined facts of each row into (reason, detail)."""
@@ -131,7 +139,7 @@ def decide(batch: pa.Table, cfg: FilterConfig, cut_at: int,
          lambda i: f"{rare[i]!r} seen {gram_n[i]}x in the corpus (vocabulary needs >= {cut_at})"),
         ("exact_duplicate", (key_id != first) if cfg.dedup else np.zeros(n, bool),
          lambda i: f"same image and text as key {first[i]:014d}"),
-    ] + _score_checks(batch, cfg, score_cut)
+    ] + _balance_check(batch, cfg) + _score_checks(batch, cfg, score_cut)
     for name, bad, explain in checks:
         if not cfg.enabled(name):
             continue
@@ -153,6 +161,7 @@ class Plan:
     verdicts: ray.data.Dataset           # V: key_id, shard, text_hash, img_id, reason, detail
     vocab: dict = field(default_factory=dict)
     score_cut: quantile.Cut | None = None   # the score_keep_fraction cut, when that rule is on
+    balance: dict | None = None          # entry counts summary, when metaclip_balance is on
 
 
 def build(rows: ray.data.Dataset, cfg: FilterConfig, eval_hashes: np.ndarray,
@@ -183,12 +192,21 @@ def build(rows: ray.data.Dataset, cfg: FilterConfig, eval_hashes: np.ndarray,
                                        SCORE_COL, "key_id")
     per_row = ["key_id", "shard", "img_id", "text_hash", "pair_reason", "pair_detail", "eval_dist"]
     per_row += [SCORE_COL] if cfg.needs_score() else []
-    verdicts = join(m, facts, ["img_id", "text_hash"], "inner", npart,
+    left, balanced = m, None
+    if cfg.enabled(balance.RULE):
+        entries = balance.load_entries(cfg.balance_entries)
+        counts = balance.entry_counts(m, entries)
+        balanced = balance.summary(entries, counts, cfg.balance_cap)
+        left = m.map_batches(balance.mark, fn_kwargs={
+            "entries": entries, "counts": counts, "cap": cfg.balance_cap,
+            "seed": cfg.balance_seed}, batch_format="pyarrow", batch_size=None)
+        per_row += ["bal_bad", "bal_detail"]
+    verdicts = join(left, facts, ["img_id", "text_hash"], "inner", npart,
                     left_columns=per_row).map_batches(
         decide, fn_kwargs={"cfg": cfg, "cut_at": cut_at, "score_cut": score_cut},
         batch_format="pyarrow", batch_size=None)
     return Plan(rows=m, pairs=pairs, images=images, texts=texts, verdicts=verdicts, vocab=info,
-                score_cut=score_cut)
+                score_cut=score_cut, balance=balanced)
 
 
 def keep_count(fraction: float, rows: int) -> int:

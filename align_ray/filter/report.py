@@ -181,6 +181,11 @@ def text_summary(report: dict) -> str:
         lines.append(f"  semdedup: {s['clusters']} clusters ({s['nonempty']} non-empty), sizes "
                      f"max {s['max']} median {s['median']}, eps {s['eps']}, "
                      f"{s['dropped']} dropped")
+    if report.get("balance"):
+        b = report["balance"]
+        lines.append(f"  metaclip_balance: {b['entries_matched']}/{b['entries']} entries "
+                     f"matched, {b['entries_over_cap']} over the cap {b['cap']}; largest "
+                     + ", ".join(f"{e['entry']!r} {e['pairs']}" for e in b["largest"]))
     if report.get("pair_score"):
         from align_ray.filter import score_report
         lines += score_report.summary(report["pair_score"])
