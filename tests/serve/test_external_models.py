@@ -4,10 +4,11 @@
 back is checked against the library's own embeddings, and every search against a brute-force
 search over them.
 
-The index is built by the CLI in a subprocess with its own local Ray: on a 2-core machine the
-session cluster has 2 CPUs, and while the package's Serve app holds 1.5 of them an index's read
-tasks (1 CPU each) could never be scheduled.  The app is deployed beside the package's app, under
-its own route, with 0-CPU replicas for the same reason."""
+The index is built by the CLI in a subprocess, a Ray driver of its own attached to the session
+cluster (as ``align-ray index --ray-address`` attaches to a running cluster): starting a local
+Ray per model would cost more than the build.  The app is deployed beside the package's app,
+under its own route, with 0-CPU replicas, so the index's tasks of a later model never wait for
+this one's replicas."""
 
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ def _same_top_k(hits: list[dict], brute: np.ndarray, k: int) -> None:
 
 def test_index_and_serve_match_the_librarys_embeddings(external_spec, ext_corpus, serve_app,
                                                         tmp_path):
+    import ray
     from ray import serve
 
     from align_ray.client import AlignClient, b64
@@ -70,7 +72,7 @@ def test_index_and_serve_match_the_librarys_embeddings(external_spec, ext_corpus
     out = str(tmp_path / "idx")
     cmd = [sys.executable, "-m", "align_ray.cli", "index", "--model", external_spec, "--data",
            ext_corpus["path"], "--output", out, "--batch-size", "4", "--thumb-size", "32",
-           "--ray-address", "local"]
+           "--ray-address", ray.get_runtime_context().gcs_address]
     done = subprocess.run(cmd, cwd=REPO, env=os.environ.copy(), capture_output=True, text=True,
                           timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
