@@ -53,28 +53,6 @@ SHARED = shared_dir()
 DEV_SET = SHARED / "data" / "emoji_noto_dev.parquet"
 
 
-# The README's test command runs the suite on 2 pytest-xdist workers with ``--dist loadgroup
-# --no-loadscope-reorder``: much of the slow tests' wall time is waiting (for a node to be marked
-# dead, a replica to scale, an idle timeout), which the other worker fills with work.  Each
-# module is one group, so its module fixtures (a trained model, a 2-CPU head) start once;
-# tests/multinode is one group, so its clusters never run two at a time.  Groups are handed out
-# in this order, longest first, the rest in collection order.
-FIRST = ("multinode", "serve/test_external_models.py", "test_cli_stages.py",
-         "train/test_finetune.py", "train/test_train.py", "score/test_cli.py")
-
-
-def _group(item) -> str:
-    rel = Path(str(item.fspath)).resolve().relative_to(REPO / "tests").as_posix()
-    return "multinode" if rel.startswith("multinode/") else rel
-
-
-@pytest.hookimpl(tryfirst=True)   # before xdist's own hook reads the marks
-def pytest_collection_modifyitems(config, items) -> None:
-    rank = {g: i for i, g in enumerate(FIRST)}
-    items.sort(key=lambda it: rank.get(_group(it), len(FIRST)))   # stable: the rest keep order
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(_group(item)))
-
 
 @pytest.fixture(scope="session")
 def ray_cluster():
@@ -117,9 +95,9 @@ def s3(tmp_path_factory):
     # count is capped at free disk / volume size: on a runner with a few GB free, a later bucket
     # got "no free volumes left" (a 500 on its first PUT).  Volumes are sparse files, so an
     # explicit cap and small volumes cost nothing here.
-    # Every port is explicit and free: the suite runs on 2 pytest-xdist workers, each with its
-    # own server, and the defaults (master 9333, volume 8080, filer 8888, ...) would collide.
-    # Telemetry is off: no packet may leave loopback.
+    # Every port is explicit and free: the defaults (master 9333, volume 8080, filer 8888, ...)
+    # collide with anything else on the box that holds them.  Telemetry is off: by default the
+    # master reports to telemetry.seaweedfs.com, and no packet may leave loopback.
     ports = [f"-{name}={free_port()}" for name in (
         "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
         "filer.port.grpc", "s3.port.grpc", "webdav.port", "admin.port", "admin.port.grpc",
