@@ -23,6 +23,10 @@ Defaults are the paper's (ALIGN, Jia et al. 2021, §3).  Interpretation choices,
   kept, then inside each cluster a pair whose image cosine to a kept pair is > 1 - eps is
   dropped (``semantic_duplicate``), the highest ``pair_score`` kept (ties: smaller key).
   ``eps`` is a cosine *distance*, as in the paper (:mod:`align_ray.filter.semdedup`).
+* Near-duplicate images (``near_dup_distance: d``, off until set): an image (all its rows) is
+  dropped when another image within d bits of pHash Hamming distance has a smaller first key
+  (``near_duplicate``), over the whole raw corpus, found by the pigeonhole rule on d + 1 pHash
+  bands (:mod:`align_ray.filter.neardup`).
 * MetaCLIP balancing (``balance_entries``: a file of concepts, off until set): a pair is kept
   when an entry its caption contains selects it; entries with more than ``balance_cap`` pairs
   select each with probability cap / count, pairs matching no entry are dropped
@@ -35,7 +39,7 @@ from dataclasses import dataclass, field
 
 RULES = ("image_too_small", "aspect_ratio", "too_few_tokens", "too_many_tokens",
          "eval_near_duplicate", "image_too_many_texts", "text_too_many_images", "rare_token",
-         "exact_duplicate", "metaclip_balance", "score_min", "score_keep_fraction",
+         "exact_duplicate", "near_duplicate", "metaclip_balance", "score_min", "score_keep_fraction",
          "semantic_duplicate", "unsafe")
 SCORE_RULES = ("score_min", "score_keep_fraction")   # on only with a value (the field of that name)
 IMAGE_IDENTITIES = ("sha256", "phash")  # exact bytes, or near-identical re-encodings too
@@ -72,6 +76,8 @@ class FilterConfig:
     semdedup_clusters: int = 0            # k-means k; 0 = one cluster per ~10 k rows (the paper's ratio)
     semdedup_eps: float = 0.05            # cosine distance: drop when cosine > 1 - eps to a kept pair
     semdedup_train_rows: int = 200_000    # k-means sample (by key hash): bounds the training task
+    # near-duplicate images across the corpus (neardup.py); None = off
+    near_dup_distance: int | None = None  # pHash bits two images may differ in and be near-duplicates
     # MetaCLIP-style balancing (balance.py); "" = off
     balance_entries: str = ""             # text file of concepts, one per line (local or s3://)
     balance_cap: int = 20_000             # pairs kept per entry (MetaCLIP's t)
@@ -100,6 +106,9 @@ class FilterConfig:
                 or self.semdedup_train_rows < 1):
             raise ValueError("semdedup_eps must be in [0, 1), semdedup_clusters >= 0 and "
                              "semdedup_train_rows >= 1")
+        if self.near_dup_distance is not None and not 0 <= self.near_dup_distance <= 16:
+            raise ValueError(f"near_dup_distance must be in 0..16 (pHash bits), not "
+                             f"{self.near_dup_distance}")
         if self.balance_cap < 1:
             raise ValueError(f"balance_cap must be >= 1, not {self.balance_cap}")
 
@@ -107,6 +116,8 @@ class FilterConfig:
         if rule in SCORE_RULES and getattr(self, rule) is None:
             return False
         if rule == "semantic_duplicate" and not self.semdedup:
+            return False
+        if rule == "near_duplicate" and self.near_dup_distance is None:
             return False
         if rule == "metaclip_balance" and not self.balance_entries:
             return False

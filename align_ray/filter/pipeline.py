@@ -157,7 +157,7 @@ def run(cfg: FilterConfig) -> dict:
                               "dropped": dict(sorted(dropped.items(), key=lambda kv: -kv[1]))}},
         "vocab": plan.vocab, "partitions": npart,
         "score_cut": vars(plan.score_cut) if plan.score_cut else None,
-        "semdedup": sem, "balance": plan.balance,
+        "semdedup": sem, "balance": plan.balance, "near_duplicate": plan.near_dup,
         "config": {k: v for k, v in vars(cfg).items() if k not in ("input", "output")},
     }
     assert stats["input_rows"] == kept + sum(total_dropped.values()), "row accounting broken"
@@ -171,7 +171,7 @@ def run(cfg: FilterConfig) -> dict:
                "top_dropped_texts": report_lib.top_dropped_texts(plan.verdicts, plan.rows,
                                                                  cfg.report_top, npart),
                "top_images": report_lib.top_images(plan.images, plan.rows, cfg.report_top),
-               "semdedup": sem, "balance": plan.balance}
+               "semdedup": sem, "balance": plan.balance, "near_duplicate": plan.near_dup}
         thumbs = None
         if cfg.needs_score():
             rep["pair_score"], thumbs = score_report.build(plan.rows, src, shards, cfg,

@@ -13,8 +13,9 @@ shuffle; every shuffle is a task-based hash partition, :mod:`align_ray.filter.sh
 
 Rules are applied in this order, the first broken one is the row's reason: the per-pair rules,
 eval-set near-duplicates, texts per image, images per text, rare tokens, exact duplicates,
-then the score rules (``score_min``, ``score_keep_fraction``: its exact global cut is found on M
-before V, :mod:`align_ray.filter.quantile`).  The frequency rules are functions of (image,
+near-duplicate images (:mod:`align_ray.filter.neardup`, joined into P' per image), MetaCLIP
+balancing, then the score rules (``score_min``, ``score_keep_fraction``: its exact global cut
+is found on M before V, :mod:`align_ray.filter.quantile`).  The frequency rules are functions of (image,
 text), so exact duplicates always share their verdict.
 """
 
@@ -29,7 +30,7 @@ import pyarrow.compute as pc
 import ray.data
 
 from align_ray.filter import counts as counts_lib
-from align_ray.filter import balance, quantile, vocab
+from align_ray.filter import balance, neardup, quantile, vocab
 from align_ray.filter.config import FilterConfig
 from align_ray.filter.evalset import min_distance
 from align_ray.filter.rules import PairRules, pair_reasons, token_counts
@@ -76,7 +77,7 @@ def prepare(batch: pa.Table, cfg: FilterConfig, eval_hashes: np.ndarray) -> pa.T
              if SCORE_COL in batch.column_names else {})
     return pa.table({**score,
         "key_id": key_id.cast(pa.int64()), "shard": batch.column("shard"),
-        "img_id": _img_id(batch, cfg.image_identity),
+        "img_id": _img_id(batch, cfg.image_identity), "phash": pa.array(ph, pa.uint64()),
         "text_hash": batch.column("text_hash").cast(pa.uint64()), "text": batch.column("text"),
         "pair_reason": pa.array(reasons, pa.string()),
         "pair_detail": pa.array(details, pa.string()),
@@ -100,6 +101,15 @@ def _score_checks(batch: pa.Table, cfg: FilterConfig, cut: quantile.Cut | None) 
                               f"{cfg.score_keep_fraction} ({cut.keep} of {cut.rows} rows, "
                               f"cut at {cut.score if cut.score is not None else 'none'})"))
     return out
+
+
+def _near_dup_check(batch: pa.Table, cfg: FilterConfig, col) -> list:
+    if not cfg.enabled(neardup.RULE):
+        return []
+    near, cands = col("nd_first", -1), col("nd_candidates")
+    return [(neardup.RULE, near >= 0,
+             lambda i: f"pHash within {cfg.near_dup_distance} bits of the image of key "
+                       f"{near[i]:014d} ({cands[i]} candidates compared)")]
 
 
 def _balance_check(batch: pa.Table, cfg: FilterConfig) -> list:
@@ -139,7 +149,7 @@ def decide(batch: pa.Table, cfg: FilterConfig, cut_at: int,
          lambda i: f"{rare[i]!r} seen {gram_n[i]}x in the corpus (vocabulary needs >= {cut_at})"),
         ("exact_duplicate", (key_id != first) if cfg.dedup else np.zeros(n, bool),
          lambda i: f"same image and text as key {first[i]:014d}"),
-    ] + _balance_check(batch, cfg) + _score_checks(batch, cfg, score_cut)
+    ] + _near_dup_check(batch, cfg, col) + _balance_check(batch, cfg) + _score_checks(batch, cfg, score_cut)
     for name, bad, explain in checks:
         if not cfg.enabled(name):
             continue
@@ -162,6 +172,7 @@ class Plan:
     vocab: dict = field(default_factory=dict)
     score_cut: quantile.Cut | None = None   # the score_keep_fraction cut, when that rule is on
     balance: dict | None = None          # entry counts summary, when metaclip_balance is on
+    near_dup: dict | None = None         # the band search's summary, when near_duplicate is on
 
 
 def build(rows: ray.data.Dataset, cfg: FilterConfig, eval_hashes: np.ndarray,
@@ -185,6 +196,11 @@ def build(rows: ray.data.Dataset, cfg: FilterConfig, eval_hashes: np.ndarray,
         texts = join(texts, rarity, ["text_hash"], "left outer", npart)
     facts = join(join(pairs, images, ["img_id"], "inner", npart), texts, ["text_hash"], "inner",
                  npart, drop=["rows", "image_rows", "text_rows"])
+    near_dup = None
+    if cfg.enabled(neardup.RULE):
+        found = neardup.matches(m, cfg.near_dup_distance, npart)
+        near_dup = neardup.summary(found, cfg.near_dup_distance)
+        facts = join(facts, found, ["img_id"], "left outer", npart)
     score_cut = None
     if cfg.enabled("score_keep_fraction"):
         n = m.count()   # the raw corpus, like every other global count here
@@ -206,7 +222,7 @@ def build(rows: ray.data.Dataset, cfg: FilterConfig, eval_hashes: np.ndarray,
         decide, fn_kwargs={"cfg": cfg, "cut_at": cut_at, "score_cut": score_cut},
         batch_format="pyarrow", batch_size=None)
     return Plan(rows=m, pairs=pairs, images=images, texts=texts, verdicts=verdicts, vocab=info,
-                score_cut=score_cut, balance=balanced)
+                score_cut=score_cut, balance=balanced, near_dup=near_dup)
 
 
 def keep_count(fraction: float, rows: int) -> int:

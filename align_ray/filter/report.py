@@ -181,6 +181,12 @@ def text_summary(report: dict) -> str:
         lines.append(f"  semdedup: {s['clusters']} clusters ({s['nonempty']} non-empty), sizes "
                      f"max {s['max']} median {s['median']}, eps {s['eps']}, "
                      f"{s['dropped']} dropped")
+    if report.get("near_duplicate"):
+        nd = report["near_duplicate"]
+        lines.append(f"  near_duplicate (pHash <= {nd['distance']} bits, bands {nd['bands']}): "
+                     f"{nd['images_with_an_earlier_near_duplicate']}/{nd['images']} images have "
+                     f"an earlier near-duplicate; candidates per image mean "
+                     f"{nd['candidates_per_image']['mean']}, max {nd['candidates_per_image']['max']}")
     if report.get("balance"):
         b = report["balance"]
         lines.append(f"  metaclip_balance: {b['entries_matched']}/{b['entries']} entries "
