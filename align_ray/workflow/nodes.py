@@ -52,15 +52,25 @@ class NodeTimeline:
         self._stop.set()
         self._thread.join(timeout=10)
 
+    def enter(self, stage: str) -> None:
+        """The stage now running ("" between stages).  A stage's first sample is taken here, at
+        once: the loop's next one may come seconds later, after the stage's first demand has
+        already brought up nodes (an autoscaling cluster would seem to have had them before)."""
+        self.stage = stage
+        if stage:
+            self._sample()
+
+    def _sample(self) -> None:
+        stage = self.stage
+        try:
+            row = sample()
+        except Exception:  # noqa: BLE001 - a diagnostic never fails the run
+            return
+        self.rows.append({"t": round(time.time() - self._t0, 1), "stage": stage, **row})
+
     def _loop(self) -> None:
         while not self._stop.is_set():
-            try:
-                row = sample()
-            except Exception:  # noqa: BLE001 - a diagnostic never fails the run
-                row = None
-            if row is not None:
-                self.rows.append({"t": round(time.time() - self._t0, 1), "stage": self.stage,
-                                  **row})
+            self._sample()
             self._stop.wait(self.interval_s)
 
     def per_stage(self) -> dict[str, dict[str, Any]]:
@@ -87,10 +97,11 @@ class NodeTimeline:
         back).  A prefix would not do: the autoscaler's fake provider numbers its nodes
         ``fff...f00001``, ``fff...f00002``."""
         names: dict[str, str] = {}
-        for r in self.rows:
+        rows = sorted(self.rows, key=lambda r: r["t"])   # a stage's first sample may land late
+        for r in rows:
             for n in r["alive"]:
                 names.setdefault(n, f"n{len(names) + 1}")
         short = [{**r, "alive": [names[n] for n in r["alive"]],
-                  "busy": {names.get(n, n): c for n, c in r["busy"].items()}} for r in self.rows]
+                  "busy": {names.get(n, n): c for n, c in r["busy"].items()}} for r in rows]
         return {"interval_s": self.interval_s, "per_stage": self.per_stage(), "samples": short,
                 "node_ids": {v: k for k, v in names.items()}}

@@ -56,7 +56,7 @@ class Run:
         t = time.time()
         print(f"\n[{name}] starting (t+{t - self.t0:.0f}s)", flush=True)
         if self.timeline is not None:
-            self.timeline.stage = name
+            self.timeline.enter(name)
         try:
             yield rec
         except BaseException as e:
@@ -64,7 +64,7 @@ class Run:
             raise
         finally:
             if self.timeline is not None:
-                self.timeline.stage = ""
+                self.timeline.enter("")
             rec["seconds"] = round(time.time() - t, 1)
             self.record["stages"][name] = rec
             self.save()

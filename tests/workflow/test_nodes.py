@@ -43,3 +43,19 @@ def test_record_names_nodes_whose_ids_share_a_prefix_apart():
     assert rec["samples"][1]["busy"] == {"n1": 1.0, "n2": 1.0}
     assert rec["node_ids"] == {"n1": a, "n2": b}
     assert rec["per_stage"]["data"]["busy_nodes"] == 2
+
+
+def test_a_stage_is_sampled_the_moment_it_starts(ray_cluster):
+    """The loop samples every 60 s here, so only ``enter`` can have sampled the stages: each
+    gets exactly one sample, taken as it started ("" between stages gets none)."""
+    tl = NodeTimeline(interval_s=60).start()
+    time.sleep(0.5)                       # the loop's first sample, outside any stage
+    before = len(tl.rows)
+    tl.enter("data")
+    tl.enter("")
+    tl.enter("filter")
+    tl.stop()
+    assert [r["stage"] for r in tl.rows[before:]] == ["data", "filter"]
+    per = tl.per_stage()
+    assert per["data"]["samples"] == per["filter"]["samples"] == 1
+    assert per["data"]["alive_min"] >= 1
