@@ -61,12 +61,12 @@ class NodeTimeline:
             self._sample()
 
     def _sample(self) -> None:
-        stage = self.stage
         try:
             row = sample()
         except Exception:  # noqa: BLE001 - a diagnostic never fails the run
             return
-        self.rows.append({"t": round(time.time() - self._t0, 1), "stage": stage, **row})
+        # tagged with the stage running when the answer came (as before enter() existed)
+        self.rows.append({"t": round(time.time() - self._t0, 1), "stage": self.stage, **row})
 
     def _loop(self) -> None:
         while not self._stop.is_set():
