@@ -75,9 +75,11 @@ def prepare(batch: pa.Table, cfg: FilterConfig, eval_hashes: np.ndarray) -> pa.T
     key_id = key if pa.types.is_integer(key.type) else pc.cast(key, pa.int64())
     score = ({SCORE_COL: batch.column(SCORE_COL).cast(pa.float32())}
              if SCORE_COL in batch.column_names else {})
-    return pa.table({**score,
+    # the pHash stays in the materialised rows only for the near-duplicate search
+    near = {"phash": pa.array(ph, pa.uint64())} if cfg.enabled(neardup.RULE) else {}
+    return pa.table({**score, **near,
         "key_id": key_id.cast(pa.int64()), "shard": batch.column("shard"),
-        "img_id": _img_id(batch, cfg.image_identity), "phash": pa.array(ph, pa.uint64()),
+        "img_id": _img_id(batch, cfg.image_identity),
         "text_hash": batch.column("text_hash").cast(pa.uint64()), "text": batch.column("text"),
         "pair_reason": pa.array(reasons, pa.string()),
         "pair_detail": pa.array(details, pa.string()),

@@ -105,6 +105,18 @@ def _check_rows(rows_of: dict[str, list[str]], images: dict[str, int], d: int, o
     return want
 
 
+def _run_crafted(c: crafted.Corpus, images: dict[str, int], d: int, tmp_path, *,
+                 shard_size: int, partitions: int) -> tuple[dict, dict]:
+    """Write ``c`` as a download stage, filter it with only ``near_duplicate`` on, check every
+    verdict against brute force; returns (stats, the brute-force matches)."""
+    stage = tmp_path / "stage"
+    crafted.write_stage1(c, stage, shard_size=shard_size)
+    cfg = FilterConfig(input=str(stage), output=str(tmp_path / "out"), disabled_rules=OTHER_RULES,
+                       near_dup_distance=d, num_partitions=partitions, write_webdataset=False)
+    stats = pipeline.run(cfg)
+    return stats, _check(c, images, d, tmp_path / "out", stats)
+
+
 def test_band_search_equals_brute_force_on_planted_hashes(ray_cluster, tmp_path):
     d = 4
     rng = np.random.default_rng(7)
@@ -132,12 +144,7 @@ def test_band_search_equals_brute_force_on_planted_hashes(ray_cluster, tmp_path)
     add("spread", _flip(bases[30], [s + 1 for s in shifts[:-1]]))
     # d + 1 bits, one per band: no bucket in common, and not within d anyway
     add("spread-too-far", _flip(bases[31], [s + 1 for s in shifts]))
-    stage = tmp_path / "stage"
-    crafted.write_stage1(c, stage, shard_size=25)
-    cfg = FilterConfig(input=str(stage), output=str(tmp_path / "out"), disabled_rules=OTHER_RULES,
-                       near_dup_distance=d, num_partitions=3, write_webdataset=False)
-    stats = pipeline.run(cfg)
-    want = _check(c, images, d, tmp_path / "out", stats)
+    stats, want = _run_crafted(c, images, d, tmp_path, shard_size=25, partitions=3)
     assert {"copy0", "copy1", "copy2", "copy3", "copy4", "base10", "chain-b", "chain-c",
             "spread"} <= set(want)
     assert not {"copy5", "spread-too-far", "early-copy", "base0", "base20"} & set(want)
@@ -168,12 +175,7 @@ def test_real_images_reencoded_copies_are_found(ray_cluster, tmp_path):
         img = f"copy-of-dev{i}"
         images[img] = image_phash(_reencode(dev[i]["image"], 64, 75))
         c.add(img, dev[i]["text"] + " again", None, phash=images[img])
-    stage = tmp_path / "stage"
-    crafted.write_stage1(c, stage, shard_size=50)
-    cfg = FilterConfig(input=str(stage), output=str(tmp_path / "out"), disabled_rules=OTHER_RULES,
-                       near_dup_distance=d, num_partitions=2, write_webdataset=False)
-    stats = pipeline.run(cfg)
-    want = _check(c, images, d, tmp_path / "out", stats)
+    stats, want = _run_crafted(c, images, d, tmp_path, shard_size=50, partitions=2)
     for i in range(0, 200, 25):
         assert f"copy-of-dev{i}" in want, (i, bin(images[f"dev{i}"] ^ images[f"copy-of-dev{i}"]))
     # emoji that differ only in skin tone or a detail are near-duplicates by pHash too; the
