@@ -77,6 +77,15 @@ def _same_file_pairs(micro: list[dict], world: int, device: torch.device) -> flo
     return same_file_fraction(src.cpu().numpy())
 
 
+def _gpu_memory(device: torch.device) -> dict[str, float]:
+    """This rank's peak CUDA memory so far (GiB): what decides batch_size and accum_steps on a
+    GPU (GradCache's point); nothing on CPU."""
+    if device.type != "cuda":
+        return {}
+    return {"gpu_mem_peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "gpu_mem_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+
+
 def wants_sync_bn(model: torch.nn.Module, cfg: TrainConfig, world: int) -> bool:
     """``cfg.sync_bn``, or (None = auto) a multi-worker GPU run whose model has BatchNorm.  Not
     auto on CPU: there every BatchNorm layer adds a gloo round trip per pass, a lock-step that
@@ -139,6 +148,7 @@ def _validate(model: DualEncoder, shard, device: torch.device, cfg: TrainConfig,
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    t_start = time.perf_counter()
     cfg: TrainConfig = config["cfg"]
     step_hook: Callable[[int, int], None] | None = config.get("step_hook")
     # debug: data_hook(step, rank, batches) sees each step's batches (tests/train/test_data_order)
@@ -248,17 +258,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         "samples_per_s": win["n"] * G / max(elapsed, 1e-9),
                         "data_wait_s": float(stats[2]) / float(stats[1]),
                         "step_time_s": elapsed / n,
+                        # since this worker started (model build and data start included)
+                        "elapsed_s": time.perf_counter() - t_start,
                         # how correlated in-batch negatives are: pairs of this step's global
                         # batch from one file, vs uniform sampling (issue 13 part 2)
-                        "mix/same_file_pairs": mix, "mix/same_file_pairs_uniform": uniform_mix}
+                        "mix/same_file_pairs": mix, "mix/same_file_pairs_uniform": uniform_mix,
+                        **_gpu_memory(device)}
                 if logger is not None:
                     logger.log(last)
                 win = {"loss": 0.0, "n": 0, "wait": 0.0, "t0": time.perf_counter()}
             if val_shard is not None and rank == 0 and (
                     final or (cfg.eval_every and state.step % cfg.eval_every == 0)):
+                t_val = time.perf_counter()
                 rec = _validate(core, val_shard, device, cfg, amp)
                 if rec and logger is not None:
-                    logger.log({"step": state.step, **rec})
+                    logger.log({"step": state.step, **rec, "val_s": time.perf_counter() - t_val,
+                                "elapsed_s": time.perf_counter() - t_start})
                 win["t0"] = time.perf_counter()
             if state.step % cfg.checkpoint_every == 0 or final:
                 state.data_position = _gather_position(stream.position, device)

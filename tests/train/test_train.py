@@ -52,6 +52,11 @@ def test_run_writes_outputs_and_resumes(ray_cluster, small_parquet, tmp_path):
     logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["mix/same_file_pairs"] == r["mix/same_file_pairs_uniform"] == 1.0
                for r in logged if "loss" in r)
+    # the worker's clock in every record (where a run's time goes), rising; no GPU keys on CPU
+    clock = [r["elapsed_s"] for r in logged]
+    assert clock == sorted(clock) and clock[0] > 0
+    assert [r["val_s"] > 0 for r in logged if "val/n" in r] == [True]
+    assert not any("gpu_mem_peak_gib" in r for r in logged)
     ev = json.loads((out / "eval.json").read_text())
     assert ev["n"] == 32 and set(ev["image_to_text"]) == {"R@1", "R@5", "R@10", "mean_rank",
                                                           "median_rank"}
