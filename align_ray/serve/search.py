@@ -2,7 +2,12 @@
 
 Exact search is a float32 matrix product in row chunks with a per-chunk ``argpartition``, so memory
 stays at ``queries x chunk`` scores whatever the corpus size; scores are inner products of unit
-vectors (cosine).  The faiss backend (``faiss-cpu``, optional) builds ``index_factory(dim, spec,
+vectors (cosine).  For a few queries (``SCAN_MAX_QUERIES``; an interactive search is one) the
+candidates come from faiss's ``knn`` scan instead, when faiss is installed: a matrix-vector
+product in numpy's BLAS reads the rows at well under the memory bandwidth that faiss's SIMD
+row scan reaches on one core, while for batches the BLAS-3 product wins (BENCHMARKS.md "Exact
+search vs faiss at equal threads").  Either way the winners are rescored and ordered the same
+way below, so both give the same result.  The faiss backend (``faiss-cpu``, optional) builds ``index_factory(dim, spec,
 METRIC_INNER_PRODUCT)``: ``Flat`` is exact, ``HNSW32`` / ``IVF..`` are approximate.
 
 :func:`dedup_hits` drops near-identical hits (images within a pHash Hamming distance, texts with
@@ -17,6 +22,16 @@ import numpy as np
 
 BACKENDS = ("exact", "faiss")
 TIE_MARGIN = 16
+SCAN_MAX_QUERIES = 8  # up to this many queries a call: faiss's row scan for the candidates
+
+
+def _faiss_scan():
+    """faiss's brute-force ``knn`` (no index built, no copy of the rows), or None without faiss."""
+    try:
+        import faiss
+    except ImportError:  # pragma: no cover - faiss-cpu is optional
+        return None
+    return faiss
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -26,9 +41,11 @@ def normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
-def topk_exact(emb: np.ndarray, queries: np.ndarray, k: int,
-               chunk_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(scores [B,k], ids [B,k]) by descending inner product; ``k`` is capped at len(emb)."""
+def topk_exact(emb: np.ndarray, queries: np.ndarray, k: int, chunk_rows: int | None = None,
+               scan: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(scores [B,k], ids [B,k]) by descending inner product; ``k`` is capped at len(emb).
+    ``scan``: candidates from faiss's row scan (None = when faiss is installed and there are at
+    most ``SCAN_MAX_QUERIES`` queries), else from chunked matrix products."""
     n = emb.shape[0]
     q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, emb.shape[1])
     k = min(k, n)
@@ -36,6 +53,10 @@ def topk_exact(emb: np.ndarray, queries: np.ndarray, k: int,
     if k <= 0:
         return np.zeros((b, 0), np.float32), np.zeros((b, 0), np.int64)
     want, k = k, min(n, k + TIE_MARGIN)  # candidates past the cut, so ties there go by id too
+    faiss = _faiss_scan() if scan is not False and (scan or b <= SCAN_MAX_QUERIES) else None
+    if faiss is not None and emb.dtype == np.float32 and emb.flags.c_contiguous:
+        _, i = faiss.knn(q, emb, k, metric=faiss.METRIC_INNER_PRODUCT)
+        return _rescore(emb, q, i.astype(np.int64), want)
     if chunk_rows is None:  # ~64 MB of scores per chunk, at least 64k rows
         chunk_rows = max(65536, (16 << 20) // max(b, 1))
     cand_s, cand_i = [], []
@@ -51,13 +72,20 @@ def topk_exact(emb: np.ndarray, queries: np.ndarray, k: int,
     if s.shape[1] > k:
         part = np.argpartition(s, s.shape[1] - k, axis=1)[:, -k:]
         s, i = np.take_along_axis(s, part, axis=1), np.take_along_axis(i, part, axis=1)
-    # The scores are recomputed row by row for the k winners: a BLAS product's rounding depends
-    # on the matrix shapes (how many rows, how many queries in the batch), so the same pair
-    # could score 1 ulp apart in a sharded index or another batch.  An elementwise product
-    # summed over D is the same float for a pair whatever else is searched with it; ties are
-    # broken by id.  The first pass keeps TIE_MARGIN more candidates than asked for, because
-    # which of several equal (or 1-ulp apart) rows makes the cut there also depends on those
-    # shapes.  Costs (k + TIE_MARGIN) x D per query.
+    return _rescore(emb, q, i, want)
+
+
+def _rescore(emb: np.ndarray, q: np.ndarray, i: np.ndarray, want: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """The first pass's candidates ``i`` [B, k + margin] -> the ``want`` best, rescored.
+
+    The scores are recomputed row by row for the candidates: a BLAS product's rounding (or
+    faiss's SIMD sum's) depends on the matrix shapes (how many rows, how many queries in the
+    batch), so the same pair could score 1 ulp apart in a sharded index or another batch.  An
+    elementwise product summed over D is the same float for a pair whatever else is searched
+    with it; ties are broken by id.  The first pass keeps TIE_MARGIN more candidates than asked
+    for, because which of several equal (or 1-ulp apart) rows makes the cut there also depends
+    on those shapes.  Costs (k + TIE_MARGIN) x D per query."""
     s = (emb[i] * q[:, None, :]).sum(-1, dtype=np.float32)
     order = np.lexsort((i, -s), axis=-1)[:, :want]
     return np.take_along_axis(s, order, axis=1), np.take_along_axis(i, order, axis=1).astype(np.int64)

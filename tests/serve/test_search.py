@@ -29,6 +29,25 @@ def test_exact_matches_brute_force_across_chunkings(emb, chunk):
     np.testing.assert_allclose(s, bs, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("b", [1, 3, 8])
+def test_few_queries_scan_equals_the_matrix_product_path(emb, b):
+    """faiss's row scan (the candidates of a call with few queries) and the chunked matrix
+    products give the same ids and the same scores, exact ties (duplicated rows) included."""
+    pytest.importorskip("faiss")
+    rows = emb.copy()
+    rows[100:110] = rows[5]  # ten rows equal to row 5: a tie straddling the top-10 cut
+    q = normalize(np.random.default_rng(4).standard_normal((b, 32)).astype(np.float32))
+    q[0] = rows[5]
+    for k in (1, 10, 30):
+        ss, si = topk_exact(rows, q, k, scan=True)
+        ms, mi = topk_exact(rows, q, k, scan=False)
+        np.testing.assert_array_equal(si, mi)
+        np.testing.assert_array_equal(ss, ms)
+    assert si[0, :11].tolist() == [5, *range(100, 110)]  # the tie goes by id
+    bs, bi = _brute(rows, q, 30)
+    np.testing.assert_array_equal(si[:, :30][:, 11:], bi[:, 11:])
+
+
 def test_k_larger_than_corpus_and_single_query(emb):
     idx = VectorIndex(emb[:5])
     s, i = idx.search(emb[3], 50)
