@@ -55,7 +55,16 @@ def topk_exact(emb: np.ndarray, queries: np.ndarray, k: int, chunk_rows: int | N
     want, k = k, min(n, k + TIE_MARGIN)  # candidates past the cut, so ties there go by id too
     faiss = _faiss_scan() if scan is not False and (scan or b <= SCAN_MAX_QUERIES) else None
     if faiss is not None and emb.dtype == np.float32 and emb.flags.c_contiguous:
-        _, i = faiss.knn(q, emb, k, metric=faiss.METRIC_INNER_PRODUCT)
+        # at most one OpenMP thread per query: faiss splits a call over its queries, and a
+        # single query's scan split over 2 threads ran 2.6x slower than on one (BENCHMARKS.md
+        # "Exact search vs faiss").  omp_set_num_threads is per calling thread in OpenMP, so
+        # concurrent searches in other threads keep their own setting.
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(max(1, min(b, threads)))
+        try:
+            _, i = faiss.knn(q, emb, k, metric=faiss.METRIC_INNER_PRODUCT)
+        finally:
+            faiss.omp_set_num_threads(threads)
         return _rescore(emb, q, i.astype(np.int64), want)
     if chunk_rows is None:  # ~64 MB of scores per chunk, at least 64k rows
         chunk_rows = max(65536, (16 << 20) // max(b, 1))
