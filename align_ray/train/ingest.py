@@ -304,6 +304,17 @@ def preprocess_batch(batch: dict[str, np.ndarray], *, cache_key: str, **kwargs) 
     return pre(batch)
 
 
+def preprocess_nonempty(batch: dict[str, np.ndarray], *, cache_key: str, **kwargs
+                        ) -> Iterator[dict]:
+    """:func:`preprocess_batch` as a generator that yields no block for a batch none of whose
+    rows was kept (a block of the file with no row of the validation split, say).  Ray (2.60)
+    cannot build its tensor column from a 0-row multi-dimensional array: it pickled that
+    block instead, with an ArrowConversionError warning in every run with a validation split."""
+    out = preprocess_batch(batch, cache_key=cache_key, **kwargs)
+    if len(out["row_id"]):
+        yield out
+
+
 def count_rows(fs: pafs.FileSystem, files: list[str]) -> int:
     """Rows in ``files`` from the parquet footers (no data read)."""
     return int(sum(file_rows(fs, files)))
@@ -715,7 +726,7 @@ def build_dataset(cfg, paths: list[str], selection: Selection, *, train: bool = 
                                *([kwargs["match_col"]] if kwargs["match_col"] else [])]))
     ds = ray.data.read_parquet(files, filesystem=fs, columns=cols)
     return ds.map_batches(
-        preprocess_batch, fn_kwargs=dict(cache_key=key, **kwargs),
+        preprocess_nonempty, fn_kwargs=dict(cache_key=key, **kwargs),
         batch_size=cfg.data_batch_size, batch_format="numpy",
         compute=ray.data.TaskPoolStrategy(size=concurrency or cfg.data_workers),
         num_cpus=cfg.data_cpus if num_cpus is None else num_cpus,
