@@ -45,8 +45,9 @@ def cli(args: list[str], log: Path, timeout: float) -> dict:
             p = subprocess.run([sys.executable, "-m", "align_ray.cli", *args], stdout=subprocess.PIPE,
                                stderr=f, text=True, env=env, timeout=timeout)
             rc, out = p.returncode, p.stdout
-        except subprocess.TimeoutExpired as e:
-            rc, out = 124, (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        except subprocess.TimeoutExpired as e:  # its stdout may be bytes even with text=True
+            rc = 124
+            out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
     wall = time.perf_counter() - t0
     res = {"cmd": "align-ray " + " ".join(args), "rc": rc, "wall_s": round(wall, 1)}
     lines = [x for x in out.splitlines() if x.strip()]

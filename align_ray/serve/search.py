@@ -7,8 +7,9 @@ candidates come from faiss's ``knn`` scan instead, when faiss is installed: a ma
 product in numpy's BLAS reads the rows at well under the memory bandwidth that faiss's SIMD
 row scan reaches on one core, while for batches the BLAS-3 product wins (BENCHMARKS.md "Exact
 search vs faiss at equal threads").  Either way the winners are rescored and ordered the same
-way below, so both give the same result.  The faiss backend (``faiss-cpu``, optional) builds ``index_factory(dim, spec,
-METRIC_INNER_PRODUCT)``: ``Flat`` is exact, ``HNSW32`` / ``IVF..`` are approximate.
+way (:func:`_rescore`), so both give the same result.  The faiss backend (``faiss-cpu``,
+optional) builds ``index_factory(dim, spec, METRIC_INNER_PRODUCT)``: ``Flat`` is exact,
+``HNSW32`` / ``IVF..`` are approximate.
 
 :func:`dedup_hits` drops near-identical hits (images within a pHash Hamming distance, texts with
 the same normalised-text hash), keeping the best-scored of each group.
@@ -25,11 +26,11 @@ TIE_MARGIN = 16
 SCAN_MAX_QUERIES = 8  # up to this many queries a call: faiss's row scan for the candidates
 
 
-def _faiss_scan():
-    """faiss's brute-force ``knn`` (no index built, no copy of the rows), or None without faiss."""
+def _faiss():
+    """The faiss module, or None without it (``faiss-cpu`` is optional)."""
     try:
         import faiss
-    except ImportError:  # pragma: no cover - faiss-cpu is optional
+    except ImportError:  # pragma: no cover - depends on the environment
         return None
     return faiss
 
@@ -53,19 +54,9 @@ def topk_exact(emb: np.ndarray, queries: np.ndarray, k: int, chunk_rows: int | N
     if k <= 0:
         return np.zeros((b, 0), np.float32), np.zeros((b, 0), np.int64)
     want, k = k, min(n, k + TIE_MARGIN)  # candidates past the cut, so ties there go by id too
-    faiss = _faiss_scan() if scan is not False and (scan or b <= SCAN_MAX_QUERIES) else None
+    faiss = _faiss() if scan is not False and (scan or b <= SCAN_MAX_QUERIES) else None
     if faiss is not None and emb.dtype == np.float32 and emb.flags.c_contiguous:
-        # at most one OpenMP thread per query: faiss splits a call over its queries, and a
-        # single query's scan split over 2 threads ran 2.6x slower than on one (BENCHMARKS.md
-        # "Exact search vs faiss").  omp_set_num_threads is per calling thread in OpenMP, so
-        # concurrent searches in other threads keep their own setting.
-        threads = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(max(1, min(b, threads)))
-        try:
-            _, i = faiss.knn(q, emb, k, metric=faiss.METRIC_INNER_PRODUCT)
-        finally:
-            faiss.omp_set_num_threads(threads)
-        return _rescore(emb, q, i.astype(np.int64), want)
+        return _rescore(emb, q, _scan_candidates(faiss, emb, q, k), want)
     if chunk_rows is None:  # ~64 MB of scores per chunk, at least 64k rows
         chunk_rows = max(65536, (16 << 20) // max(b, 1))
     cand_s, cand_i = [], []
@@ -82,6 +73,21 @@ def topk_exact(emb: np.ndarray, queries: np.ndarray, k: int, chunk_rows: int | N
         part = np.argpartition(s, s.shape[1] - k, axis=1)[:, -k:]
         s, i = np.take_along_axis(s, part, axis=1), np.take_along_axis(i, part, axis=1)
     return _rescore(emb, q, i, want)
+
+
+def _scan_candidates(faiss, emb: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+    """faiss's brute-force ``knn`` over the rows as they are (no index built, no copy): ids
+    [B, k].  At most one OpenMP thread per query: faiss splits a call over its queries, and a
+    single query's scan split over 2 threads ran 2.6x slower than on one (BENCHMARKS.md "Exact
+    search vs faiss").  omp_set_num_threads is per calling thread in OpenMP, so concurrent
+    searches in other threads keep their own setting."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(max(1, min(q.shape[0], threads)))
+    try:
+        _, ids = faiss.knn(q, emb, k, metric=faiss.METRIC_INNER_PRODUCT)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    return ids.astype(np.int64)
 
 
 def _rescore(emb: np.ndarray, q: np.ndarray, i: np.ndarray, want: int
@@ -149,10 +155,9 @@ class VectorIndex:
 
 
 def _build_faiss(emb: np.ndarray, spec: str, ef_search: int, nprobe: int):
-    try:
-        import faiss
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise RuntimeError("backend 'faiss' needs the faiss-cpu (or faiss-gpu) package") from e
+    faiss = _faiss()
+    if faiss is None:  # pragma: no cover - depends on the environment
+        raise RuntimeError("backend 'faiss' needs the faiss-cpu (or faiss-gpu) package")
     index = faiss.index_factory(emb.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
         index.train(emb)
