@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -11,9 +11,15 @@ class ScoreConfig:
 
     ``input``: a data- or filter-stage output dir (its shards are scored one by one, keeping the
     shard names), or any parquet file / dir / glob (local or s3://) with image bytes + text.
+
+    ``fold_models`` (cross-fitting; instead of ``model``): K >= 2 models, model i trained without
+    the rows of caption-hash fold i (``align-ray train --folds K --fold i``).  Each row is scored
+    by the model of its own fold, one that never saw it: a model scoring the pairs it trained on
+    for several epochs has memorised them, corrupted ones included (BENCHMARKS "The bootstrap").
     """
 
     model: str = ""
+    fold_models: list[str] = field(default_factory=list)  # model i scores caption fold i (repeat)
     input: str = ""
     output: str = ""                      # a stage directory (local or s3://)
     image_col: str | None = None          # None: jpg if present, else image
@@ -40,3 +46,9 @@ class ScoreConfig:
             raise ValueError("an encoder actor needs num_cpus > 0 or num_gpus > 0")
         if self.shard_rows < 1:
             raise ValueError("shard_rows must be >= 1")
+        if len(self.fold_models) == 1 or (self.fold_models and self.model):
+            raise ValueError("give either model or fold_models (two or more)")
+
+    @property
+    def models(self) -> list[str]:
+        return list(self.fold_models) or [self.model]

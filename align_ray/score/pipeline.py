@@ -86,7 +86,9 @@ def plan(cfg: ScoreConfig) -> dict:
                              "set --image-col / --text-col")
     if cfg.write_webdataset and not {"key", "jpg", "text"} <= names:
         raise ValueError("write_webdataset needs key, jpg and text columns")
-    return {"input": cfg.input, "model": resolve_spec(cfg.model), "image_col": image_col,
+    models = [resolve_spec(m) for m in cfg.models]
+    return {"input": cfg.input, "model": models[0] if len(models) == 1 else models,
+            "image_col": image_col,
             "text_col": cfg.text_col, "shards": shards,
             "input_rows": sum(s["rows"] for s in shards)}
 
@@ -138,8 +140,8 @@ def run(cfg: ScoreConfig) -> dict:
     import ray.data
 
     t0 = time.time()
-    if not cfg.model or not cfg.input or not cfg.output:
-        raise ValueError("score: model, input and output are required")
+    if not all(cfg.models) or not cfg.input or not cfg.output:
+        raise ValueError("score: model (or fold_models), input and output are required")
     watchdog.install("score", cfg.stall_timeout_s)
     dst = Layout(cfg.output)
     if cfg.overwrite:

@@ -4,7 +4,8 @@ score -> write, in the stage layout.
 A shard is the unit of work and of atomicity, as in the download stage: its parquet (and
 dropped) files are written, then its marker; a killed run leaves at most unmarked shards, which
 the rerun redoes whole.  Each actor loads the model once and embeds its shard ``batch_size``
-pairs at a time, so a shard's image bytes are the only large thing it holds.
+pairs at a time, so a shard's image bytes are the only large thing it holds.  With cross-fitting
+(``fold_models``) it loads every fold's model and scores each row with its caption's fold's.
 """
 
 from __future__ import annotations
@@ -69,10 +70,15 @@ def dropped_table(rows: pa.Table, image_col: str, text_col: str, details: list[s
 class ShardScorer:
     """Callable class for ``Dataset.map_batches``: a batch holds shard specs (JSON)."""
 
-    def __init__(self, cfg: ScoreConfig, model: str, image_col: str, threads: int = 1):
+    def __init__(self, cfg: ScoreConfig, model: str | list[str], image_col: str,
+                 threads: int = 1):
         self.cfg, self.image_col = cfg, image_col
-        self.embedder = batch_embed.actor_embedder(
-            model, "cuda" if cfg.num_gpus > 0 else "cpu", threads)
+        device = "cuda" if cfg.num_gpus > 0 else "cpu"
+        self.embedders = [batch_embed.actor_embedder(m, device, threads)
+                          for m in ([model] if isinstance(model, str) else model)]
+        if len({e.dim for e in self.embedders}) > 1:
+            raise ValueError("fold_models must share one embedding size")
+        self.embedder = self.embedders[0]
         self.fs = storage.filesystem(cfg.input)[0]
         self.dst = Layout(cfg.output)
 
@@ -83,17 +89,30 @@ class ShardScorer:
         """(kept row indices, image and text embeddings of those rows, {row: why dropped})."""
         bs, dim = self.cfg.batch_size, self.embedder.dim
         keep, imgs, txts, failed = [], [], [], {}
-        images, texts = table.column(self.image_col), table.column(self.cfg.text_col)
-        for off in range(0, table.num_rows, bs):
-            got = batch_embed.embed_pairs(self.embedder, images.slice(off, bs).to_pylist(),
-                                          texts.slice(off, bs).to_pylist())
-            keep += [off + j for j in got.keep]
-            imgs.append(got.image_emb.reshape(-1, dim))
-            txts.append(got.text_emb.reshape(-1, dim))
-            failed.update({off + j: why for j, why in got.failed.items()})
+        texts_all = table.column(self.cfg.text_col).to_pylist()
+        if len(self.embedders) == 1:
+            groups = [(self.embedder, np.arange(table.num_rows))]
+        else:   # cross-fitting: each row by the model that did not train on its fold
+            from align_ray.train.ingest import caption_fold
+
+            k = len(self.embedders)
+            fold = np.asarray([caption_fold(t, k) for t in texts_all], dtype=np.int64)
+            groups = [(e, np.flatnonzero(fold == i)) for i, e in enumerate(self.embedders)]
+        column = table.column(self.image_col)
+        for embedder, rows in groups:
+            images = column if len(groups) == 1 else column.take(pa.array(rows, pa.int64()))
+            for off in range(0, len(rows), bs):
+                got = batch_embed.embed_pairs(embedder, images.slice(off, bs).to_pylist(),
+                                              [texts_all[i] for i in rows[off:off + bs]])
+                keep += [int(rows[off + j]) for j in got.keep]
+                imgs.append(got.image_emb.reshape(-1, dim))
+                txts.append(got.text_emb.reshape(-1, dim))
+                failed.update({int(rows[off + j]): why for j, why in got.failed.items()})
         empty = np.zeros((0, dim), np.float32)
-        return (keep, np.concatenate(imgs) if imgs else empty,
-                np.concatenate(txts) if txts else empty, failed)
+        img = np.concatenate(imgs) if imgs else empty
+        txt = np.concatenate(txts) if txts else empty
+        order = np.argsort(np.asarray(keep, dtype=np.int64), kind="stable")  # input row order
+        return [keep[i] for i in order], img[order], txt[order], failed
 
     def process(self, spec: dict) -> dict:
         t0 = time.time()

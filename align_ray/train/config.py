@@ -124,6 +124,11 @@ class TrainConfig:
     val_fraction: float = 0.0
     val_match_col: str | None = None
     val_max_rows: int = 5000
+    # cross-fitting (the workflow's bootstrap.folds): train on every selected row except those
+    # whose caption-hash fold (bucket mod folds) is `fold`, so this model can score that fold
+    # without having seen it; folds < 2: off
+    folds: int = 0
+    fold: int = 0
     output: str = ""
     storage_path: str | None = None
     name: str = "align"
@@ -198,6 +203,8 @@ class TrainConfig:
             raise ValueError("warmup_steps/eval_every must be >= 0, max_failures >= -1")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError("val_fraction must be in [0, 1)")
+        if self.folds < 0 or (self.folds >= 2 and not 0 <= self.fold < self.folds):
+            raise ValueError(f"fold must be in [0, folds) (folds {self.folds}, fold {self.fold})")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError("label_smoothing must be in [0, 1)")
         for tower in ("image", "text"):

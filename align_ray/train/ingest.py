@@ -98,15 +98,25 @@ def text_bucket(text: str) -> int:
     return (_hash64(text.encode("utf-8", "replace")) % _BUCKETS + _BUCKETS) % _BUCKETS
 
 
+def caption_fold(text: str, folds: int) -> int:
+    """The cross-fitting fold of a caption: its hash bucket mod ``folds``.  The holdout cuts
+    buckets by *value* (bucket < fraction x buckets), so a fold takes the same share of every
+    split."""
+    return text_bucket(text if isinstance(text, str) else "") % folds
+
+
 @dataclass(frozen=True)
 class Selection:
     """Which rows of the input a dataset keeps: rows whose ``split_col`` equals ``split_value``,
-    and/or the caption-hash holdout (``holdout=True`` keeps the held-out share, else the rest)."""
+    and/or the caption-hash holdout (``holdout=True`` keeps the held-out share, else the rest),
+    less the caption-hash fold ``exclude_fold`` of ``folds`` (cross-fitting, when folds >= 2)."""
 
     split_col: str | None = None
     split_value: str | None = None
     holdout_fraction: float = 0.0
     holdout: bool = False
+    folds: int = 0
+    exclude_fold: int = -1
 
     def columns(self) -> list[str]:
         return [self.split_col] if self.split_col else []
@@ -119,20 +129,25 @@ class Selection:
             cut = int(self.holdout_fraction * _BUCKETS)
             held = np.asarray([text_bucket(t) < cut for t in texts], dtype=bool)
             keep &= held if self.holdout else ~held
+        if self.folds >= 2:
+            keep &= np.asarray([caption_fold(t, self.folds) != self.exclude_fold for t in texts],
+                               dtype=bool)
         return keep
 
 
 def selections(cfg) -> tuple[tuple[list[str], Selection], tuple[list[str], Selection] | None]:
-    """(train paths, selection), (val paths, selection) or None, per TrainConfig's val options."""
+    """(train paths, selection), (val paths, selection) or None, per TrainConfig's val options;
+    with ``folds`` >= 2 the training rows also leave out caption-hash fold ``fold``."""
+    fold = {"folds": cfg.folds, "exclude_fold": cfg.fold} if cfg.folds >= 2 else {}
     if cfg.val_data:
-        return (cfg.data, Selection()), (cfg.val_data, Selection())
+        return (cfg.data, Selection(**fold)), (cfg.val_data, Selection())
     if cfg.split_col:
-        return ((cfg.data, Selection(cfg.split_col, cfg.train_split)),
+        return ((cfg.data, Selection(cfg.split_col, cfg.train_split, **fold)),
                 (cfg.data, Selection(cfg.split_col, cfg.val_split)))
     if cfg.val_fraction > 0:
-        return ((cfg.data, Selection(holdout_fraction=cfg.val_fraction, holdout=False)),
+        return ((cfg.data, Selection(holdout_fraction=cfg.val_fraction, holdout=False, **fold)),
                 (cfg.data, Selection(holdout_fraction=cfg.val_fraction, holdout=True)))
-    return (cfg.data, Selection()), None
+    return (cfg.data, Selection(**fold)), None
 
 
 def resolve_inputs(paths: list[str]) -> tuple[pafs.FileSystem, list[str]]:

@@ -3,8 +3,8 @@
 A run YAML (``--config run.yaml``) has the stage sections ``data``, ``filter``, ``train``,
 ``index``, ``serve`` (each exactly the stage's own config: ``align-ray <stage> --config``), and
 optionally ``output`` (the root), ``web`` (the embedded noisy web, used when ``data.input`` is
-empty), ``queries`` and ``top_k`` (the example searches of the serve stage and the report).
-Unknown keys are an error at every level.
+empty), ``queries`` and ``top_k`` (the example searches of the serve stage and the report), and
+``bootstrap`` (round 2: :class:`BootstrapConfig`).  Unknown keys are an error at every level.
 
 Precedence: stage defaults < preset (``default`` / ``smoke``; only without ``--config`` or with
 ``--smoke``) < YAML < command-line flags.  Locations left empty are chained from the root::
@@ -13,6 +13,16 @@ Precedence: stage defaults < preset (``default`` / ``smoke``; only without ``--c
     train.data    = [filter.output]      train.output = ROOT/train
     index.model   = train.output/model   index.data   = filter.output index.output  = ROOT/index
     serve.model   = index.model          serve.index  = index.output
+
+With ``bootstrap.enabled`` (round 2; R2 = ``bootstrap.output``, default ROOT/round2)::
+
+    bootstrap.score.model  = train.output/model   .input = data.output   .output = R2/scored
+      (folds >= 2: .fold_models = [R2/fold0/model, ...], trained by the folds stage)
+    bootstrap.filter       = the filter section + bootstrap.filter   .input = R2/scored
+                                                                     .output = R2/filtered
+    bootstrap.train        = the train section + bootstrap.train     .data = [R2/filtered]
+                                                                     .output = R2/train
+    index.model  = R2/train/model        index.data = R2/filtered   (the round-2 model serves)
 """
 
 from __future__ import annotations
@@ -29,12 +39,15 @@ from align_ray import config as config_lib
 from align_ray import storage
 from align_ray.data.config import DataConfig
 from align_ray.filter.config import FilterConfig
+from align_ray.score.config import ScoreConfig
 from align_ray.serve.config import IndexConfig, ServeConfig
 from align_ray.train.config import TrainConfig
 
-STAGES = ("data", "filter", "train", "eval", "index", "serve")
+STAGES = ("data", "filter", "train", "eval", "folds", "score", "filter2", "train2", "eval2",
+          "index", "serve")
+ROUND2_STAGES = ("folds", "score", "filter2", "train2", "eval2")   # only with bootstrap.enabled
 SECTIONS = ("data", "filter", "train", "index", "serve")
-TOP_LEVEL = ("output", "web", "queries", "top_k", *SECTIONS)
+TOP_LEVEL = ("output", "web", "queries", "top_k", "bootstrap", *SECTIONS)
 DEFAULT_QUERIES = ["three red circles on a blue background", "a yellow star at the top",
                    "two green squares on the left", "a photo of black triangles in the center"]
 
@@ -51,6 +64,39 @@ class WebConfig:
     port: int = 0                    # 0 = a free port (remembered in ROOT/web.json for resume)
 
 
+# Round 2's filter when bootstrap.filter sets no score rule: the round-1 model's top 70 % of the
+# raw rows by pair_score, on top of the frequency rules (DataComp's "basic ∩ CLIP score").
+DEFAULT_ROUND2_FILTER: dict[str, Any] = {"score_keep_fraction": 0.7}
+# what round 2 never inherits from round 1's sections: its own locations (chained under R2)
+_LOCATIONS = {"filter": ("input", "output"), "train": ("data", "output", "storage_path")}
+
+
+@dataclass
+class BootstrapConfig:
+    """Round 2 (off by default): ALIGN's frequency rules, then a model-based filter.
+
+    The round-1 model scores every row the data stage produced (``align-ray score``), the filter
+    runs again over them with round 1's rules plus a score rule (``filter``: overrides on top of
+    the filter section), and round 2 trains with round 1's train section (``train``: overrides),
+    so with no overrides both rounds see the same number of training samples.  ``eval2``
+    evaluates *both* models on round 1's held-out rows, the one set neither trained on (round 2's
+    own validation split is the subset of it that its score filter kept, easier by design).
+
+    ``folds`` >= 2 cross-fits the scores: the ``folds`` stage trains that many extra round-1
+    models, model i on round 1's training rows minus caption-hash fold i (``train.folds`` /
+    ``train.fold``), and each row is scored by the model that never saw it (``score.fold_models``).
+    A model that trained on a pair for several epochs scores it high whether it is right or not;
+    it costs ``folds`` more round-1 trainings.  0: the round-1 model scores every row.
+    """
+
+    enabled: bool = False
+    output: str = ""                     # "" = ROOT/round2
+    folds: int = 0
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
 @dataclass
 class RunConfig:
     output: str = "out/end-to-end"
@@ -62,6 +108,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
 
     @property
     def embedded(self) -> bool:
@@ -156,12 +203,43 @@ def _chain(raw: dict[str, Any]) -> dict[str, Any]:
     f["output"] = f.get("output") or _join(root, "filtered")
     t["data"] = t.get("data") or [f["output"]]
     t["output"] = t.get("output") or _join(root, "train")
+    b = raw.setdefault("bootstrap", {})
+    if b.get("enabled"):
+        _chain_round2(raw, b)
+        i["model"] = i.get("model") or _join(b["train"]["output"], "model")
+        i["data"] = i.get("data") or b["filter"]["output"]
     i["model"] = i.get("model") or _join(t["output"], "model")
     i["data"] = i.get("data") or f["output"]
     i["output"] = i.get("output") or _join(root, "index")
     s["model"] = s.get("model") or i["model"]
     s["index"] = s.get("index") or i["output"]
     return raw
+
+
+def _chain_round2(raw: dict[str, Any], b: dict[str, Any]) -> None:
+    """Round 2's sections: round 1's, overridden by bootstrap's own, located under R2."""
+    r2 = b["output"] = str(b.get("output") or _join(raw["output"], "round2"))
+    for name in ("filter", "train"):
+        base = {k: v for k, v in raw[name].items() if k not in _LOCATIONS[name]}
+        over = dict(b.get(name) or {})
+        if name == "filter" and not any(over.get(k) is not None for k in
+                                        ("score_min", "score_keep_fraction")):
+            base = _merge(base, DEFAULT_ROUND2_FILTER) if not over.get("semdedup") else base
+        b[name] = _merge(base, over)
+    sc = b.setdefault("score", {})
+    if int(b.get("folds") or 0) >= 2:
+        sc["fold_models"] = sc.get("fold_models") or [
+            _join(_join(r2, f"fold{i}"), "model") for i in range(int(b["folds"]))]
+    elif not sc.get("fold_models"):
+        sc["model"] = sc.get("model") or _join(raw["train"]["output"], "model")
+    sc["input"] = sc.get("input") or raw["data"]["output"]
+    sc["output"] = sc.get("output") or _join(r2, "scored")
+    b["filter"]["input"] = b["filter"].get("input") or sc["output"]
+    b["filter"]["output"] = b["filter"].get("output") or _join(r2, "filtered")
+    b["train"]["data"] = b["train"].get("data") or [b["filter"]["output"]]
+    b["train"]["output"] = b["train"].get("output") or _join(r2, "train")
+    # one Ray Train run name per round: a shared storage_path must not mix their checkpoints
+    b["train"]["name"] = b["train"].get("name") or f"{raw['train'].get('name', 'align')}-round2"
 
 
 def build(raw: dict[str, Any]) -> RunConfig:
@@ -189,4 +267,6 @@ def load(config: str | Path | None = None, *, smoke: bool = False,
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
     out = dataclasses.asdict(cfg)
     out["serve"] = cfg.serve.to_dict()
+    if not cfg.bootstrap.enabled:   # round 2's derived sections only say something when on
+        out["bootstrap"] = {"enabled": False}
     return out

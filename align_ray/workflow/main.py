@@ -1,5 +1,10 @@
 """``python workflows/end_to_end.py``: data -> filter -> train -> eval -> index -> serve -> report.
 
+With ``bootstrap: {enabled: true}`` in the run YAML (or ``--bootstrap``), round 2 runs between
+eval and index: score (the round-1 model scores every downloaded pair) -> filter2 (round 1's rules
++ a score rule) -> train2 (the same budget) -> eval2 (both models on round 1's held-out rows), and
+the round-2 model is the one indexed and served.
+
     python workflows/end_to_end.py                      # embedded: noisy web on 127.0.0.1, tiny model
     python workflows/end_to_end.py --smoke              # the same, smaller (CI)
     python workflows/end_to_end.py --config workflows/configs/local.yaml
@@ -22,7 +27,7 @@ import threading
 import time
 
 from align_ray.workflow import config as config_lib
-from align_ray.workflow.config import STAGES, RunConfig
+from align_ray.workflow.config import ROUND2_STAGES, STAGES, RunConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,13 +41,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--serve", action="store_true", help="leave the Serve app running, print its URL")
     p.add_argument("--port", type=int, help="Serve HTTP port (default: the serve section's, 8000)")
     p.add_argument("--host", help="Serve HTTP host (default: the serve section's, 127.0.0.1)")
-    p.add_argument("--stages", default=",".join(STAGES),
-                   help=f"comma-separated subset, in order, of {','.join(STAGES)}")
+    p.add_argument("--stages", default=None,
+                   help=f"comma-separated subset, in order, of {','.join(STAGES)} (default: all; "
+                        f"{','.join(ROUND2_STAGES)} only with bootstrap.enabled)")
+    p.add_argument("--bootstrap", action="store_true",
+                   help="run round 2 (score -> filter2 -> train2 -> eval2): bootstrap.enabled")
     p.add_argument("--fresh", action="store_true", help="delete the output root first")
     p.add_argument("--ray-address", default=None,
                    help="cluster to join (default: ray.init()'s own choice; 'local' starts one)")
     args = p.parse_args(argv)
-    args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    args.explicit_stages = args.stages is not None
+    args.stages = [s.strip() for s in (args.stages or ",".join(STAGES)).split(",") if s.strip()]
     bad = sorted(set(args.stages) - set(STAGES))
     if bad:
         p.error(f"--stages: unknown stage(s) {bad}; stages: {','.join(STAGES)}")
@@ -56,6 +65,8 @@ def load_config(args: argparse.Namespace) -> RunConfig:
     serve = {k: v for k, v in (("port", args.port), ("host", args.host)) if v is not None}
     if serve:
         over["serve"] = serve
+    if args.bootstrap:
+        over["bootstrap"] = {"enabled": True}
     return config_lib.load(args.config, smoke=args.smoke, overrides=over)
 
 
@@ -116,9 +127,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"end_to_end: error: {e}", file=sys.stderr)
         return 2
+    round2 = [s for s in args.stages if s in ROUND2_STAGES]
+    if round2 and not cfg.bootstrap.enabled:
+        if args.explicit_stages:
+            print(f"end_to_end: error: --stages {','.join(round2)}: round 2 is off; set "
+                  f"bootstrap.enabled in the run YAML or pass --bootstrap", file=sys.stderr)
+            return 2
+        args.stages = [s for s in args.stages if s not in ROUND2_STAGES]
     if args.fresh:
         fresh(cfg)
-    from align_ray.workflow import report, serving, stages
+    from align_ray.workflow import bootstrap, report, serving, stages
 
     run = stages.Run(cfg)
     print(f"align-ray end to end -> {cfg.output} (stages: {','.join(args.stages)})", flush=True)
@@ -141,6 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         if "eval" in args.stages:
             eval_summary = stages.evaluate(run, train_summary or {
                 "eval": stages.read_json(f"{cfg.train.output.rstrip('/')}/eval.json")})
+        round2 = {"folds": bootstrap.folds, "score": bootstrap.score,
+                  "filter2": bootstrap.filter2, "train2": bootstrap.train2,
+                  "eval2": bootstrap.eval2}
+        for name, stage in round2.items():
+            if name in args.stages:
+                stage(run)
         if "index" in args.stages:
             stages.index(run)
         if "serve" in args.stages:

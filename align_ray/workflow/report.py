@@ -154,6 +154,25 @@ def _training(cfg: RunConfig, train_out: str) -> tuple[str, bytes | None]:
     return text, curves
 
 
+def _round2(cfg: RunConfig, stages: dict) -> str:
+    """Round 2 (bootstrap): what the score filter kept, the score histogram, both models on
+    the same held-out rows."""
+    if not cfg.bootstrap.enabled:
+        return ""
+    f2 = (stages.get("filter2") or {}).get("summary") or {}
+    ev = (stages.get("eval2") or {}).get("summary") or {}
+    out = f"<h2>Round 2: the round-1 model's score filter</h2><p>filter2 kept " \
+          f"{f2.get('output_rows', '?')} of {f2.get('input_rows', '?')} scored rows.</p>"
+    out += "<div class=row>" + _drops_table("dropped by round 2's filter", f2.get("dropped", {}))
+    out += _img(_read(f"{cfg.bootstrap.filter.output.rstrip('/')}/score.png"), "score.png", 520)
+    out += "</div>"
+    for name in ("round1", "round2"):
+        if name in ev:
+            out += f"<h3>{name.replace('round', 'round ')} model, the same held-out rows</h3>"
+            out += _metrics_table(ev[name])
+    return out
+
+
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:3px 8px;
 text-align:left}caption{font-weight:600;text-align:left}.failed{color:#b00}.skipped{color:#777}
@@ -195,6 +214,7 @@ def write(cfg: RunConfig, record: dict[str, Any], results: list[dict]) -> str:
 <h3>Filter report</h3><div class=row>{filter_pngs}</div>
 <h2>Training</h2>{train_text}{_img(curves, "curves.png")}
 <h2>Retrieval metrics</h2>{_metrics_table(ev)}
+{_round2(cfg, stages)}
 <h2>Example text &rarr; image searches</h2>{_examples(results)}
 </body></html>"""
     storage.write_bytes(fs, storage.join(root, "report.html"), page.encode("utf-8"))

@@ -7,7 +7,8 @@ directory is unpacked into each node's own temp dir, so its working directories 
 stage that hands the next one a local path (a temp file, a path relative to its working
 directory, a cache under ``HOME``) then fails with a missing file, as on separate machines.
 Everything goes through ``s3://`` on the test SeaweedFS server: the run config, every stage's
-output and the report.  The first test shows that the isolation is real.
+output and the report.  The first test shows that the isolation is real.  The run includes
+round 2 (``--bootstrap``: score -> filter2 -> train2 -> eval2), whose model is the one served.
 
 While the job runs, the test samples, once a second, which node runs which stage's processes.
 This is the node timeline that BENCHMARKS.md shows.  The run must place training on 2 nodes
@@ -132,6 +133,7 @@ def test_job_submit_runs_the_workflow_s3_only(isolated, s3):
     sid = f"e2e-mn-{uuid.uuid4().hex[:8]}"
     t0 = time.monotonic()
     _submit(isolated, sid, ["python", "workflows/end_to_end.py", "--smoke", "--serve",
+                            "--bootstrap",
                             "--config", f"s3://{BUCKET}/conf/run.yaml",
                             "--output", f"s3://{BUCKET}/run"])
     client = JobSubmissionClient(isolated.dashboard)
@@ -157,11 +159,13 @@ def test_job_submit_runs_the_workflow_s3_only(isolated, s3):
     record = json.loads(s3.get_object(Bucket=BUCKET, Key="run/workflow.json")["Body"].read())
     print("stage seconds:", {n: round(s.get("seconds") or 0) for n, s in record["stages"].items()})
     assert {n: s["status"] for n, s in record["stages"].items()} == {
-        n: "ran" for n in ("data", "filter", "train", "eval", "index", "serve")}, record
+        n: "ran" for n in ("data", "filter", "train", "eval", "score", "filter2", "train2",
+                           "eval2", "index", "serve")}, record
     keys = {o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(
         Bucket=BUCKET, Prefix="run/") for o in page.get("Contents", [])}
     assert {"run/train/model/model.safetensors", "run/train/metrics.jsonl", "run/train/eval.json",
-            "run/index/index.json", "run/report.html"} <= keys
+            "run/index/index.json", "run/report.html", "run/round2/scored/stats.json",
+            "run/round2/train/model/model.safetensors", "run/round2/eval2.json"} <= keys
     assert any(k.startswith("run/train/checkpoints/") for k in keys)
     assert "joined" in logs                      # plain ray.init() found the cluster
 
@@ -192,9 +196,23 @@ def test_job_submit_runs_the_workflow_s3_only(isolated, s3):
     filt = json.loads(s3.get_object(Bucket=BUCKET, Key="run/filtered/stats.json")["Body"].read())
     assert filt["input"] == f"s3://{BUCKET}/run/data"
     index = json.loads(s3.get_object(Bucket=BUCKET, Key="run/index/index.json")["Body"].read())
-    assert index["count"] == funnel["output_rows"] - index["dropped"]
+    round2 = record["stages"]["filter2"]["summary"]["output_rows"]   # the round-2 rows are indexed
+    assert index["count"] == round2 - index["dropped"]
     ev = json.loads(s3.get_object(Bucket=BUCKET, Key="run/train/eval.json")["Body"].read())
     assert ev["n"] > 0 and 0 <= ev["text_to_image"]["R@1"] <= 1
+
+    # round 2: every downloaded row scored, round 1's rules + the score rule, the same budget,
+    # both models on round 1's held-out rows, and the round-2 model indexed over its rows
+    scored = record["stages"]["score"]["summary"]
+    assert scored["input_rows"] == scored["output_rows"] == data["output_rows"]
+    f2 = record["stages"]["filter2"]["summary"]
+    assert 0 < f2["output_rows"] < funnel["output_rows"] and f2["dropped"]["score_keep_fraction"]
+    assert f2["input_rows"] == f2["output_rows"] + sum(f2["dropped"].values())
+    assert record["stages"]["train2"]["summary"]["step"] == record["config"]["train"]["steps"]
+    ev2 = json.loads(s3.get_object(Bucket=BUCKET, Key="run/round2/eval2.json")["Body"].read())
+    assert ev2["round1"]["n"] == ev2["round2"]["n"] == ev["n"]   # the same held-out rows
+    assert index["model"] == f"s3://{BUCKET}/run/round2/train/model"
+    assert "Round 2" in report
 
     # the app the job left deployed answers, from replicas on worker nodes
     url = record["stages"]["serve"]["summary"]["url"]

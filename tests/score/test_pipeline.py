@@ -89,3 +89,37 @@ def test_rerun_skips_done_shards_and_redoes_a_missing_one(scored, tiny_model, st
     with pytest.raises(InputError, match="another input"):
         pipeline.run(_cfg(tiny_model, stage_in, out, text_col="url"))
     assert json.loads((out / "stats.json").read_text())["complete"]
+
+
+def test_cross_fitted_scores_come_from_the_model_that_did_not_see_the_fold(
+        scored, tiny_model, stage_in, tmp_path):
+    """fold_models: row r is scored by fold_models[caption_fold(text, K)].  The second model is
+    the first with its text projection negated, so each row's score tells which one scored it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from align_ray.train.ingest import caption_fold
+
+    flipped = tmp_path / "flipped"
+    shutil.copytree(tiny_model, flipped)
+    weights = load_file(str(flipped / "model.safetensors"))
+    for k in ("text_proj.weight", "text_proj.bias"):
+        weights[k] = -weights[k]
+    save_file(weights, str(flipped / "model.safetensors"))
+
+    out = tmp_path / "xfit"
+    cfg = ScoreConfig(fold_models=[tiny_model, str(flipped)], input=str(stage_in),
+                      output=str(out), batch_size=8, concurrency=1, num_cpus=1)
+    stats = pipeline.run(cfg)
+    assert stats["complete"] and stats["dropped"] == {"decode_error": 1}
+    assert stats["model"] == [tiny_model, str(flipped)]
+    one = {r["key"]: r["pair_score"] for r in _read(scored[0], "parquet").to_pylist()}
+    two = _read(out, "parquet")
+    folds = [caption_fold(t, 2) for t in two.column("text").to_pylist()]
+    assert 0 < sum(folds) < len(folds)                  # both models scored some rows
+    want = [one[k] * (1 if f == 0 else -1) for k, f in zip(two.column("key").to_pylist(), folds)]
+    np.testing.assert_allclose(two.column("pair_score").to_numpy(), want, atol=1e-4)
+    assert two.column("key").to_pylist() == sorted(two.column("key").to_pylist())  # row order
+    with pytest.raises(ValueError, match="either model or fold_models"):
+        ScoreConfig(model=tiny_model, fold_models=[tiny_model, str(flipped)])

@@ -61,6 +61,7 @@ def test_overrides_win_and_chain_from_the_new_root(tmp_path):
     ({"train": {"use_gpus": True}}, "use_gpus"),
     ({"serve": {"image_encoder": {"replicas": 2}}}, "replicas"),
     ({"web": {"row": 5}}, "row"),
+    ({"bootstrap": {"enabled": True, "filter": {"score_keep": 0.5}}}, "score_keep"),
 ])
 def test_unknown_keys_are_errors(tmp_path, body, match):
     p = tmp_path / "run.yaml"
@@ -73,3 +74,48 @@ def test_stages_argument_is_checked():
     assert parse_args(["--stages", "data,filter"]).stages == ["data", "filter"]
     with pytest.raises(SystemExit):
         parse_args(["--stages", "data,fliter"])
+
+
+def test_bootstrap_chains_round_two_under_its_own_root_with_round_one_settings(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text(yaml.safe_dump({"output": "s3://bkt/run", "filter": {"min_side": 32},
+                                 "train": {"steps": 77, "storage_path": "s3://bkt/ckpt"},
+                                 "bootstrap": {"enabled": True}}))
+    cfg = wf.load(p)
+    b = cfg.bootstrap
+    assert b.output == "s3://bkt/run/round2"
+    # the round-1 model scores every downloaded row (the frequency rules then count the raw corpus)
+    assert b.score.model == "s3://bkt/run/train/model" and b.score.input == cfg.data.output
+    assert b.filter.input == b.score.output == "s3://bkt/run/round2/scored"
+    # round 1's rules + the default score rule; round 1's budget, its own locations and run name
+    assert b.filter.min_side == 32 and b.filter.score_keep_fraction == wf.DEFAULT_ROUND2_FILTER[
+        "score_keep_fraction"] and b.filter.output == "s3://bkt/run/round2/filtered"
+    assert b.train.steps == 77 and b.train.data == [b.filter.output]
+    assert b.train.output == "s3://bkt/run/round2/train" and b.train.storage_path is None
+    assert b.train.name == "align-round2" != cfg.train.name
+    # the round-2 model is the one indexed and served, over what round 2 kept
+    assert cfg.index.model == cfg.serve.model == "s3://bkt/run/round2/train/model"
+    assert cfg.index.data == b.filter.output
+    # round 1 is untouched
+    assert cfg.train.data == [cfg.filter.output] and cfg.filter.score_keep_fraction is None
+
+
+def test_bootstrap_overrides_and_off_by_default():
+    assert not wf.load(smoke=True).bootstrap.enabled
+    assert wf.load(smoke=True).index.model == "out/smoke/train/model"
+    cfg = wf.load(smoke=True, overrides={"bootstrap": {
+        "enabled": True, "filter": {"score_min": 0.2, "semdedup": True}, "train": {"steps": 3}}})
+    f = cfg.bootstrap.filter
+    assert f.score_min == 0.2 and f.score_keep_fraction is None and f.semdedup   # no default rule
+    assert cfg.bootstrap.train.steps == 3 and cfg.train.steps == 8
+
+
+def test_round_two_stages_need_bootstrap(capsys):
+    from align_ray.workflow.main import main
+
+    args = parse_args(["--smoke"])
+    assert not args.explicit_stages and "score" in args.stages   # left out at run time if off
+    assert parse_args(["--smoke", "--bootstrap"]).bootstrap
+    assert load_config(parse_args(["--smoke", "--bootstrap"])).bootstrap.enabled
+    assert main(["--smoke", "--stages", "score,train2"]) == 2
+    assert "round 2 is off" in capsys.readouterr().err
