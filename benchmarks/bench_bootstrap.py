@@ -10,7 +10,10 @@ steps and batch).  Per seed:
 * arm ``score-xfit``: the same with ``bootstrap.folds: 2``: two more round-1 models, each
   trained without one caption-hash half, and each row scored by the one that never saw it;
 * arm ``score-xfit+semdedup``: filter2 (the same + ``semdedup``) -> train2 under another
-  round-2 root that reuses the cross-fitted scores.
+  round-2 root that reuses the cross-fitted scores.  Its eps is chosen per run, as the
+  SemDeDup paper does for a target share: the cosine distance within which
+  ``--semdedup-neighbours`` of the scored rows have another row (a tiny model's image
+  embeddings crowd together: on the dev set every row had a neighbour within 0.02).
 
 Two corpora:
 
@@ -153,7 +156,9 @@ def web_config(base: Path, args, seed: int) -> dict:
         "data": {"output": str(base / "data"), "image_size": 96, "shard_size": 500,
                  "write_webdataset": False, "extra_cols": ["noise", "fault"]},
         "filter": {"output": str(base / "filtered"), "write_webdataset": False},
-        "train": {**train_section(args, seed), "val_fraction": 0.15},
+        # the default preset's noisy-web settings: no flip (its captions say left / right)
+        "train": {**train_section(args, seed), "val_fraction": 0.15, "hflip": 0.0,
+                  "grad_clip": 1.0, "crop_scale": [0.5, 1.0]},
     }
 
 
@@ -219,6 +224,19 @@ def heldout(model: str, corpus: str, filtered: Path) -> dict:
                                              holdout=True))
 
 
+def neighbour_eps(scored: Path, share: float) -> float:
+    """The cosine distance within which ``share`` of the rows have another row."""
+    import pyarrow.dataset as pads
+
+    t = pads.dataset(str(scored / "parquet"), format="parquet").to_table(
+        columns=["image_embedding"])
+    e = np.stack(t.column("image_embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    c = e @ e.T
+    np.fill_diagonal(c, -1.0)
+    return round(float(1.0 - np.quantile(c.max(axis=1), 1.0 - share)), 6)
+
+
 def kept_rows(stage: Path, label_col: str, is_bad) -> dict:
     import pyarrow.dataset as pads
 
@@ -235,7 +253,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64, help="per worker (2 workers)")
     ap.add_argument("--keep-fraction", type=float, default=0.7,
                     help="score_keep_fraction of round 2 (of the raw rows)")
-    ap.add_argument("--semdedup-eps", type=float, default=0.05)
+    ap.add_argument("--semdedup-neighbours", type=float, default=0.2,
+                    help="SemDeDup's eps is set so that this share of the scored rows has a "
+                         "neighbour within eps (a fixed eps means nothing across models)")
     ap.add_argument("--shuffled", type=float, default=0.25, help="dev: train captions swapped")
     ap.add_argument("--generic", type=float, default=0.15, help="dev: generic alt-texts")
     ap.add_argument("--web-rows", type=int, default=3000)
@@ -276,11 +296,13 @@ def main() -> None:
                         "enabled": True, "output": str(root / "round2-xfit-semdedup"),
                         "score": {"output": f"{xfit}/scored",
                                   "fold_models": [f"{xfit}/fold{i}/model" for i in range(2)]},
-                        "filter": {**score_f, "semdedup": True,
-                                   "semdedup_eps": args.semdedup_eps}}}
+                        "filter": {**score_f, "semdedup": True}}}
             rec["seconds"]["rules"] = workflow(cfg, root / "rules.yaml",
                                                "data,filter,train,eval", log)
             for arm, boot in arms.items():
+                if "semdedup" in arm:
+                    eps = neighbour_eps(Path(xfit) / "scored", args.semdedup_neighbours)
+                    boot["filter"]["semdedup_eps"] = rec["semdedup_eps"] = eps
                 rec["seconds"][arm] = workflow({**cfg, "bootstrap": boot},
                                                root / f"{arm}.yaml",
                                                "folds,score,filter2,train2,eval2", log)

@@ -30,11 +30,10 @@ def folds(run: Run) -> dict:
     """Train the cross-fitting models (bootstrap.folds >= 2; nothing to do otherwise)."""
     from align_ray.train.run import run as train_run
 
+    todo = fold_configs(run)
+    if not todo:   # bootstrap.folds < 2: the round-1 model scores; no stage to record
+        return {}
     with run.stage("folds") as rec:
-        todo = fold_configs(run)
-        if not todo:
-            rec.update(status="skipped", summary={"folds": 0, "why": "bootstrap.folds < 2"})
-            return rec["summary"]
         done = []
         for tcfg in todo:
             if _train_done(tcfg.output) is not None:
