@@ -74,6 +74,7 @@ GENERIC = [  # web alt-texts that describe no particular picture (3-6 tokens eac
     "holiday card design idea", "page header banner image", "user avatar profile picture",
     "gif animation frame still",
 ]
+ARMS = ("score-self", "score-xfit", "score-xfit+semdedup")
 WEB_TEXT_NOISE = ("filename_alt", "generic_alt", "shared_alt", "keyword_stuffing", "non_english")
 
 
@@ -259,6 +260,8 @@ def main() -> None:
     ap.add_argument("--shuffled", type=float, default=0.25, help="dev: train captions swapped")
     ap.add_argument("--generic", type=float, default=0.15, help="dev: generic alt-texts")
     ap.add_argument("--web-rows", type=int, default=3000)
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS),
+                    help="round-2 arms to run (rules always runs)")
     ap.add_argument("--workdir", default="/tmp/bench-bootstrap")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -297,6 +300,7 @@ def main() -> None:
                         "score": {"output": f"{xfit}/scored",
                                   "fold_models": [f"{xfit}/fold{i}/model" for i in range(2)]},
                         "filter": {**score_f, "semdedup": True}}}
+            arms = {a: b for a, b in arms.items() if a in args.arms}
             rec["seconds"]["rules"] = workflow(cfg, root / "rules.yaml",
                                                "data,filter,train,eval", log)
             for arm, boot in arms.items():
@@ -308,6 +312,7 @@ def main() -> None:
                                                "folds,score,filter2,train2,eval2", log)
             r2 = {"score-self": root / "round2", "score-xfit": root / "round2-xfit",
                   "score-xfit+semdedup": root / "round2-xfit-semdedup"}
+            r2 = {a: d for a, d in r2.items() if a in arms}
             models = {"rules": root / "train/model",
                       **{a: d / "train/model" for a, d in r2.items()}}
             stages = {"rules": base / "filtered", **{a: d / "filtered" for a, d in r2.items()}}
@@ -315,7 +320,7 @@ def main() -> None:
                               for a, m in models.items()}
             rec["training_rows"] = {a: kept_rows(s, label_col, is_bad) for a, s in stages.items()}
             rec["auc"] = {a: auc(r2[a] / "scored", base / "filtered", label_col, is_bad)
-                          for a in ("score-self", "score-xfit")}
+                          for a in ("score-self", "score-xfit") if a in r2}
             rec["eval2"] = {a: json.loads(Path(d, "eval2.json").read_text())
                             for a, d in r2.items()}
             result["seeds"][seed] = rec
