@@ -14,6 +14,7 @@ import json
 
 from align_ray import storage
 from align_ray.layout import Layout
+from align_ray.workflow import stages
 from align_ray.workflow.stages import Run, StepPrinter, _train_done, read_json
 
 
@@ -42,7 +43,7 @@ def folds(run: Run) -> dict:
                 continue
             print(f"[folds] fold {tcfg.fold}/{tcfg.folds}: {tcfg.steps} steps without the rows "
                   f"of caption-hash fold {tcfg.fold} -> {tcfg.output}", flush=True)
-            train_run(tcfg, step_hook=StepPrinter(tcfg.steps, tcfg.log_every))
+            train_run(tcfg, step_hook=StepPrinter(tcfg.steps, tcfg.log_every, "folds"))
         rec["summary"] = {"folds": len(todo), "models": [f"{t.output}/model" for t in todo],
                           "skipped": done}
         if len(done) == len(todo):
@@ -72,42 +73,13 @@ def score(run: Run) -> dict:
 
 
 def filter2(run: Run) -> dict:
-    from align_ray.filter import pipeline as fpipe
-
-    fcfg = run.cfg.bootstrap.filter
-    with run.stage("filter2") as rec:
-        out = Layout(fcfg.output)
-        if out.is_complete(input=fcfg.input) and not fcfg.overwrite:
-            rec.update(status="skipped", summary=out.stats())
-            print(f"[filter2] {fcfg.output} is complete: " + fpipe.summary_line(rec["summary"]))
-            return rec["summary"]
-        rules = {k: getattr(fcfg, k) for k in ("score_min", "score_keep_fraction", "semdedup")
-                 if getattr(fcfg, k) not in (None, False)}
-        print(f"[filter2] round 1's rules + {rules} over {fcfg.input}", flush=True)
-        stats = fpipe.run(fcfg)
-        rec["summary"] = {k: v for k, v in stats.items() if k not in ("vocab", "report")}
-        print(fpipe.summary_line(stats), flush=True)
-        return rec["summary"]
+    """Round 1's filter stage with round 2's config: the same rules + the score rules."""
+    return stages.filter_(run, run.cfg.bootstrap.filter, "filter2")
 
 
 def train2(run: Run) -> dict:
-    from align_ray.train.run import run as train_run
-
-    tcfg = run.cfg.bootstrap.train
-    with run.stage("train2") as rec:
-        done = _train_done(tcfg.output)
-        if done is not None:
-            rec.update(status="skipped", summary={"eval": done, "output": tcfg.output})
-            print(f"[train2] {tcfg.output} holds a trained model and eval.json: skipped")
-            return rec["summary"]
-        print(f"[train2] {tcfg.workers} workers x batch {tcfg.batch_size}, {tcfg.steps} steps on "
-              f"{tcfg.data}", flush=True)
-        summary = train_run(dataclasses.replace(tcfg),
-                            step_hook=StepPrinter(tcfg.steps, tcfg.log_every))
-        rec["summary"] = summary
-        print(f"[train2] step {summary['step']}, final loss {summary['final_loss']}, "
-              f"model -> {summary['model_dir']}", flush=True)
-        return summary
+    """Round 1's train stage with round 2's config: the same budget on what filter2 kept."""
+    return stages.train(run, run.cfg.bootstrap.train, "train2")
 
 
 def eval2(run: Run) -> dict:

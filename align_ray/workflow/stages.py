@@ -96,18 +96,19 @@ def data(run: Run) -> dict:
         return stats
 
 
-def filter_(run: Run) -> dict:
+def filter_(run: Run, fcfg=None, name: str = "filter") -> dict:
+    """The filter stage; round 2 (workflow/bootstrap.py) runs it with its own config and name."""
     from align_ray.filter import pipeline as fpipe
 
-    cfg = run.cfg
-    with run.stage("filter") as rec:
-        out = Layout(cfg.filter.output)
-        if out.is_complete(input=cfg.filter.input) and not cfg.filter.overwrite:
+    fcfg = fcfg or run.cfg.filter
+    with run.stage(name) as rec:
+        out = Layout(fcfg.output)
+        if out.is_complete(input=fcfg.input) and not fcfg.overwrite:
             old = out.stats()
             rec.update(status="skipped", summary=old)
-            print(f"[filter] {cfg.filter.output} is complete: " + fpipe.summary_line(old))
+            print(f"[{name}] {fcfg.output} is complete: " + fpipe.summary_line(old))
             return old
-        stats = fpipe.run(cfg.filter)
+        stats = fpipe.run(fcfg)
         rec["summary"] = {k: v for k, v in stats.items() if k != "vocab"}
         if stats.get("report"):
             print(stats["report"])
@@ -118,15 +119,16 @@ def filter_(run: Run) -> dict:
 class StepPrinter:
     """Training progress from rank 0 (runs inside the Ray Train worker; printed by the driver)."""
 
-    def __init__(self, total: int, every: int):
-        self.total, self.every, self.t0 = total, max(1, every), None
+    def __init__(self, total: int, every: int, name: str = "train"):
+        self.total, self.every, self.t0, self.name = total, max(1, every), None, name
 
     def __call__(self, step: int, rank: int) -> None:
         if rank != 0:
             return
         self.t0 = self.t0 or time.time()
         if step % self.every == 0 or step == self.total:
-            print(f"[train] step {step}/{self.total} ({time.time() - self.t0:.0f}s)", flush=True)
+            print(f"[{self.name}] step {step}/{self.total} ({time.time() - self.t0:.0f}s)",
+                  flush=True)
 
 
 def _train_done(uri: str) -> dict | None:
@@ -135,23 +137,23 @@ def _train_done(uri: str) -> dict | None:
     return ev if ev is not None and model is not None else None
 
 
-def train(run: Run) -> dict:
+def train(run: Run, tcfg=None, name: str = "train") -> dict:
+    """The train stage; round 2 (workflow/bootstrap.py) runs it with its own config and name."""
     from align_ray.train.run import run as train_run
 
-    cfg = run.cfg
-    with run.stage("train") as rec:
-        done = _train_done(cfg.train.output)
+    tcfg = dataclasses.replace(tcfg or run.cfg.train)
+    with run.stage(name) as rec:
+        done = _train_done(tcfg.output)
         if done is not None:
-            rec.update(status="skipped", summary={"eval": done, "output": cfg.train.output})
-            print(f"[train] {cfg.train.output} holds a trained model and eval.json: skipped")
+            rec.update(status="skipped", summary={"eval": done, "output": tcfg.output})
+            print(f"[{name}] {tcfg.output} holds a trained model and eval.json: skipped")
             return rec["summary"]
-        tcfg = dataclasses.replace(cfg.train)
-        print(f"[train] {tcfg.workers} workers x batch {tcfg.batch_size}, {tcfg.steps} steps, "
-              f"model {tcfg.model.image_model}@{tcfg.model.image_size}px, checkpoints in "
-              f"{tcfg.resolved_storage()}", flush=True)
-        summary = train_run(tcfg, step_hook=StepPrinter(tcfg.steps, tcfg.log_every))
+        print(f"[{name}] {tcfg.workers} workers x batch {tcfg.batch_size}, {tcfg.steps} steps on "
+              f"{tcfg.data}, model {tcfg.model.image_model}@{tcfg.model.image_size}px, "
+              f"checkpoints in {tcfg.resolved_storage()}", flush=True)
+        summary = train_run(tcfg, step_hook=StepPrinter(tcfg.steps, tcfg.log_every, name))
         rec["summary"] = summary
-        print(f"[train] step {summary['step']}, final loss {summary['final_loss']}, "
+        print(f"[{name}] step {summary['step']}, final loss {summary['final_loss']}, "
               f"temperature {summary['temperature']}, model -> {summary['model_dir']}", flush=True)
         return summary
 
