@@ -58,6 +58,31 @@ def init(address: str | None = None, **kwargs) -> None:
             os.environ["HOME"] = real
 
 
+def read_parquet(paths, **kwargs) -> "ray.data.Dataset":
+    """``ray.data.read_parquet`` through Ray Data's V1 Parquet datasource (one read task per
+    file fragment, planned on the driver), unless ``RAY_DATA_USE_DATASOURCE_V2`` is set.
+
+    Why: Ray 2.60's default V2 datasource plans every read as ListFiles -> ReadFiles, and its
+    ListFiles task spends about two seconds of wall time with almost no CPU (Ray Data's own
+    per-operator stats), on every read, however small.  Our stages read parquet several times
+    each (the tokenizer pass, validation, index, filter, semdedup), so that latency is a large
+    part of a short command and of the test suite.  BENCHMARKS.md "Parquet reads: Ray Data's
+    V1 and V2 datasources" has the measurement.  Both read the same rows; V1 keeps file
+    order under ``preserve_order``; V2's extras (``ignore_missing_paths``, ``skip_paths``) are
+    not used here.
+    """
+    import ray.data
+
+    if "RAY_DATA_USE_DATASOURCE_V2" in os.environ:   # the user's explicit choice
+        return ray.data.read_parquet(paths, **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    was, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    try:   # read_parquet picks the datasource when it builds the plan
+        return ray.data.read_parquet(paths, **kwargs)
+    finally:
+        ctx.use_datasource_v2 = was
+
+
 def started_here() -> bool:
     """True when this process started the Ray cluster it is connected to (a local start), so
     that shutting down ends the cluster rather than only disconnecting from it."""

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
-from align_ray import storage, watchdog
+from align_ray import ray_env, storage, watchdog
 from align_ray.data.errors import InputError
 from align_ray.filter import plan as plan_lib
 from align_ray.filter import report as report_lib
@@ -73,7 +73,7 @@ def read_rows(src: Layout, shards: list[dict],
         raise InputError(f"{src.uri} has no {plan_lib.SCORE_COL} column, which score_min / "
                          "score_keep_fraction need: run `align-ray score` on it first")
     index = {m["shard"]: i for i, m in enumerate(shards)}
-    ds = ray.data.read_parquet(files, filesystem=src.fs, columns=columns, include_paths=True)
+    ds = ray_env.read_parquet(files, filesystem=src.fs, columns=columns, include_paths=True)
     return ds.map_batches(_with_shard, fn_kwargs={"index": index}, batch_format="pyarrow",
                           batch_size=None)
 

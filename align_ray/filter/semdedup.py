@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
+from align_ray import ray_env
 from align_ray.data.errors import InputError
 from align_ray.filter.config import FilterConfig
 from align_ray.filter.shuffle import Agg, aggregate, join, map_groups, partition_ids
@@ -194,8 +195,8 @@ def size_summary(sizes: list[int], k: int) -> dict:
 def apply(src: Layout, shards: list[dict], verdicts: ray.data.Dataset, cfg: FilterConfig,
           npart: int) -> tuple[ray.data.Dataset, dict]:
     """The verdicts with SemDeDup's drops added, and the report's summary."""
-    emb = ray.data.read_parquet(_files(src, shards), filesystem=src.fs,
-                                columns=["key", SCORE_COL, EMB_COL]).map_batches(
+    emb = ray_env.read_parquet(_files(src, shards), filesystem=src.fs,
+                               columns=["key", SCORE_COL, EMB_COL]).map_batches(
         _as_key_id, batch_format="pyarrow", batch_size=None)
     live = join(emb, verdicts.select_columns(["key_id", "reason"]), ["key_id"], "inner", npart,
                 right_where=pc.field("reason").is_null(), drop=["reason"])

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from align_ray import batch_embed, layout, storage, watchdog
+from align_ray import batch_embed, layout, ray_env, storage, watchdog
 from align_ray.batch_embed import pool_size
 from align_ray.serve import ann, store
 from align_ray.serve.config import IndexConfig
@@ -123,7 +123,7 @@ def build(cfg: IndexConfig) -> dict[str, Any]:
     ctx.execution_options.preserve_order = True   # ids follow corpus order
     watchdog.install("index", cfg.stall_timeout_s)
     actors, actor_cpus = pool_size(cfg)
-    ds = ray.data.read_parquet(files, filesystem=fs, columns=[image_col, cfg.text_col, *extra])
+    ds = ray_env.read_parquet(files, filesystem=fs, columns=[image_col, cfg.text_col, *extra])
     if len(files) < 2 * actors:   # few files: cut them into batch-sized blocks, so
         ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)  # every actor gets work
     if cfg.limit:

@@ -67,7 +67,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import ray
 
-from align_ray import layout
+from align_ray import layout, ray_env
 from align_ray.model.tokenizer import load_tokenizer, train_wordpiece
 from align_ray.model.transforms import decode_rgb, eval_transform, train_transform
 from align_ray.model.transforms import image_norm  # noqa: F401 - loop.py's Normalize imports it here
@@ -169,7 +169,7 @@ def iter_texts(paths: list[str], text_col: str, selection: Selection,
     """Captions of the selected rows, streamed (only the text and split columns are read)."""
     fs, files = resolve_inputs(paths)
     cols = list(dict.fromkeys([text_col, *selection.columns()]))
-    ds = ray.data.read_parquet(files, filesystem=fs, columns=cols)
+    ds = ray_env.read_parquet(files, filesystem=fs, columns=cols)
     for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
         texts = [t if isinstance(t, str) else "" for t in batch[text_col]]
         split = batch[selection.split_col] if selection.split_col else None
@@ -739,7 +739,7 @@ def build_dataset(cfg, paths: list[str], selection: Selection, *, train: bool = 
                                      counter=counter, with_match=with_match)
     cols = list(dict.fromkeys([cfg.image_col, cfg.text_col, *selection.columns(),
                                *([kwargs["match_col"]] if kwargs["match_col"] else [])]))
-    ds = ray.data.read_parquet(files, filesystem=fs, columns=cols)
+    ds = ray_env.read_parquet(files, filesystem=fs, columns=cols)
     return ds.map_batches(
         preprocess_nonempty, fn_kwargs=dict(cache_key=key, **kwargs),
         batch_size=cfg.data_batch_size, batch_format="numpy",
