@@ -244,7 +244,10 @@ def reference(spec: str, images: list[Image.Image], texts: list[str]) -> tuple[n
 _BUILT: dict[str, str] = {}
 
 
-@pytest.fixture(scope="session", params=EMBED_KINDS)
+# Module scope, with the session-wide cache above: a session-scoped parametrized fixture makes
+# pytest regroup the whole session by its parameter, interleaving tests/model with tests/serve,
+# and the serve package's app was then torn down and deployed again for every model kind.
+@pytest.fixture(scope="module", params=EMBED_KINDS)
 def external_spec(request, tmp_path_factory) -> str:
     """``--model`` value of each tiny published model (built once per session)."""
     kind = request.param
