@@ -59,3 +59,27 @@ def test_a_stage_is_sampled_the_moment_it_starts(ray_cluster):
     per = tl.per_stage()
     assert per["data"]["samples"] == per["filter"]["samples"] == 1
     assert per["data"]["alive_min"] >= 1
+
+
+def test_a_short_stage_is_sampled_densely_from_its_start(ray_cluster):
+    """A stage shorter than the steady interval (60 s here) is still seen busy: its first
+    ``burst_s`` are sampled every ``burst_interval_s`` (a smoke run's filter stage fell between
+    two 2 s samples and seemed to have used no node)."""
+    ray = ray_cluster
+
+    @ray.remote(num_cpus=1)
+    def work(s: float) -> None:
+        time.sleep(s)
+
+    tl = NodeTimeline(interval_s=60, burst_interval_s=0.1, burst_s=5).start()
+    time.sleep(0.3)                       # the loop now waits out its 60 s interval
+    tl.enter("prep")                      # nothing runs yet: enter's own sample sees no work
+    ref = work.remote(1.0)
+    ray.get(ref)
+    tl.enter("")
+    n = len(tl.rows)
+    time.sleep(0.5)                       # between stages: no burst, the steady interval again
+    tl.stop()
+    per = tl.per_stage()
+    assert per["prep"]["busy_nodes"] == 1 and per["prep"]["samples"] >= 5, per
+    assert len(tl.rows) - n <= 1          # the loop's one wake-up sample, then its 60 s wait
