@@ -256,11 +256,14 @@ def _run_index(args: argparse.Namespace) -> int:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from align_ray.serve import app
+    from align_ray.serve import ingress
     from align_ray.serve.config import ServeConfig
 
     try:
         cfg = _load(ServeConfig, args)
+        ingress.prepare(cfg.ingress, args.ray_address)   # before ray.serve is imported
+        from align_ray.serve import app
+
         app.check_paths(cfg)
     except (ValueError, FileNotFoundError, OSError) as e:
         return _error("serve", e)

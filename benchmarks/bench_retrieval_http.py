@@ -5,6 +5,11 @@
 
     .venv/bin/python benchmarks/bench_retrieval_http.py --json benchmarks/results/retrieval-http-DATE.json
 
+``--ingress proxy haproxy`` compares Serve's two HTTP ingresses (align_ray/serve/ingress.py):
+the Python proxy (Ray's default) and HAProxy.  Ray reads that choice when its processes start,
+so each (round, ingress) runs in a child process of this script with a Ray of its own, the
+ingresses alternating within a round; the index is built once and shared (``--work``).
+
 What runs, per round (``--rounds``, the backends alternating so a noisy box loads both alike):
 
 1. Serve the index with ``backend: auto`` (the stored IVF index, memory-mapped, at its tuned
@@ -124,7 +129,8 @@ def run_backend(backend: str, model: str, index: Path, queries: np.ndarray, trut
     from bench_serve import texts
 
     cfg = ServeConfig.from_dict(dict(model=model, index=str(index), port=args.port,
-                                     backend=backend, app_name="bench-http", index_name="bench"))
+                                     backend=backend, app_name="bench-http", index_name="bench",
+                                     ingress=args.ingress[0]))
     t0 = time.perf_counter()
     base = app.start(cfg)
     deadline = time.monotonic() + 300
@@ -136,7 +142,8 @@ def run_backend(backend: str, model: str, index: Path, queries: np.ndarray, trut
             pass
         assert time.monotonic() < deadline, "the app did not become healthy"
         time.sleep(1)
-    out: dict = {"backend": backend, "deploy_s": round(time.perf_counter() - t0, 1)}
+    out: dict = {"backend": backend, "ingress": cfg.ingress,
+                 "deploy_s": round(time.perf_counter() - t0, 1)}
     qs = [q.tolist() for q in queries]
     words = texts(np.random.default_rng(3), 512)
 
@@ -167,6 +174,59 @@ def run_backend(backend: str, model: str, index: Path, queries: np.ndarray, trut
     return out
 
 
+def medians(runs: list[dict]) -> dict:
+    """Per (ingress, backend, endpoint cell): the median of each figure over the rounds."""
+    summary: dict = {}
+    for group in sorted({(x["ingress"], x["backend"]) for x in runs}):
+        mine = [x for x in runs if (x["ingress"], x["backend"]) == group]
+        for key in mine[0]:
+            if not isinstance(mine[0][key], dict):
+                continue
+            name = "/".join(group) + "/" + key
+            summary[name] = {
+                m: round(statistics.median(x[key][m] for x in mine), 4 if "recall" in m else 1)
+                for m in ("qps", "p50_ms", "p99_ms", "recall_at_10", "server_cpu_ms_per_request",
+                          "client_cpu_ms_per_request") if m in mine[0][key]}
+            summary[name]["errors"] = sum(x[key]["errors"] for x in mine)
+    return summary
+
+
+def compare_ingresses(args) -> int:
+    """One child run of this script per (round, ingress), the ingresses alternating; the first
+    child builds the index into ``--work``, the others reuse it."""
+    import subprocess
+
+    from _bench_common import machine
+
+    t_all = time.perf_counter()
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-http-", dir="/tmp"))
+    result: dict = {"command": " ".join(sys.argv), "machine": machine(), "n": args.n,
+                    "dim": args.dim, "load_avg_start": os.getloadavg()}
+    runs: list[dict] = []
+    for r in range(args.rounds):
+        for ing in args.ingress if r % 2 == 0 else list(reversed(args.ingress)):
+            out = work.parent / f"{work.name}-{r}-{ing}.json"
+            cmd = [sys.executable, __file__, "--n", str(args.n), "--dim", str(args.dim),
+                   "--queries", str(args.queries), "--kind", args.kind, "--seconds",
+                   str(args.seconds), "--concurrency", *map(str, args.concurrency), "--rounds", "1",
+                   "--backends", *args.backends, "--ingress", ing, "--work", str(work),
+                   "--json", str(out)]
+            subprocess.run(cmd, check=True)
+            child = json.loads(out.read_text())
+            result.setdefault("ann", child["ann"])
+            if "build_both_modalities_s" in child:
+                result["build_both_modalities_s"] = child["build_both_modalities_s"]
+            runs += [{**x, "round": r} for x in child["runs"]]
+    result["runs"] = runs
+    result["median_over_rounds"] = summary = medians(runs)
+    result["load_avg_end"] = os.getloadavg()
+    result["total_s"] = round(time.perf_counter() - t_all, 1)
+    result["work"] = str(work)
+    Path(args.json).write_text(json.dumps(result, indent=1))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=1_000_000)
@@ -177,10 +237,17 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--backends", nargs="+", default=["auto", "exact"])
+    p.add_argument("--ingress", nargs="+", default=["proxy"], choices=["proxy", "haproxy"],
+                   help="Serve's HTTP ingress(es); several: one child process per round and ingress")
     p.add_argument("--work", help="reuse an index dir built by an earlier run")
     p.add_argument("--json", required=True)
     args = p.parse_args()
+    if len(args.ingress) > 1:
+        return compare_ingresses(args)
 
+    from align_ray.serve import ingress
+
+    ingress.prepare(args.ingress[0], "local")    # before ray.serve is imported
     import ray
 
     from _bench_common import machine
@@ -222,23 +289,12 @@ def main() -> int:
             runs.append({"round": r, **run_backend(backend, str(work / "model"), work,
                                                    queries, truth, args)})
     result["runs"] = runs
-    summary: dict = {}
-    for backend in args.backends:
-        mine = [x for x in runs if x["backend"] == backend]
-        for key in mine[0]:
-            if not isinstance(mine[0][key], dict):
-                continue
-            summary[f"{backend}/{key}"] = {
-                m: round(statistics.median(x[key][m] for x in mine), 4 if "recall" in m else 1)
-                for m in ("qps", "p50_ms", "p99_ms", "recall_at_10", "server_cpu_ms_per_request",
-                          "client_cpu_ms_per_request") if m in mine[0][key]}
-            summary[f"{backend}/{key}"]["errors"] = sum(x[key]["errors"] for x in mine)
-    result["median_over_rounds"] = summary
+    result["median_over_rounds"] = medians(runs)
     result["load_avg_end"] = os.getloadavg()
     result["total_s"] = round(time.perf_counter() - t_all, 1)
     result["work"] = str(work)
     Path(args.json).write_text(json.dumps(result, indent=1))
-    print(json.dumps(summary, indent=1))
+    print(json.dumps(result["median_over_rounds"], indent=1))
     return 0
 
 

@@ -68,6 +68,11 @@ def build_app(cfg: ServeConfig) -> Application:
     encoder's own autoscaling, resources and batching; ``shards``: ``index_shards`` IndexShard
     deployments when > 1, each autoscaled on its own.  The indexes go in the Router's
     ``user_config`` (hot-swappable)."""
+    from align_ray.serve import ingress
+
+    # the cluster's environment chose the ingress (ingress.py); here, in the driver or, under
+    # `serve deploy`, in Serve's controller, that environment is the cluster's
+    ingress.check(cfg.ingress)
     cfg.model, cfg.index = _model_spec(cfg.model), _abs(cfg.index)
     cfg.indexes = {name: _abs(path) for name, path in cfg.indexes.items()}
     img = ImageEncoder.options(**_encoder_options(cfg.image_encoder)).bind(

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from align_ray import config as config_lib
+from align_ray.serve.ingress import INGRESSES
 
 # auto: the tuned ANN index the index dir holds, else exact; exact: normalised dot product in
 # NumPy; faiss: a faiss index built at load time from faiss_factory
@@ -184,6 +185,9 @@ class ServeConfig:
     # balancer), HeadOnly (one proxy; also the choice when several "nodes" share one host and
     # so one port, as in tests/multinode) or Disabled (DeploymentHandle callers only)
     proxy_location: str = field(default="EveryNode", metadata={"choices": PROXY_LOCATIONS})
+    # proxy: Serve's Python proxy (Ray's default); haproxy: Ray Serve's HAProxy ingress, no
+    # Python hop before the Router (a property of the Ray cluster: serve/ingress.py)
+    ingress: str = field(default="proxy", metadata={"choices": INGRESSES})
     app_name: str = "align"
     route_prefix: str = "/"
     backend: str = field(default="auto", metadata={"choices": BACKENDS})
@@ -207,6 +211,8 @@ class ServeConfig:
         self.text_encoder.validate("text_encoder")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.ingress not in INGRESSES:
+            raise ValueError(f"ingress must be one of {INGRESSES}, got {self.ingress!r}")
         if self.proxy_location not in PROXY_LOCATIONS:
             raise ValueError(f"proxy_location must be one of {PROXY_LOCATIONS}, got "
                              f"{self.proxy_location!r}")
