@@ -35,6 +35,11 @@ def sandbox_home(real_home: str) -> str:
     return str(sandbox)
 
 
+def starts_local(address: str | None) -> bool:
+    """Whether ``ray.init(address)`` here starts a new local cluster instead of joining one."""
+    return address == "local" or (address is None and not os.environ.get("RAY_ADDRESS"))
+
+
 def init(address: str | None = None, **kwargs) -> None:
     """Join/start Ray unless already initialised.
 
@@ -48,8 +53,7 @@ def init(address: str | None = None, **kwargs) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     kwargs.setdefault("logging_level", "WARNING")
     real = os.environ.get("HOME", "")
-    starts_local = address in (None, "local") and not os.environ.get("RAY_ADDRESS")
-    if starts_local and not Path(real or "/nonexistent", "ray_bootstrap_config.yaml").exists():
+    if starts_local(address) and not Path(real or "/nonexistent", "ray_bootstrap_config.yaml").exists():
         os.environ["HOME"] = sandbox_home(real)
     try:
         ray.init(address=address, **kwargs)

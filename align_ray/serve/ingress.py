@@ -21,8 +21,10 @@ BENCHMARKS.md "Retrieval over HTTP" measures both ingresses side by side.
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
+import shutil
 import sys
 import tempfile
 
@@ -59,13 +61,15 @@ def prepare(ingress: str, address: str | None) -> None:
     """Before Ray starts or is joined, and before ``ray.serve`` is imported here (Serve reads
     the flag at import): make ``ingress`` take effect on a local Ray this process will start,
     else :func:`check` it."""
-    starts_local = address == "local" or (address is None and not os.environ.get("RAY_ADDRESS"))
-    if ingress != "haproxy" or not starts_local or os.environ.get(HAPROXY_FLAG) == "1":
+    from align_ray.ray_env import starts_local
+
+    if ingress != "haproxy" or not starts_local(address) or os.environ.get(HAPROXY_FLAG) == "1":
         check(ingress)
         return
     if "ray.serve" in sys.modules:
         raise RuntimeError("ingress.prepare must run before ray.serve is imported")
     run_dir = tempfile.mkdtemp(prefix="align-haproxy-")
+    atexit.register(shutil.rmtree, run_dir, ignore_errors=True)   # HAProxy has stopped by then
     os.environ[HAPROXY_FLAG] = "1"
     for name, leaf in _HAPROXY_PATHS.items():
         os.environ.setdefault(name, os.path.join(run_dir, leaf) if leaf else run_dir)
