@@ -40,9 +40,7 @@ _HAPROXY_PATHS = {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
 
 def check(ingress: str) -> None:
     """Raise ValueError, saying what to set, unless this process's environment (a job's
-    driver inherits its cluster's) asks Serve for ``ingress``."""
-    if ingress not in INGRESSES:
-        raise ValueError(f"ingress must be one of {INGRESSES}, got {ingress!r}")
+    driver inherits its cluster's) asks Serve for ``ingress`` (a value ServeConfig validated)."""
     flag = os.environ.get(HAPROXY_FLAG) == "1"
     if ingress == "proxy" and flag:
         raise ValueError(f"{HAPROXY_FLAG}=1 is set here, so Serve would start HAProxy: "
