@@ -27,6 +27,13 @@ Two rules, both found by killing worker nodes under a running ``align-ray train`
   took a minute longer than it needed.  A group sized from ready resources is placed in well
   under a second when the view is right, so a short attempt loses nothing; the whole bound
   stays ``ALIGN_RAY_TRAIN_START_TIMEOUT_S``.
+
+* **The controller looks often.**  Ray Train's controller learns that the worker group finished,
+  failed or lost a worker only when it next polls the workers, every
+  ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (Ray's default 2 s).  :func:`controller_polls` makes
+  that 0.5 s unless the user set it: a finished run returns sooner and a dead worker is
+  noticed sooner, for one small actor call per worker per poll (BENCHMARKS.md, "Ray Train's
+  poll interval").
 """
 
 from __future__ import annotations
@@ -48,7 +55,9 @@ START_TIMEOUT_ENV = "ALIGN_RAY_TRAIN_START_TIMEOUT_S"
 DEFAULT_START_TIMEOUT_S = 600.0
 RAY_TRY_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train's wait per attempt
 RAY_TRY_DEFAULT_S = 60.0
-ELASTIC_TRY_S = 15.0  # the per-attempt wait of an elastic run (module doc)
+ELASTIC_TRY_S = 5.0  # the per-attempt wait of an elastic run (module doc)
+POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # Ray Train's controller poll interval
+POLL_S = 0.5
 _set_here: str | None = None  # the per-attempt wait this module put in the environment
 
 
@@ -99,6 +108,13 @@ def failure_config(max_failures: int, timeout_s: float | None = None,
         os.environ[RAY_TRY_ENV] = _set_here = f"{per_try:g}"
     limit = max(1, math.ceil(timeout_s / per_try) - 1)
     return ray.train.FailureConfig(max_failures=max_failures, controller_failure_limit=limit)
+
+
+def controller_polls() -> None:
+    """Ray Train's controller polls the workers every :data:`POLL_S` (module doc), unless the
+    user set ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``.  Set in this process's environment, which
+    Ray Train copies to its controller actor."""
+    os.environ.setdefault(POLL_ENV, f"{POLL_S:g}")
 
 
 def _is_start_timeout(e: BaseException) -> bool:

@@ -120,6 +120,7 @@ def build_trainer(cfg: TrainConfig, datasets: dict, vocab_size: int,
         fs_kwargs = {"storage_path": path, "storage_filesystem": fs}
     else:
         fs_kwargs = {"storage_path": uri}
+    resilience.controller_polls()
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "vocab_size": vocab_size, "has_val": "val" in datasets,

@@ -200,7 +200,7 @@ def test_too_few_nodes_left_fails_clearly(cluster, small_parquet, tmp_path):
     fit, and ``align-ray train`` exits 3 with what it waits for instead of waiting for ever."""
     ensure(cluster, cpu_worker=1, gpu_train=2)
     out, log = tmp_path / "run", tmp_path / "train.log"
-    timeout_s = 20
+    timeout_s = 10
     proc = _start(["-m", "align_ray.cli", "train", "--data", small_parquet, "--image-col",
                    "image", "--text-col", "alt_text", "--output", str(out), "--workers", "2",
                    "--cpus-per-worker", "1", "--data-workers", "1", "--data-cpus", "0.5",

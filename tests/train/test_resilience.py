@@ -37,6 +37,21 @@ def test_a_users_own_per_attempt_wait_is_kept(monkeypatch):
     assert fc.controller_failure_limit == 5
 
 
+def test_the_controller_polls_every_half_second_unless_the_user_says_otherwise(monkeypatch):
+    from ray.train.v2._internal import constants
+
+    # Ray Train copies the variable from the driver to its controller actor only if it is in
+    # this set; a rename in Ray would silently bring back the 2 s default
+    assert resilience.POLL_ENV == constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR
+    assert resilience.POLL_ENV in constants.ENV_VARS_TO_PROPAGATE
+    monkeypatch.delenv(resilience.POLL_ENV, raising=False)
+    resilience.controller_polls()
+    assert float(resilience.os.environ[resilience.POLL_ENV]) == 0.5
+    monkeypatch.setenv(resilience.POLL_ENV, "3")
+    resilience.controller_polls()
+    assert resilience.os.environ[resilience.POLL_ENV] == "3"
+
+
 def test_only_a_start_timeout_becomes_train_stalled():
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
     from ray.train.v2.api.exceptions import ControllerError
