@@ -99,7 +99,7 @@ class LocalCluster:
 
     # -- starting ---------------------------------------------------------------------------
 
-    def _start(self, name: str, typ: str, args: list[str]) -> Node:
+    def _start(self, name: str, typ: str, args: list[str], retried: bool = False) -> Node:
         env = self.env
         if self.private_disks:   # short paths: Ray's unix socket paths must stay < 108 chars
             node = Node(name, typ, self.root / "p" / name)
@@ -130,7 +130,16 @@ class LocalCluster:
         self.nodes.append(node)
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
-            raise RuntimeError(f"ray start for {name} failed:\n{proc.stdout}\n{proc.stderr}")
+            failure = f"ray start for {name} failed:\n{proc.stdout}\n{proc.stderr}"
+            if typ == "head" or retried:
+                raise RuntimeError(failure)
+            # `ray start` gives a raylet 30 s (fixed in Ray) to register; on a box loaded by a
+            # second test process that was seen to run out once.  The half-started node is
+            # killed like a crashed one and a fresh node of the same type takes its place.
+            print(f"{failure.splitlines()[0]} ({failure.strip().splitlines()[-1][:200]}); "
+                  "starting a new node instead", flush=True)
+            self.kill(node)
+            return self.add(typ, retried=True)
         node.raylet_pid = self._raylet_pid(node)
         node.procs.update(self._tree(node))
         return node
@@ -150,10 +159,10 @@ class LocalCluster:
         self.address = f"{_node_ip()}:{self.port}"
         return head
 
-    def add(self, typ: str) -> Node:
+    def add(self, typ: str, retried: bool = False) -> Node:
         """Start one more worker node of ``typ`` (also the replacement for a lost one)."""
         n = sum(1 for x in self.nodes if x.type == typ) + 1
-        return self._start(f"{typ}-{n}", typ, [f"--address={self.address}"])
+        return self._start(f"{typ}-{n}", typ, [f"--address={self.address}"], retried)
 
     def _raylet_pid(self, node: Node) -> int:
         for p in psutil.process_iter(["pid", "name", "cmdline"]):
