@@ -1,6 +1,6 @@
 """What keeps a training run alive, or makes it fail clearly, when cluster nodes die.
 
-Two rules, both found by killing worker nodes under a running ``align-ray train`` (issue 15):
+Three rules, found by killing worker nodes under a running ``align-ray train`` (issue 15):
 
 * **Side actors live and die with the driver.**  A helper actor (the bad-image counter) placed
   wherever Ray likes can land on a worker node; when that node died, Ray Train restored the
@@ -26,7 +26,9 @@ Two rules, both found by killing worker nodes under a running ``align-ray train`
   then asks for a group that can never be placed, and with Ray's 60 s per attempt the shrink
   took a minute longer than it needed.  A group sized from ready resources is placed in well
   under a second when the view is right, so a short attempt loses nothing; the whole bound
-  stays ``ALIGN_RAY_TRAIN_START_TIMEOUT_S``.
+  stays ``ALIGN_RAY_TRAIN_START_TIMEOUT_S``.  The view comes from Ray Data's autoscaling
+  coordinator, which refreshes it every 20 s (a constant in Ray 2.60): attempts shorter than
+  that only bound how long after the refresh the right-sized group is asked for.
 
 * **The controller looks often.**  Ray Train's controller learns that the worker group finished,
   failed or lost a worker only when it next polls the workers, every
