@@ -20,6 +20,20 @@ REPO = Path(__file__).resolve().parents[1]
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
+def shared_dir() -> Path:
+    """The read-only shared folder, found as the tests find it (tests/conftest.py):
+    $ALIGN_RAY_SHARED, or a ``shared/`` inside or next to the checkout, or /work/shared."""
+    env = os.environ.get("ALIGN_RAY_SHARED")
+    for cand in ([Path(env)] if env else []) + [REPO / "shared", REPO.parent / "shared",
+                                                Path("/work/shared")]:
+        if (cand / "data").is_dir():
+            return cand
+    return REPO.parent / "shared"
+
+
+DEV_SET = shared_dir() / "data" / "emoji_noto_dev.parquet"   # the shared image-text dev set
+
+
 # --------------------------------------------------------------------------- environment
 def prepare_env(workdir: Path) -> dict[str, str]:
     """Set (in os.environ, before Ray is imported) and return the environment for all runs.

@@ -25,7 +25,7 @@ from align_ray.filter import balance
 from align_ray.filter.rules import tokens
 
 REPO = Path(__file__).resolve().parents[1]
-DEV = REPO.parent / "shared" / "data" / "emoji_noto_dev.parquet"
+from _bench_common import DEV_SET as DEV  # noqa: E402
 
 
 def main() -> None:

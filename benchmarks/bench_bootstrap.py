@@ -55,9 +55,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from _bench_common import machine, prepare_env  # noqa: E402
+from _bench_common import DEV_SET as DEV, machine, prepare_env  # noqa: E402
 
-DEV = REPO.parent / "shared/data/emoji_noto_dev.parquet"
 GENERIC = [  # web alt-texts that describe no particular picture (3-6 tokens each)
     "free emoji icon download", "emoji png transparent background", "cute sticker pack set",
     "click here to see more", "image may contain text", "vector illustration flat style",

@@ -28,7 +28,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-DEV = REPO.parent / "shared/data/emoji_noto_dev.parquet"
+from _bench_common import DEV_SET as DEV  # noqa: E402
 
 
 def split_dev(data: str, files: int, out: Path) -> list[str]:

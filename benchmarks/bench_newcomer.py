@@ -26,7 +26,7 @@ from pathlib import Path
 import requests
 
 REPO = Path(__file__).resolve().parents[1]
-DEV = Path(os.environ.get("ALIGN_RAY_SHARED", REPO.parent / "shared")) / "data" / "emoji_noto_dev.parquet"
+from _bench_common import DEV_SET as DEV  # noqa: E402
 
 
 def _cli(*args: str, cwd: Path, timeout: float) -> float:

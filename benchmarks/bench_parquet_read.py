@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEV = Path(os.environ.get("ALIGN_RAY_SHARED", "/work/shared"), "data", "emoji_noto_dev.parquet")
+from _bench_common import DEV_SET as DEV  # noqa: E402
 
 
 def read_rounds(rounds: int, path: str) -> list[dict]:

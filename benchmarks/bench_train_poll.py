@@ -23,9 +23,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import REPO, CpuSampler, machine, prepare_env, settle, write_json  # noqa: E402
-
-DEV_SET = REPO.parent / "shared" / "data" / "emoji_noto_dev.parquet"
+from _bench_common import (DEV_SET, REPO, CpuSampler, machine, prepare_env,  # noqa: E402
+                           settle, write_json)
 SETTINGS = ("2", "0.5")
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-DEV = REPO.parent / "shared/data/emoji_noto_dev.parquet"
+from _bench_common import DEV_SET as DEV  # noqa: E402
 
 
 def main() -> None:
