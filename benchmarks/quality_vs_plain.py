@@ -34,7 +34,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-DEV = REPO.parent / "shared/data/emoji_noto_dev.parquet"
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _bench_common import DEV_SET as DEV  # noqa: E402
 KS = (1, 5, 10)
 
 
@@ -183,16 +184,27 @@ def plain_run(args, seed: int) -> dict:
             win = []
     train_s = time.perf_counter() - t0
     model.eval()
-    vimgs, vtexts, vconcepts = load_split(args.data, "val", args.text_col)
-    with torch.no_grad():
-        vx = (torch.from_numpy(decode(vimgs, 64)).float() / 255 - mean) / std
-        venc = tok(vtexts, padding=True, truncation=True, max_length=64, return_tensors="pt",
-                   return_token_type_ids=False)
-        ie = model.encode_image(vx).numpy()
-        te = model.encode_text(venc["input_ids"], venc["attention_mask"]).numpy()
     from align_ray.train.evaluate import retrieval_metrics
 
-    return {"curve": curve, "train_s": train_s, "eval": retrieval_metrics(ie, te, vconcepts)}
+    def score(path: str, split: str) -> dict:
+        vimgs, vtexts, vconcepts = load_split(path, split, args.text_col)
+        with torch.no_grad():
+            vx = (torch.from_numpy(decode(vimgs, 64)).float() / 255 - mean) / std
+            venc = tok(vtexts, padding=True, truncation=True, max_length=64, return_tensors="pt",
+                       return_token_type_ids=False)
+            ie = model.encode_image(vx).numpy()
+            te = model.encode_text(venc["input_ids"], venc["attention_mask"]).numpy()
+        return retrieval_metrics(ie, te, vconcepts)
+
+    return {"curve": curve, "train_s": train_s, "eval": score(args.data, "val"),
+            "renderings": renderings(args, score)}
+
+
+def renderings(args, score) -> dict:
+    """Retrieval on the same concepts drawn by other artists (other_renderings.py): the val
+    concepts (unseen concepts, unseen style) and the train concepts (seen concepts, unseen style)."""
+    return {Path(p).stem: {split: score(p, split) for split in ("val", "train")}
+            for p in args.renderings}
 
 
 def align_ray_run(args, seed: int, out: Path) -> dict:
@@ -216,13 +228,15 @@ def align_ray_run(args, seed: int, out: Path) -> dict:
     wall = time.perf_counter() - t0
     from align_ray.train.eval_parquet import EvalConfig, evaluate
 
-    ev = evaluate(EvalConfig(model=str(run_dir / "model"), data=[args.data], image_col="image",
-                             text_col=args.text_col, match_col="concept", split_col="dev_split",
-                             split="val"))
+    def score(path: str, split: str) -> dict:
+        return evaluate(EvalConfig(model=str(run_dir / "model"), data=[path], image_col="image",
+                                   text_col=args.text_col, match_col="concept",
+                                   split_col="dev_split", split=split))
     curve = [{"step": r["step"], "loss": r["loss"]}
              for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
              if "loss" in r]
-    return {"curve": curve, "wall_s": wall, "eval": ev, "run_dir": str(run_dir)}
+    return {"curve": curve, "wall_s": wall, "eval": score(args.data, "val"),
+            "renderings": renderings(args, score), "run_dir": str(run_dir)}
 
 
 def x_chance(ev: dict) -> dict:
@@ -231,8 +245,13 @@ def x_chance(ev: dict) -> dict:
 
 
 def median_x(runs: list[dict]) -> dict:
-    return {d: {f"R@{k}": float(np.median([r["x_chance"][d][f"R@{k}"] for r in runs])) for k in KS}
-            for d in ("image_to_text", "text_to_image")}
+    med = {d: {f"R@{k}": float(np.median([r["x_chance"][d][f"R@{k}"] for r in runs])) for k in KS}
+           for d in ("image_to_text", "text_to_image")}
+    for name in runs[0].get("renderings") or {}:
+        med[name] = {split: {d: {f"R@{k}": float(np.median(
+            [x_chance(r["renderings"][name][split])[d][f"R@{k}"] for r in runs])) for k in KS}
+            for d in ("image_to_text", "text_to_image")} for split in ("val", "train")}
+    return med
 
 
 def plot(result: dict, png: Path) -> None:
@@ -297,6 +316,9 @@ def main() -> None:
     ap.add_argument("--ar-flags", default="", help="extra align-ray train flags")
     ap.add_argument("--ar-set", nargs="*", default=[],
                     help="TrainConfig YAML lines for align-ray, e.g. 'grad_clip: 1.0'")
+    ap.add_argument("--renderings", nargs="*", default=[], metavar="PARQUET",
+                    help="also score on these sets of the same concepts in other art styles "
+                         "(benchmarks/other_renderings.py builds them), val and train splits")
     ap.add_argument("--only", choices=["plain", "align_ray"])
     ap.add_argument("--tag", default="", help="suffix of the results file name")
     ap.add_argument("--out", default="/tmp/quality-vs-plain")
@@ -314,6 +336,7 @@ def main() -> None:
                     "seeds": args.seeds, "plain_lr": args.lr, "plain_warmup": args.warmup,
                     "plain_bn_rows": args.plain_bn_rows, "plain_order": args.plain_order,
                     "ar_flags": args.ar_flags, "ar_set": args.ar_set, "tag": args.tag,
+                    "renderings": [Path(p).name for p in args.renderings],
                     "cpus": os.cpu_count()}
     for side in ("plain", "align_ray"):
         if args.only and side != args.only:
