@@ -19,7 +19,7 @@ import math
 from typing import Callable, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet
 STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -151,8 +151,13 @@ def train_transform(
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     flip: float = 0.5,
     seed: int | None = None,
+    jitter: float = 0.0,
+    gray: float = 0.0,
 ) -> Transform:
-    """Random resized crop (area ``scale``, aspect ``ratio``) + horizontal flip, as in ALIGN."""
+    """Random resized crop (area ``scale``, aspect ``ratio``) + horizontal flip, as in ALIGN, and
+    optionally colour jitter of strength ``jitter`` and grayscale with probability ``gray``
+    (:func:`recolour`).  With both at 0 no random number is drawn for them, so the crops and flips
+    of a seed are the same as without the option."""
     rng = np.random.default_rng(seed)
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
 
@@ -173,6 +178,32 @@ def train_transform(
         out = img.resize((size, size), Image.BICUBIC, box=crop_box(*img.size))
         if rng.random() < flip:
             out = out.transpose(Image.FLIP_LEFT_RIGHT)
+        if jitter > 0 or gray > 0:
+            out = recolour(out, rng, jitter, gray)
         return to_array(out, mean, std)
 
     return apply
+
+
+_ENHANCERS = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+
+
+def recolour(img: Image.Image, rng: np.random.Generator, jitter: float, gray: float) -> Image.Image:
+    """SimCLR-style colour augmentation: brightness, contrast and saturation factors drawn from
+    [1 - jitter, 1 + jitter] in a random order, a hue rotation of up to ``jitter / 8`` of the
+    circle; then grayscale with probability ``gray``.  Why: an image tower trained on one
+    artist's palette keys on colours; other artists draw the same concept in other colours.
+    The hue rotation is kept small (SimCLR's is twice as large) because captions often name
+    colours ("orange square", "green heart"): a rotated hue would contradict them, as a flip
+    contradicts "left"/"right"."""
+    if jitter > 0:
+        for i in rng.permutation(len(_ENHANCERS)):
+            img = _ENHANCERS[i](img).enhance(rng.uniform(max(0.0, 1 - jitter), 1 + jitter))
+        shift = int(round(rng.uniform(-jitter / 8, jitter / 8) * 256))
+        if shift:
+            hsv = np.asarray(img.convert("HSV")).copy()
+            hsv[..., 0] = (hsv[..., 0].astype(np.int16) + shift) % 256
+            img = Image.fromarray(hsv, "HSV").convert("RGB")
+    if gray > 0 and rng.random() < gray:
+        img = img.convert("L").convert("RGB")
+    return img

@@ -81,6 +81,10 @@ class TrainConfig:
         the crop's area range ((1, 1), the default: no random crop, the centre square) and the
         flip probability.  Set ``hflip: 0`` when captions name left and right (a flipped image
         then contradicts its caption).
+    color_jitter / grayscale: colour augmentation (not in ALIGN; off by default): brightness,
+        contrast and saturation factors in [1 - s, 1 + s] and a hue rotation of up to s/8 for
+        strength s, then grayscale with that probability (model/transforms.recolour).  Captions
+        that name colours argue for small values, as captions that name sides argue for hflip 0.
     init_from: fine-tune from a saved model instead of a fresh one: our own model dir, a
         Hugging Face save_pretrained dir of AlignModel/CLIPModel/SiglipModel, or
         open_clip:ARCH[:CHECKPOINT].  Keeps its architecture, tokenizer, image size/mean/std,
@@ -163,6 +167,8 @@ class TrainConfig:
     stream_epochs: int = 0
     crop_scale: tuple[float, float] = (1.0, 1.0)
     hflip: float = 0.5
+    color_jitter: float = 0.0
+    grayscale: float = 0.0
     max_image_pixels: int = 1 << 26
     model: ModelConfig = field(default_factory=ModelConfig.tiny)
     init_from: str | None = None
@@ -197,6 +203,10 @@ class TrainConfig:
             raise ValueError("crop_scale must be (low, high) with 0 < low <= high <= 1")
         if not 0.0 <= self.hflip <= 1.0:
             raise ValueError("hflip must be a probability in [0, 1]")
+        if not 0.0 <= self.color_jitter <= 1.0:
+            raise ValueError("color_jitter must be a strength in [0, 1]")
+        if not 0.0 <= self.grayscale <= 1.0:
+            raise ValueError("grayscale must be a probability in [0, 1]")
         if self.stream_epochs < 0:
             raise ValueError("stream_epochs must be >= 0 (0 = auto)")
         if self.warmup_steps < 0 or self.eval_every < 0 or self.max_failures < -1:

@@ -224,6 +224,7 @@ class Preprocess:
                  max_length: int, max_pixels: int, match_col: str | None = None,
                  with_match: bool = False, counter: str | None = None,
                  crop_scale: tuple[float, float] = (0.5, 1.0), hflip: float = 0.5,
+                 color_jitter: float = 0.0, grayscale: float = 0.0,
                  text_spec: str | None = None) -> None:
         self.image_col, self.text_col, self.selection = image_col, text_col, selection
         self.match_col, self.with_match, self.size = match_col, with_match, image_size
@@ -236,12 +237,12 @@ class Preprocess:
             self.text_tok = text_tokenizer(text_spec, max_length)
         # mean 0 / std 1/255 makes the transforms return the resized pixels as 0..255 floats
         ident = ((0.0, 0.0, 0.0), (1 / 255.0,) * 3)
-        self.transform = (train_transform(image_size, *ident, scale=tuple(crop_scale), flip=hflip)
-                          if train
+        aug = dict(scale=tuple(crop_scale), flip=hflip, jitter=color_jitter, gray=grayscale)
+        self.transform = (train_transform(image_size, *ident, **aug) if train
                           else eval_transform(image_size, *ident))
-        # training rows with an ``aug_seed`` (RankStream) get their own seeded crop/flip
-        self.seeded = (lambda s: train_transform(image_size, *ident, scale=tuple(crop_scale),
-                                                 flip=hflip, seed=s)) if train else None
+        # training rows with an ``aug_seed`` (RankStream) get their own seeded augmentation
+        self.seeded = (lambda s: train_transform(image_size, *ident, seed=s, **aug)) \
+            if train else None
         # validation rows decode like the Embedder that serves the model (JPEG DCT draft at the
         # model size), so train-time val metrics and served embeddings see the same pixels
         self.draft = None if train else image_size
@@ -605,7 +606,7 @@ def _preprocess_kwargs(cfg, selection: Selection, *, train: bool, tokenizer: dic
         tokenizer=tokenizer, max_length=cfg.model.max_length,
         max_pixels=cfg.max_image_pixels, match_col=match_col, with_match=with_match,
         counter=counter, crop_scale=tuple(cfg.crop_scale), hflip=cfg.hflip,
-        text_spec=_library_spec(cfg))
+        color_jitter=cfg.color_jitter, grayscale=cfg.grayscale, text_spec=_library_spec(cfg))
     key = hashlib.sha1(repr(sorted((k, v) for k, v in kwargs.items() if k != "tokenizer"))
                        .encode() + b"".join(tokenizer[k] for k in sorted(tokenizer))).hexdigest()
     return kwargs, key

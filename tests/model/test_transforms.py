@@ -83,6 +83,26 @@ def test_train_transform_random_crop_and_flip_reproducible():
     assert np.allclose(flip_only(sq), eval_transform(32)(sq)[:, :, ::-1], atol=1e-5)
 
 
+def test_colour_augmentation_off_keeps_crops_on_changes_colours_only(dev_rows):
+    img = decode_rgb(dev_rows["image"][0])
+    plain = train_transform(64, scale=(0.5, 1.0), seed=3)
+    off = train_transform(64, scale=(0.5, 1.0), seed=3, jitter=0.0, gray=0.0)
+    for _ in range(3):  # the option at 0 draws nothing: the same crops and flips, step by step
+        assert np.array_equal(plain(img), off(img))
+    ident = dict(mean=(0.0, 0.0, 0.0), std=(1 / 255,) * 3, scale=(1.0, 1.0), flip=0.0)
+    base = train_transform(64, **ident)(img)
+    gray = train_transform(64, seed=0, gray=1.0, **ident)(img)
+    assert np.allclose(gray[0], gray[1], atol=0.51) and np.allclose(gray[1], gray[2], atol=0.51)
+    assert not np.allclose(gray, base, atol=2)
+    jit = train_transform(64, seed=0, jitter=0.8, **ident)
+    outs = [jit(img) for _ in range(4)]
+    assert all(o.shape == base.shape and 0 <= o.min() and o.max() <= 255 for o in outs)
+    means = [tuple(o.reshape(3, -1).mean(1).round(1)) for o in outs]
+    assert len(set(means)) == 4 and all(m != tuple(base.reshape(3, -1).mean(1).round(1)) for m in means)
+    same_seed = [train_transform(64, seed=5, jitter=0.8, gray=0.5, **ident)(img) for _ in range(2)]
+    assert np.array_equal(*same_seed)
+
+
 def test_image_norm_edge_cases(monkeypatch):
     """One image_norm for train and serve: a grayscale or half-filled pretrained_cfg is taken
     whole or not at all (ImageNet then), explicit values win one by one, and must be RGB."""

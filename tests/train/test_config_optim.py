@@ -30,7 +30,10 @@ def test_defaults_learn_and_yaml_presets(tmp_path):
 
 @pytest.mark.parametrize("text,err", [("optimizer: sgd\n", "optimizer"), ("lossy: 1\n", "lossy"),
                                       ("model: {preset: huge}\n", "preset"),
-                                      ("model: {imagesize: 1}\n", "imagesize")])
+                                      ("model: {imagesize: 1}\n", "imagesize"),
+                                      ("hflip: 1.5\n", "hflip"),
+                                      ("color_jitter: -0.1\n", "color_jitter"),
+                                      ("grayscale: 2\n", "grayscale")])
 def test_bad_values_are_errors(tmp_path, text, err):
     y = tmp_path / "t.yaml"
     y.write_text(text)
