@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from align_ray.model.config import ModelConfig
 
 OPTIMIZERS = ("lamb", "adamw")
-SCHEDULES = ("linear", "cosine", "constant")
+SCHEDULES = ("linear", "cosine", "constant", "range_test")
 LOSSES = {"infonce": "clip", "clip": "clip", "siglip": "siglip"}
 
 
@@ -57,7 +57,9 @@ class TrainConfig:
         short runs on the dev set barely left chance with it, see BENCHMARKS.md).
         weight_decay (ALIGN 1e-5) skips biases, norms, the temperature and the SigLIP bias.
         schedule: "linear" (warm-up then linear decay to ``min_lr_ratio * lr``, ALIGN), "cosine" or
-        "constant" (after warm-up).
+        "constant" (after warm-up), or "range_test": the learning-rate range test (a short run
+        whose lr rises geometrically from ``min_lr_ratio * lr`` to ``lr``, logged every step;
+        the run writes lr_find.json/.png with a suggested lr, train/lr_find.py).
     Defaults are the short-run recipe of a plain PyTorch loop (issue 13, BENCHMARKS.md "Training
         quality"): AdamW lr 1e-3, warm-up 30 steps then linear decay, no gradient clipping
         (``grad_clip`` > 0 clips the global norm; from-scratch towers have gradient norms well
@@ -191,6 +193,11 @@ class TrainConfig:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.schedule == "range_test":
+            if not 0 < self.min_lr_ratio < 1:
+                raise ValueError("schedule range_test sweeps lr from min_lr_ratio * lr to lr: "
+                                 "min_lr_ratio must be in (0, 1), e.g. 1e-5 with lr 1")
+            self.log_every = 1  # the test reads the loss at every learning rate it tried
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be 'infonce' or 'siglip', got {self.loss!r}")
         for name in ("workers", "batch_size", "accum_steps", "steps", "checkpoint_every",

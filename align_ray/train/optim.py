@@ -39,7 +39,12 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
 
 
 def lr_factor(step: int, *, total: int, warmup: int, schedule: str, min_ratio: float = 0.0) -> float:
-    """Multiplier of the base lr for the update that follows ``step`` completed steps."""
+    """Multiplier of the base lr for the update that follows ``step`` completed steps.
+
+    ``range_test`` (the learning-rate range test, train/lr_find.py) has no warm-up: the factor
+    rises geometrically from ``min_ratio`` at the first step to 1 at the last."""
+    if schedule == "range_test":
+        return min_ratio ** (1.0 - min(1.0, step / max(1, total - 1)))
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":

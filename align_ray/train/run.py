@@ -33,7 +33,7 @@ from ray.train.torch import TorchTrainer
 from align_ray import storage
 from align_ray.model import finetune
 from align_ray.train import checkpoint as ckpt_lib
-from align_ray.train import ingest, resilience
+from align_ray.train import ingest, lr_find, resilience
 from align_ray.train.config import TrainConfig
 from align_ray.train.eval_parquet import EvalConfig, evaluate
 from align_ray.train.loop import train_loop_per_worker
@@ -227,6 +227,10 @@ def _run(cfg: TrainConfig, out: Path, *, step_hook, address, data_hook) -> dict[
     model_dir = finetune.save_model(model, cfg, tokenizer, str(out / "model"))
     (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
     curves = plot_curves(history, out / "curves.png")
+    found = lr_find.write(history, out) if cfg.schedule == "range_test" else None
+    if found:
+        log.info("train: range test: suggested lr %.3g (steepest descent), %.3g (min loss / 10)",
+                 found["suggested_lr"], found["min_loss_lr_div10"])
 
     final: dict[str, Any] = {}
     if val is not None:
@@ -246,6 +250,8 @@ def _run(cfg: TrainConfig, out: Path, *, step_hook, address, data_hook) -> dict[
         "metrics": str(out / "metrics.jsonl"), "curves": str(curves) if curves else None,
         "checkpoint": result.checkpoint.path,
     }
+    if found:
+        summary["lr_find"] = {k: v for k, v in found.items() if k != "curve"}
     (out / "eval.json").write_text(json.dumps(
         {**final, "step": state.step, "samples_seen": state.samples_seen}, indent=1))
     return summary
