@@ -7,7 +7,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-DEV = "/work/shared/data/emoji_noto_dev.parquet"
+from tests.conftest import DEV_SET
+
+DEV = str(DEV_SET)  # found as every test finds it ($ALIGN_RAY_SHARED, shared/ by the checkout)
 
 
 @pytest.fixture(scope="session")
