@@ -195,7 +195,9 @@ def recolour(img: Image.Image, rng: np.random.Generator, jitter: float, gray: fl
     artist's palette keys on colours; other artists draw the same concept in other colours.
     The hue rotation is kept small (SimCLR's is twice as large) because captions often name
     colours ("orange square", "green heart"): a rotated hue would contradict them, as a flip
-    contradicts "left"/"right"."""
+    contradicts "left"/"right".  Not torchvision's ColorJitter: it draws from torch's global
+    RNG, and a training row's augmentation must come from its own seed (``rng``) so a resumed
+    run replays the same pixels."""
     if jitter > 0:
         for i in rng.permutation(len(_ENHANCERS)):
             img = _ENHANCERS[i](img).enhance(rng.uniform(max(0.0, 1 - jitter), 1 + jitter))
