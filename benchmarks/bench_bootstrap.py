@@ -213,7 +213,7 @@ def auc(scored: Path, filtered: Path, label_col: str, is_bad) -> dict:
 
 def heldout(model: str, corpus: str, filtered: Path) -> dict:
     from align_ray.train.eval_parquet import EvalConfig, evaluate
-    from align_ray.train.ingest import Selection
+    from align_ray.train.selection import Selection
 
     if corpus == "dev":
         cfg = EvalConfig(model=model, data=[str(DEV)], image_col="image", text_col="alt_text",

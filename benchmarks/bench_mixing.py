@@ -69,13 +69,14 @@ def main() -> None:
     from _bench_common import write_json
     from align_ray.model import ModelConfig
     from align_ray.model.tokenizer import train_wordpiece
-    from align_ray.train import ingest
+    from align_ray.train import ingest, preprocess, selection
+    from align_ray.train.order import same_file_fraction, uniform_same_file_fraction
     from align_ray.train.config import TrainConfig
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-mixing-"))
     paths = split_dev(args.data, args.files, tmp)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    tok = ingest.tokenizer_files(train_wordpiece(["a grinning face"] * 10, 200, 16))
+    tok = preprocess.tokenizer_files(train_wordpiece(["a grinning face"] * 10, 200, 16))
     report: dict = {"data": args.data, "files": args.files, "batch_per_rank": args.batch_size,
                     "workers": args.workers, "runs": []}
     for window in args.windows:
@@ -83,9 +84,9 @@ def main() -> None:
                           workers=args.workers, batch_size=args.batch_size,
                           shuffle_buffer=window, data_workers=args.workers, seed=0,
                           model=ModelConfig.tiny(embed_dim=16, vocab_size=200, max_length=16))
-        data = ingest.train_data(cfg, paths, ingest.Selection(), tokenizer=tok)
+        data = ingest.train_data(cfg, paths, selection.Selection(), tokenizer=tok)
         order = data.order(args.workers)
-        uniform = ingest.uniform_same_file_fraction(data.rows)
+        uniform = uniform_same_file_fraction(data.rows)
         sequential_rows = np.repeat(np.arange(len(data.rows)), data.rows)
         B, W = args.batch_size, args.workers
         n_steps = min(order.epoch_rows(e, r) for e in range(args.epochs) for r in range(W))
@@ -98,12 +99,12 @@ def main() -> None:
             per_rank.append([next(it)["src_file"].numpy() for _ in range(n_steps)])
             it.close()
         secs = time.perf_counter() - t0
-        rank_f = [ingest.same_file_fraction(b) for r in per_rank for b in r]
-        global_f = [ingest.same_file_fraction(np.concatenate([r[g] for r in per_rank]))
+        rank_f = [same_file_fraction(b) for r in per_rank for b in r]
+        global_f = [same_file_fraction(np.concatenate([r[g] for r in per_rank]))
                     for g in range(n_steps)]
-        meta = [ingest.same_file_fraction(b) for r in range(W) for b in
+        meta = [same_file_fraction(b) for r in range(W) for b in
                 order.source_files(r, 0, 0, 40 * B * 10).reshape(-1, B)]
-        seq = [ingest.same_file_fraction(sequential_rows[i:i + B * W])
+        seq = [same_file_fraction(sequential_rows[i:i + B * W])
                for i in range(0, len(sequential_rows) - B * W + 1, B * W)]
         run = {"shuffle_buffer": window, "slice_rows": order.slice_rows,
                "window_slices": order.window_slices, "steps": n_steps,
@@ -124,18 +125,18 @@ def main() -> None:
 def at_scale(files: int, rows: int, window: int, world: int, batch: int, steps: int = 16) -> dict:
     """Metadata only (DataOrder.source_files): ``files`` files of ``rows`` rows, ``world`` ranks,
     per-rank batch ``batch``: same-file fraction of rank batches and of global batches."""
-    from align_ray.train import ingest
+    from align_ray.train.order import DataOrder, same_file_fraction, uniform_same_file_fraction
 
     t0 = time.perf_counter()
-    order = ingest.DataOrder([rows] * files, seed=0, world=world, window_rows=window)
+    order = DataOrder([rows] * files, seed=0, world=world, window_rows=window)
     src = [order.source_files(r, 0, 0, steps * batch).reshape(steps, batch) for r in range(world)]
-    rank_f = [ingest.same_file_fraction(b) for r in src for b in r]
-    global_f = [ingest.same_file_fraction(np.concatenate([r[g] for r in src]))
+    rank_f = [same_file_fraction(b) for r in src for b in r]
+    global_f = [same_file_fraction(np.concatenate([r[g] for r in src]))
                 for g in range(steps)]
     run = {"files": files, "rows_per_file": rows, "world": world, "batch_per_rank": batch,
            "shuffle_buffer": window, "slice_rows": order.slice_rows,
            "window_slices": order.window_slices,
-           "uniform": ingest.uniform_same_file_fraction([rows] * files),
+           "uniform": uniform_same_file_fraction([rows] * files),
            "rank_batch": round(float(np.mean(rank_f)), 5),
            "global_batch": round(float(np.mean(global_f)), 6),
            "seconds": round(time.perf_counter() - t0, 1)}

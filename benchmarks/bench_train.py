@@ -62,7 +62,8 @@ class PairDataset:
 
     def __getitem__(self, i):
         from align_ray.model.transforms import decode_rgb, train_transform
-        from align_ray.train.ingest import image_norm, tokenizer_from_files
+        from align_ray.model.transforms import image_norm
+        from align_ray.train.preprocess import tokenizer_from_files
 
         if self.tok is None:
             self.tok = tokenizer_from_files(self.tok_files, self.cfg.max_length)
@@ -193,7 +194,7 @@ def main() -> None:
 
     from align_ray.model import ModelConfig
     from align_ray.model.tokenizer import train_wordpiece
-    from align_ray.train.ingest import tokenizer_files
+    from align_ray.train.preprocess import tokenizer_files
 
     images, texts = load_rows(args.data, args.image_col, args.text_col, args.split_col, args.split)
     pq.write_table(pa.table({args.image_col: pa.array(images, pa.binary()), args.text_col: texts}),

@@ -104,10 +104,10 @@ def smoothed_clip_loss(label_smoothing: float):
 
 def align_ray_order(n: int, seed: int, world: int, rows: int) -> list:
     """Per rank, an endless iterator of ``rows``-row batches of row indices in align-ray's
-    training order over ``n`` rows in one file (ingest.DataOrder with the default
+    training order over ``n`` rows in one file (order.DataOrder with the default
     ``shuffle_buffer``), to tell the order's effect from everything else."""
     from align_ray.train.config import TrainConfig
-    from align_ray.train.ingest import DataOrder, window_order
+    from align_ray.train.order import DataOrder, window_order
 
     order = DataOrder([n], seed=seed, world=world, window_rows=TrainConfig().shuffle_buffer)
 
@@ -308,7 +308,7 @@ def main() -> None:
     ap.add_argument("--with-replacement", action="store_true", help="plain loop sampling")
     ap.add_argument("--plain-order", choices=["uniform", "align_ray"], default="uniform",
                     help="plain loop batches: uniform random rows, or align-ray's training order "
-                         "(ingest.DataOrder: per-rank shuffle windows of file slices, --workers "
+                         "(order.DataOrder: per-rank shuffle windows of file slices, --workers "
                          "ranks of batch/workers rows each, concatenated)")
     ap.add_argument("--plain-bn-rows", type=int, default=0,
                     help="plain loop: BatchNorm statistics over groups of this many rows (what W "

@@ -290,7 +290,7 @@ def source_tokenizer(cfg) -> tuple[Any, dict[str, bytes]]:
     if kind_of(cfg) != "ours":
         return None, {}
     from align_ray.model.tokenizer import load_tokenizer
-    from align_ray.train.ingest import tokenizer_files
+    from align_ray.train.preprocess import tokenizer_files
 
     tok = load_tokenizer(cfg.init_from, max_length=cfg.model.max_length)
     return tok, tokenizer_files(tok)

@@ -93,7 +93,7 @@ class ShardScorer:
         if len(self.embedders) == 1:
             groups = [(self.embedder, np.arange(table.num_rows))]
         else:   # cross-fitting: each row by the model that did not train on its fold
-            from align_ray.train.ingest import caption_fold
+            from align_ray.train.selection import caption_fold
 
             k = len(self.embedders)
             fold = np.asarray([caption_fold(t, k) for t in texts_all], dtype=np.int64)

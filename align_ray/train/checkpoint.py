@@ -9,12 +9,12 @@ metric history up to this step).
 Data position (O(world), whatever the dataset size)
 ---------------------------------------------------
 Every rank reads its own rows in an order that is a pure function of (seed, file list + row
-counts, world size): ingest.DataOrder (per-epoch seeded permutation of file slices, dealt to the
+counts, world size): order.DataOrder (per-epoch seeded permutation of file slices, dealt to the
 ranks, rows shuffled within windows of several slices).  So a rank's place in the data is two
 integers, (epoch, offset): offset = rows of its epoch stream consumed, counting rows skipped as
 undecodable or not selected.  ``data_position.npy`` holds one [epoch, offset] per rank (gathered
 to rank 0 at each checkpoint): 16 bytes a rank, whatever the dataset size (a 10 k-row and a
-1 M-row dataset write checkpoints of the same size, tests/train/test_data_order.py).  On resume
+1 M-row dataset write checkpoints of the same size, tests/train/test_order.py).  On resume
 each rank computes the rest of its order from its position and reads on from there: no consumed
 row is decoded again, and the batches are the uninterrupted run's (same rows, same order, the
 same crops and flips: augmentation is seeded by the row's stream position), so
@@ -47,7 +47,7 @@ class TrainState:
     world_size: int = 0
     restarts: int = 0
     resumed_from_step: int | None = None
-    data_position: list[list[int]] | None = None  # [epoch, offset] per rank (ingest.DataOrder)
+    data_position: list[list[int]] | None = None  # [epoch, offset] per rank (order.DataOrder)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

@@ -109,7 +109,7 @@ class TrainConfig:
     lock_image_unlocked_groups / lock_text_unlocked_groups: leave the last N groups of a locked
         tower trainable, counted from its head (1 = final norm + projection, 2 = also the last
         block, ...; like open_clip's lock_image_unlocked_groups).
-    shuffle_buffer: rows of one shuffle window of a rank's training stream (ingest.DataOrder):
+    shuffle_buffer: rows of one shuffle window of a rank's training stream (order.DataOrder):
         every epoch a seeded new order of file slices, dealt to the ranks; a window's rows (at
         least 8 slices, of randomly drawn files) are shuffled together, deterministically, so a
         run resumes bit-identically from an O(1) position.  Larger mixes better and holds more rows

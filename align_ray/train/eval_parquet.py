@@ -19,7 +19,7 @@ from align_ray.train.evaluate import DEFAULT_TEMPLATES, retrieval_metrics, zero_
 
 if TYPE_CHECKING:  # EvalConfig is imported by every CLI parser: no torch/Ray at import time
     from align_ray.model.pretrained import Embedder
-    from align_ray.train.ingest import Selection
+    from align_ray.train.selection import Selection
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,8 @@ def _embed_images_skipping(embedder: Embedder, images: list) -> tuple[np.ndarray
 def evaluate(cfg: EvalConfig, embedder: Embedder | None = None,
              selection: Selection | None = None) -> dict[str, Any]:
     from align_ray.model.pretrained import load_embedder
-    from align_ray.train.ingest import Selection, resolve_inputs
+    from align_ray.train.selection import Selection
+    from align_ray.train.ingest import resolve_inputs
 
     embedder = embedder or load_embedder(cfg.model, device=cfg.device, batch_size=cfg.batch_size)
     if selection is None:

@@ -29,8 +29,9 @@ from align_ray.train import step as step_lib
 from align_ray.train import syncbn
 from align_ray.train.config import TrainConfig
 from align_ray.train.evaluate import retrieval_metrics
-from align_ray.train.ingest import (image_norm, rank_stream, same_file_fraction,
-                                    uniform_same_file_fraction)
+from align_ray.model.transforms import image_norm
+from align_ray.train.ingest import rank_stream
+from align_ray.train.order import same_file_fraction, uniform_same_file_fraction
 from align_ray.train.metrics import MetricsLogger
 from align_ray.train.optim import build_optimizer, build_scheduler
 
@@ -46,7 +47,7 @@ def _all_agree(have_batch: bool, device: torch.device) -> bool:
 
 
 def _gather_position(pos: tuple[int, int], device: torch.device) -> list[list[int]]:
-    """Every rank's data position (epoch, offset), in rank order (ingest.DataOrder)."""
+    """Every rank's data position (epoch, offset), in rank order (order.DataOrder)."""
     t = torch.tensor(pos, dtype=torch.int64, device=device)
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return [[int(pos[0]), int(pos[1])]]
@@ -151,7 +152,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     t_start = time.perf_counter()
     cfg: TrainConfig = config["cfg"]
     step_hook: Callable[[int, int], None] | None = config.get("step_hook")
-    # debug: data_hook(step, rank, batches) sees each step's batches (tests/train/test_data_order)
+    # debug: data_hook(step, rank, batches) sees each step's batches (tests/train/test_order)
     data_hook: Callable[[int, int, list], None] | None = config.get("data_hook")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -33,7 +33,7 @@ from ray.train.torch import TorchTrainer
 from align_ray import storage
 from align_ray.model import finetune
 from align_ray.train import checkpoint as ckpt_lib
-from align_ray.train import ingest, lr_find, resilience
+from align_ray.train import ingest, lr_find, preprocess, resilience, selection
 from align_ray.train.config import TrainConfig
 from align_ray.train.eval_parquet import EvalConfig, evaluate
 from align_ray.train.loop import train_loop_per_worker
@@ -86,15 +86,15 @@ def ensure_ray(address: str | None = None) -> None:
         ray_env.init(address)
 
 
-def _tokenizer(cfg: TrainConfig, paths: list[str], sel: ingest.Selection) -> tuple[Any, dict]:
+def _tokenizer(cfg: TrainConfig, paths: list[str], sel: selection.Selection) -> tuple[Any, dict]:
     """The run's tokenizer, saved under storage_path/name/tokenizer on first use and reused."""
     fs, base = storage.filesystem(cfg.resolved_storage())
     tdir = storage.join(base, cfg.name, "tokenizer")
     if storage.exists(fs, tdir):
         files = {posixpath_name(p): storage.read_bytes(fs, p) for p in storage.list_files(fs, tdir)}
-        return ingest.tokenizer_from_files(files, cfg.model.max_length), files
+        return preprocess.tokenizer_from_files(files, cfg.model.max_length), files
     tok = ingest.build_tokenizer(cfg, paths, sel)
-    files = ingest.tokenizer_files(tok)
+    files = preprocess.tokenizer_files(tok)
     for name, data in files.items():
         storage.write_bytes(fs, storage.join(tdir, name), data)
     return tok, files
@@ -178,7 +178,7 @@ def _run(cfg: TrainConfig, out: Path, *, step_hook, address, data_hook) -> dict[
     fit_to_cluster(cfg)
     t0 = time.perf_counter()
     finetune.prepare(cfg)  # --init-from: the source's architecture, preprocessing and loss
-    (train_paths, train_sel), val = ingest.selections(cfg)
+    (train_paths, train_sel), val = selection.selections(cfg)
     if cfg.init_from:  # the source's own tokenizer (None for a library model: ingest loads it)
         tokenizer, tok_files = finetune.source_tokenizer(cfg)
     else:
@@ -188,7 +188,7 @@ def _run(cfg: TrainConfig, out: Path, *, step_hook, address, data_hook) -> dict[
 
     counter_name = f"align-bad-images-{uuid.uuid4().hex[:8]}"
     # on the driver's node: a counter on a worker node that dies would fail a finished run
-    counter = ingest.BadImageCounter.options(
+    counter = preprocess.BadImageCounter.options(
         name=counter_name, scheduling_strategy=resilience.on_driver_node()).remote()
     train_data = ingest.train_data(cfg, train_paths, train_sel, tokenizer=tok_files,
                                    counter=counter_name)

@@ -93,7 +93,7 @@ def eval2(run: Run) -> dict:
         if old is not None:
             rec.update(status="skipped", summary=old)
             return old
-        from align_ray.train.ingest import selections
+        from align_ray.train.selection import selections
 
         _, val = selections(cfg.train)   # (paths, Selection) of round 1's held-out rows
         if val is None:

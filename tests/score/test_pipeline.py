@@ -99,7 +99,7 @@ def test_cross_fitted_scores_come_from_the_model_that_did_not_see_the_fold(
 
     from safetensors.torch import load_file, save_file
 
-    from align_ray.train.ingest import caption_fold
+    from align_ray.train.selection import caption_fold
 
     flipped = tmp_path / "flipped"
     shutil.copytree(tiny_model, flipped)

@@ -1,5 +1,5 @@
 """TrainConfig loading (nested ModelConfig presets), the lr schedule, weight-decay groups and the
-SyncBatchNorm option (no Ray).  The data position on resume: test_data_order.py."""
+SyncBatchNorm option (no Ray).  The data position on resume: test_order.py."""
 
 from __future__ import annotations
 

@@ -3,13 +3,12 @@ deterministic order, and the ranks share nothing."""
 
 from __future__ import annotations
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import pytest
 
 from align_ray.train import ingest
+from align_ray.train.order import DataOrder
 
 
 def test_read_windows_stream_every_row_once_per_epoch(ray_cluster, tmp_path):
@@ -21,7 +20,7 @@ def test_read_windows_stream_every_row_once_per_epoch(ray_cluster, tmp_path):
         files.append(str(path))
     fs = pafs.LocalFileSystem()
     assert ingest.file_rows(fs, files) == [10, 10, 10] and ingest.count_rows(fs, files) == 30
-    order = ingest.DataOrder([10, 10, 10], seed=0, world=2, window_rows=8)
+    order = DataOrder([10, 10, 10], seed=0, world=2, window_rows=8)
     seen = {}
     for rank in range(2):
         rows = sum(order.epoch_rows(e, rank) for e in range(2))
@@ -44,24 +43,3 @@ def test_read_windows_stream_every_row_once_per_epoch(ray_cluster, tmp_path):
     for e in (0, 1):
         keys = [k for r in (0, 1) for ep, _, k in seen[r] if ep == e]
         assert sorted(keys) == [f * 100 + i for f in range(3) for i in range(10)]  # once each
-
-
-def test_cross_fitting_folds_leave_out_one_caption_hash_fold_of_the_training_rows():
-    from align_ray.train.config import TrainConfig
-    from align_ray.train.ingest import caption_fold, selections
-
-    texts = [f"caption {i}" for i in range(2000)]
-    base = dict(data=["d"], output="o", val_fraction=0.2)
-    (_, train), (_, val) = selections(TrainConfig(**base))
-    held = val.mask(texts)
-    folds = np.asarray([caption_fold(t, 2) for t in texts])
-    # the folds cut every split alike (the holdout cuts bucket values, a fold their residue)
-    assert 0.4 < folds.mean() < 0.6 and 0.4 < folds[held].mean() < 0.6
-    for i in (0, 1):
-        (_, tr), (_, va) = selections(TrainConfig(**base, folds=2, fold=i))
-        m = tr.mask(texts)
-        assert not (m & (folds == i)).any()                       # never sees its own fold
-        assert (m == (train.mask(texts) & (folds != i))).all()    # and nothing else changes
-        assert (va.mask(texts) == held).all()                     # round 1's validation rows
-    with pytest.raises(ValueError, match="fold must be in"):
-        TrainConfig(**base, folds=2, fold=2)

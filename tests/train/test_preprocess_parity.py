@@ -1,5 +1,5 @@
 """One image preprocessing for train and serve: a validation row, as training's data workers
-(``ingest.Preprocess(train=False)``, uint8) and the trainer (``loop.Normalize``) prepare it, is
+(``preprocess.Preprocess(train=False)``, uint8) and the trainer (``loop.Normalize``) prepare it, is
 the same tensor that eval, index and serve (``Embedder``) feed the model for the same bytes."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from PIL import Image
 from align_ray.model import DualEncoder, ModelConfig, load_pretrained, save_pretrained
 from align_ray.model.pretrained import Embedder
 from align_ray.model.tokenizer import train_wordpiece
-from align_ray.train import ingest
+from align_ray.train import preprocess, selection
 from align_ray.train.loop import Normalize
 
 SIZE = 32
@@ -73,9 +73,9 @@ def saved(request, tmp_path_factory):
 
 
 def _train_side(cfg: ModelConfig, tok, data: bytes) -> torch.Tensor:
-    pre = ingest.Preprocess(image_col="image", text_col="text", selection=ingest.Selection(),
+    pre = preprocess.Preprocess(image_col="image", text_col="text", selection=selection.Selection(),
                             image_size=cfg.image_size, train=False,
-                            tokenizer=ingest.tokenizer_files(tok), max_length=cfg.max_length,
+                            tokenizer=preprocess.tokenizer_files(tok), max_length=cfg.max_length,
                             max_pixels=1 << 24)
     out = pre({"image": np.array([data], dtype=object), "text": np.array(["a red square"])})
     assert out["pixels"].dtype == np.uint8 and out["pixels"].shape == (1, 3, SIZE, SIZE)

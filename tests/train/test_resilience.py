@@ -73,7 +73,7 @@ def test_only_a_start_timeout_becomes_train_stalled():
 def test_a_lost_counter_is_a_warning_not_a_failure(ray_cluster):
     import ray
 
-    from align_ray.train.ingest import BadImageCounter
+    from align_ray.train.preprocess import BadImageCounter
 
     counter = BadImageCounter.options(scheduling_strategy=resilience.on_driver_node()).remote()
     counter.add.remote([1, 2, 2])

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import align_ray.train.loop as loop_mod
-from align_ray.train import ingest
+from align_ray.train.order import DataOrder
 from align_ray.model import DualEncoder, ModelConfig
 from align_ray.model.tokenizer import train_wordpiece
 from align_ray.model.transforms import decode_rgb, image_norm
@@ -62,7 +62,7 @@ def _run_align_ray(monkeypatch, cfg: TrainConfig, batches: list[dict], vocab: in
 
     class Stream:  # ingest.RankStream's interface
         calls, epoch, position = 0, 0, (0, 0)
-        order = ingest.DataOrder([64], seed=0, world=1, window_rows=0)  # one input file
+        order = DataOrder([64], seed=0, world=1, window_rows=0)  # one input file
 
         def batches(self, n_batches):
             Stream.calls += 1  # one pass; the next is empty, so the loop stops there

@@ -1,4 +1,4 @@
-"""The training order (ingest.DataOrder / RankStream) and the O(world) data position (issue 13).
+"""The training order (DataOrder / RankStream) and the O(world) data position (issue 13).
 
 * the order is a pure function of (seed, files + row counts, world): every row once per epoch,
   each rank its own rows, a new slice order every epoch, rows mixed across files;
@@ -23,14 +23,15 @@ from PIL import Image
 from align_ray.model import DualEncoder, ModelConfig
 from align_ray.model.tokenizer import train_wordpiece
 from align_ray.train import checkpoint as ckpt_lib
-from align_ray.train import ingest
+from align_ray.train import ingest, preprocess, selection
+from align_ray.train.order import DataOrder, same_file_fraction, uniform_same_file_fraction, window_order
 from align_ray.train.config import TrainConfig
 from align_ray.train.optim import build_optimizer, build_scheduler
 
 from .conftest import DEV
 
 
-def _rows_of(order: ingest.DataOrder, rank: int, epoch: int) -> list[tuple[int, int]]:
+def _rows_of(order: DataOrder, rank: int, epoch: int) -> list[tuple[int, int]]:
     """(file, row) of each row of the rank's epoch, in stream order (metadata only)."""
     out = []
     for it in order.windows(rank, epoch, 0, order.epoch_rows(epoch, rank)):
@@ -38,14 +39,14 @@ def _rows_of(order: ingest.DataOrder, rank: int, epoch: int) -> list[tuple[int, 
             break
         rows = [(f, s + i) for f, s, n in zip(it["file"], it["start"], it["len"])
                 for i in range(n)]
-        perm = ingest.window_order(order.seed, epoch, rank, it["window"], len(rows))
+        perm = window_order(order.seed, epoch, rank, it["window"], len(rows))
         out += [rows[j] for j in perm[it["skip"]:]]
     return out
 
 
 def test_order_is_deterministic_each_row_once_per_epoch_new_order_each_epoch():
     rows = [700, 300, 1000, 50, 950]
-    order = ingest.DataOrder(rows, seed=3, world=3, window_rows=256, slice_rows=64)
+    order = DataOrder(rows, seed=3, world=3, window_rows=256, slice_rows=64)
     assert (order.slice_rows, order.window_slices) == (32, 8)  # >= 8 slices per window
     epochs = []
     for e in range(2):
@@ -55,9 +56,9 @@ def test_order_is_deterministic_each_row_once_per_epoch_new_order_each_epoch():
         assert [len(p) for p in per_rank] == [order.epoch_rows(e, r) for r in range(3)]
         epochs.append(per_rank[0])
     assert epochs[0] != epochs[1]                                # a new order every epoch
-    again = ingest.DataOrder(rows, seed=3, world=3, window_rows=256, slice_rows=64)
+    again = DataOrder(rows, seed=3, world=3, window_rows=256, slice_rows=64)
     assert _rows_of(again, 0, 1) == epochs[1]                    # a pure function of its inputs
-    other = ingest.DataOrder(rows, seed=4, world=3, window_rows=256, slice_rows=64)
+    other = DataOrder(rows, seed=4, world=3, window_rows=256, slice_rows=64)
     assert _rows_of(other, 0, 0) != epochs[0]
     # the rest of the stream from a position = the uninterrupted stream's rest
     full = order.source_files(1, 0, 0, 2500)
@@ -69,18 +70,18 @@ def test_order_is_deterministic_each_row_once_per_epoch_new_order_each_epoch():
 def test_rows_are_mixed_across_files():
     """Same-file pairs in a batch vs uniform sampling (64 files x 1,000 rows, batch 64)."""
     rows = [1000] * 64
-    order = ingest.DataOrder(rows, seed=0, world=2, window_rows=4096, slice_rows=512)
+    order = DataOrder(rows, seed=0, world=2, window_rows=4096, slice_rows=512)
     assert order.window_slices == 8
     src = order.source_files(0, 0, 0, 64 * 200).reshape(200, 64)
-    got = float(np.mean([ingest.same_file_fraction(b) for b in src]))
-    uniform = ingest.uniform_same_file_fraction(rows)               # 1/64
+    got = float(np.mean([same_file_fraction(b) for b in src]))
+    uniform = uniform_same_file_fraction(rows)               # 1/64
     assert uniform == pytest.approx(1 / 64)
     # a window of 8 slices of 512 rows: ~1/8 of the pairs share a file (slices from one
     # file may meet in a window); one file per batch would be 1.0
     assert 0.08 < got < 0.2, got
-    wide = ingest.DataOrder(rows, seed=0, world=2, window_rows=32768, slice_rows=512)
+    wide = DataOrder(rows, seed=0, world=2, window_rows=32768, slice_rows=512)
     src = wide.source_files(0, 0, 0, 64 * 200).reshape(200, 64)
-    got_wide = float(np.mean([ingest.same_file_fraction(b) for b in src]))
+    got_wide = float(np.mean([same_file_fraction(b) for b in src]))
     assert got_wide < 0.04, got_wide                                # 64 slices per window
 
 
@@ -104,7 +105,7 @@ def _write_stub(path: Path, files: int, rows_per_file: int) -> list[str]:
 
 
 def _tok_files() -> dict[str, bytes]:
-    return ingest.tokenizer_files(train_wordpiece([f"row {i} {i}" for i in range(50)], 200, 16))
+    return preprocess.tokenizer_files(train_wordpiece([f"row {i} {i}" for i in range(50)], 200, 16))
 
 
 def _cfg(data: list[str], **kw) -> TrainConfig:
@@ -128,7 +129,7 @@ def test_checkpoint_size_does_not_grow_with_the_dataset(ray_cluster, tmp_path):
         d = tmp_path / name
         d.mkdir()
         paths = _write_stub(d, files, per_file)
-        data = ingest.train_data(_cfg(paths), paths, ingest.Selection(), tokenizer=tok)
+        data = ingest.train_data(_cfg(paths), paths, selection.Selection(), tokenizer=tok)
         assert sum(data.rows) == files * per_file
         positions = []
         for rank in range(2):
@@ -185,8 +186,8 @@ def _take(data, rank: int, n: int, position=(0, 0)) -> tuple[list[dict], list]:
 def test_resumed_stream_is_bit_identical(ray_cluster, dev_files):
     cfg = _cfg([dev_files], text_col="alt_text", split_col="dev_split", shuffle_buffer=32,
                crop_scale=(0.5, 1.0), hflip=0.5)
-    (paths, sel), _ = ingest.selections(cfg)
-    tok = ingest.tokenizer_files(train_wordpiece(["a grinning face"] * 5, 200, 16))
+    (paths, sel), _ = selection.selections(cfg)
+    tok = preprocess.tokenizer_files(train_wordpiece(["a grinning face"] * 5, 200, 16))
     data = ingest.train_data(cfg, paths, sel, tokenizer=tok)
     n, k = 12, 5
     for rank in range(2):
