@@ -249,6 +249,7 @@ def test_a_resubmitted_job_skips_what_s3_holds(isolated, s3):
     finds every completed stage through the storage URI alone and skips it."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    first = json.loads(s3.get_object(Bucket=BUCKET, Key="run/workflow.json")["Body"].read())
     sid = f"e2e-mn-rerun-{uuid.uuid4().hex[:8]}"
     _submit(isolated, sid, ["python", "workflows/end_to_end.py", "--smoke",
                             "--stages", "data,filter,train,eval,index",
@@ -264,4 +265,6 @@ def test_a_resubmitted_job_skips_what_s3_holds(isolated, s3):
     assert {n: s["status"] for n, s in record["stages"].items()} == {
         "data": "skipped", "filter": "skipped", "train": "skipped", "eval": "ran",
         "index": "skipped"}
-    assert record["seconds"] < 60
+    # against the first job, not a fixed bound: a loaded box slows both alike (a fixed 60 s
+    # failed at load 16, 103 s for a rerun of a 605 s run)
+    assert record["seconds"] < 0.4 * first["seconds"], (record["seconds"], first["seconds"])
