@@ -25,6 +25,7 @@ kernel; the JSON records the kernel each pool ran, ``architecture``.)
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -86,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         rng = np.random.default_rng(args.seed + 1)
         qsets = {b: [normalize(rng.standard_normal((b, args.dim), dtype=np.float32))
                      for _ in range(args.calls)] for b in args.batches}
-        sides = {"ours": lambda q: ours.search(q, args.k), "faiss": lambda q: flat.search(q, args.k)}
+        # bound methods, not lambdas over the loop's names (which the del below unbinds)
+        sides = {"ours": functools.partial(ours.search, k=args.k),
+                 "faiss": functools.partial(flat.search, k=args.k)}
         for threads in args.threads:
             with threadpool_limits(limits=threads):
                 faiss.omp_set_num_threads(threads)
