@@ -61,8 +61,9 @@ def score(run: Run) -> dict:
             rec.update(status="skipped", summary=out.stats())
             print(f"[score] {scfg.output} is complete: " + spipe.summary_line(rec["summary"]))
             return rec["summary"]
+        own = scfg.model.rstrip("/") == f"{run.cfg.train.output.rstrip('/')}/model"
         who = (f"{len(scfg.fold_models)} cross-fitted round-1 models" if scfg.fold_models
-               else f"round-1 model {scfg.model}")
+               else f"{'round-1 model' if own else 'model (bootstrap.score.model)'} {scfg.model}")
         print(f"[score] {who} score {scfg.input}", flush=True)
         stats = spipe.run(scfg)
         if not stats.get("complete"):

@@ -87,6 +87,10 @@ class BootstrapConfig:
     ``train.fold``), and each row is scored by the model that never saw it (``score.fold_models``).
     A model that trained on a pair for several epochs scores it high whether it is right or not;
     it costs ``folds`` more round-1 trainings.  0: the round-1 model scores every row.
+
+    ``score.model`` set to another model (any that ``align-ray score`` takes: one trained on other
+    data, a Hugging Face CLIP) scores instead of round 1's, as DataComp filters with a CLIP
+    trained elsewhere.
     """
 
     enabled: bool = False

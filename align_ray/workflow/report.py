@@ -161,7 +161,7 @@ def _round2(cfg: RunConfig, stages: dict) -> str:
         return ""
     f2 = (stages.get("filter2") or {}).get("summary") or {}
     ev = (stages.get("eval2") or {}).get("summary") or {}
-    out = f"<h2>Round 2: the round-1 model's score filter</h2><p>filter2 kept " \
+    out = f"<h2>Round 2: the score filter</h2><p>filter2 kept " \
           f"{f2.get('output_rows', '?')} of {f2.get('input_rows', '?')} scored rows.</p>"
     out += "<div class=row>" + _drops_table("dropped by round 2's filter", f2.get("dropped", {}))
     out += _img(_read(f"{cfg.bootstrap.filter.output.rstrip('/')}/score.png"), "score.png", 520)
