@@ -108,6 +108,10 @@ def test_bootstrap_overrides_and_off_by_default():
     f = cfg.bootstrap.filter
     assert f.score_min == 0.2 and f.score_keep_fraction is None and f.semdedup   # no default rule
     assert cfg.bootstrap.train.steps == 3 and cfg.train.steps == 8
+    # a scorer trained elsewhere (DataComp's setting) is kept, not replaced by round 1's model
+    ext = wf.load(smoke=True, overrides={"bootstrap": {"enabled": True,
+                                                       "score": {"model": "/m/clip"}}})
+    assert ext.bootstrap.score.model == "/m/clip" and not ext.bootstrap.score.fold_models
 
 
 def test_round_two_stages_need_bootstrap(capsys):
