@@ -7,7 +7,7 @@ rows: ``train/selection.py``; in which order: ``train/order.py``.
 * The tokenizer is trained on training captions only (held-out captions never reach it).
 * Decoding runs as Ray Data tasks (``data_cpus`` each) on the CPU workers, never in the trainers.
 * Undecodable images are skipped, never fatal: each worker logs its count and the distinct row_ids
-  are added to a named :class:`BadImageCounter` actor that ``run`` reads at the end.  ``run``
+  are added to a named ``preprocess.BadImageCounter`` actor that ``run`` reads at the end.  ``run``
   pins that actor to the driver's node (a worker node's loss must not take the count with it)
   and treats a lost count as unknown, never as a failed run (``train/resilience.py``).
 
