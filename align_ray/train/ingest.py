@@ -104,7 +104,6 @@ def build_tokenizer(cfg, paths: list[str], selection: Selection):
                            cfg.model.max_length)
 
 
-
 def count_rows(fs: pafs.FileSystem, files: list[str]) -> int:
     """Rows in ``files`` from the parquet footers (no data read)."""
     return int(sum(file_rows(fs, files)))
@@ -122,7 +121,6 @@ def file_rows(fs: pafs.FileSystem, files: list[str]) -> list[int]:
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         return list(pool.map(rows, files))
-
 
 
 def _read_slice(cache: dict, fs: pafs.FileSystem, path: str, start: int, n: int,

@@ -40,7 +40,6 @@ def tokenizer_from_files(files: dict[str, bytes], max_length: int | None = None)
     return load_tokenizer(d, max_length=max_length)
 
 
-
 @ray.remote(num_cpus=0)
 class BadImageCounter:
     """Distinct row_ids of undecodable images (a named actor, fire-and-forget adds)."""
