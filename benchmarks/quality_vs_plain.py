@@ -25,6 +25,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -210,6 +211,11 @@ def renderings(args, score) -> dict:
 def align_ray_run(args, seed: int, out: Path) -> dict:
     """The real CLI, one subprocess (its own local Ray), then ``align-ray eval`` on the val split."""
     run_dir = out / f"ar-seed{seed}"
+    # A fresh run every time: `align-ray train` resumes from a run directory's checkpoints, so a
+    # variant run into an earlier run's directory would report that run's model.
+    if run_dir.exists():
+        print(f"removing the earlier run in {run_dir}", flush=True)
+        shutil.rmtree(run_dir)
     cmd = [sys.executable, "-m", "align_ray.cli", "train", "--data", args.data,
            "--image-col", "image", "--text-col", args.text_col, "--split-col", "dev_split",
            "--output", str(run_dir), "--workers", str(args.workers),
