@@ -13,6 +13,10 @@ loss curves go in one PNG.
     .venv/bin/python benchmarks/quality_vs_plain.py --steps 300 --batch 128 --seeds 0 1 2
     .venv/bin/python benchmarks/quality_vs_plain.py --only plain --steps 60   # one side
 
+``--plain-image-model`` / ``--plain-image-pretrained`` and ``--plain-crop-scale`` /
+``--plain-color-jitter`` / ``--plain-grayscale`` give the plain side the towers and augmentation
+of an align-ray run set with ``--ar-set`` (torchvision's transforms, as a plain loop writes them).
+
 Writes benchmarks/results/quality-vs-plain-<date>.json (+ .png next to it).
 """
 
@@ -61,7 +65,8 @@ def decode(images: list[bytes], size: int) -> np.ndarray:
     return np.stack(out)
 
 
-def build_plain_model(vocab: int, embed_dim: int, temperature_init: float):
+def build_plain_model(vocab: int, embed_dim: int, temperature_init: float,
+                      image_model: str = "efficientnet_b0", image_pretrained: str | None = None):
     import timm
     import torch
     from torch import nn
@@ -70,7 +75,10 @@ def build_plain_model(vocab: int, embed_dim: int, temperature_init: float):
     class Plain(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.image = timm.create_model("efficientnet_b0", pretrained=False, num_classes=0)
+            # a pretrained file the way timm users load one (timm drops the classifier)
+            self.image = timm.create_model(
+                image_model, pretrained=bool(image_pretrained), num_classes=0,
+                **({"pretrained_cfg_overlay": {"file": image_pretrained}} if image_pretrained else {}))
             self.image_proj = nn.Linear(self.image.num_features, embed_dim)
             self.text = BertModel(BertConfig(vocab_size=vocab, hidden_size=128, num_hidden_layers=2,
                                              num_attention_heads=2, intermediate_size=512,
@@ -129,6 +137,18 @@ def align_ray_order(n: int, seed: int, world: int, rows: int) -> list:
     return [stream(r) for r in range(world)]
 
 
+def plain_augment(args):
+    """torchvision's per-image crop / colour jitter / grayscale on uint8 tensors, as a plain loop
+    would write it (the hue range matches align-ray's jitter / 8), or None when all are off."""
+    if args.plain_crop_scale >= 1 and not args.plain_color_jitter and not args.plain_grayscale:
+        return None
+    from torchvision.transforms import v2
+
+    s = args.plain_color_jitter
+    return v2.Compose([v2.RandomResizedCrop(64, scale=(args.plain_crop_scale, 1.0), antialias=True),
+                       v2.ColorJitter(s, s, s, s / 8), v2.RandomGrayscale(args.plain_grayscale)])
+
+
 def plain_run(args, seed: int) -> dict:
     """The 40-line loop: uniform random batches, hflip, AdamW, warm-up + linear decay."""
     import torch
@@ -141,7 +161,9 @@ def plain_run(args, seed: int) -> dict:
     pixels = torch.from_numpy(decode(imgs, 64))
     enc = tok(texts, padding="max_length", truncation=True, max_length=64, return_tensors="pt",
               return_token_type_ids=False)
-    model = build_plain_model(len(tok), 128, args.temperature_init)
+    model = build_plain_model(len(tok), 128, args.temperature_init, args.plain_image_model,
+                              args.plain_image_pretrained)
+    augment = plain_augment(args)
     mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
     std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-5)
@@ -167,6 +189,8 @@ def plain_run(args, seed: int) -> dict:
         px = pixels[idx].clone()
         flip = torch.rand(len(idx), generator=g) < 0.5
         px[flip] = px[flip].flip(-1)
+        if augment is not None:
+            px = torch.stack([augment(p) for p in px])
         x = (px.float() / 255 - mean) / std
         bn = args.plain_bn_rows or len(x)
         img = torch.cat([model.encode_image(c) for c in x.split(bn)])
@@ -319,6 +343,14 @@ def main() -> None:
     ap.add_argument("--plain-bn-rows", type=int, default=0,
                     help="plain loop: BatchNorm statistics over groups of this many rows (what W "
                          "workers of that many rows each see without SyncBatchNorm); 0 = the batch")
+    ap.add_argument("--plain-image-model", default="efficientnet_b0", help="plain loop: timm name")
+    ap.add_argument("--plain-image-pretrained", default=None, metavar="FILE",
+                    help="plain loop: a timm checkpoint for the image tower (e.g. the file "
+                         "benchmarks/pretrained_image_tower.py writes)")
+    ap.add_argument("--plain-crop-scale", type=float, default=1.0,
+                    help="plain loop: random resized crop, area from this to 1 (1 = off)")
+    ap.add_argument("--plain-color-jitter", type=float, default=0.0, help="plain loop")
+    ap.add_argument("--plain-grayscale", type=float, default=0.0, help="plain loop")
     ap.add_argument("--ar-flags", default="", help="extra align-ray train flags")
     ap.add_argument("--ar-set", nargs="*", default=[],
                     help="TrainConfig YAML lines for align-ray, e.g. 'grad_clip: 1.0'")
@@ -341,6 +373,10 @@ def main() -> None:
                     "steps": args.steps, "batch": args.batch, "workers": args.workers,
                     "seeds": args.seeds, "plain_lr": args.lr, "plain_warmup": args.warmup,
                     "plain_bn_rows": args.plain_bn_rows, "plain_order": args.plain_order,
+                    "plain_image_model": args.plain_image_model,
+                    "plain_image_pretrained": args.plain_image_pretrained,
+                    "plain_aug": [args.plain_crop_scale, args.plain_color_jitter,
+                                  args.plain_grayscale],
                     "ar_flags": args.ar_flags, "ar_set": args.ar_set, "tag": args.tag,
                     "renderings": [Path(p).name for p in args.renderings],
                     "cpus": os.cpu_count()}
