@@ -137,7 +137,7 @@ def align_ray_order(n: int, seed: int, world: int, rows: int) -> list:
     return [stream(r) for r in range(world)]
 
 
-def plain_augment(args):
+def plain_augment(args, size: int):
     """torchvision's per-image crop / colour jitter / grayscale on uint8 tensors, as a plain loop
     would write it (the hue range matches align-ray's jitter / 8), or None when all are off."""
     if args.plain_crop_scale >= 1 and not args.plain_color_jitter and not args.plain_grayscale:
@@ -145,7 +145,7 @@ def plain_augment(args):
     from torchvision.transforms import v2
 
     s = args.plain_color_jitter
-    return v2.Compose([v2.RandomResizedCrop(64, scale=(args.plain_crop_scale, 1.0), antialias=True),
+    return v2.Compose([v2.RandomResizedCrop(size, scale=(args.plain_crop_scale, 1.0), antialias=True),
                        v2.ColorJitter(s, s, s, s / 8), v2.RandomGrayscale(args.plain_grayscale)])
 
 
@@ -163,7 +163,7 @@ def plain_run(args, seed: int) -> dict:
               return_token_type_ids=False)
     model = build_plain_model(len(tok), 128, args.temperature_init, args.plain_image_model,
                               args.plain_image_pretrained)
-    augment = plain_augment(args)
+    augment = plain_augment(args, pixels.shape[-1])
     mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
     std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-5)
