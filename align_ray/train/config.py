@@ -87,6 +87,10 @@ class TrainConfig:
         contrast and saturation factors in [1 - s, 1 + s] and a hue rotation of up to s/8 for
         strength s, then grayscale with that probability (model/transforms.recolour).  Captions
         that name colours argue for small values, as captions that name sides argue for hflip 0.
+    caption_word_drop: caption augmentation (off by default): each word of a training caption
+        is dropped with this probability, at least one word kept, drawn from the row's own
+        augmentation seed (train/preprocess.drop_words).  For keyword-list alt-texts; captions
+        whose meaning hangs on every word ("not", counts) argue for small values.
     init_from: fine-tune from a saved model instead of a fresh one: our own model dir, a
         Hugging Face save_pretrained dir of AlignModel/CLIPModel/SiglipModel, or
         open_clip:ARCH[:CHECKPOINT].  Keeps its architecture, tokenizer, image size/mean/std,
@@ -171,6 +175,7 @@ class TrainConfig:
     hflip: float = 0.5
     color_jitter: float = 0.0
     grayscale: float = 0.0
+    caption_word_drop: float = 0.0
     max_image_pixels: int = 1 << 26
     model: ModelConfig = field(default_factory=ModelConfig.tiny)
     init_from: str | None = None
@@ -214,6 +219,8 @@ class TrainConfig:
             raise ValueError("color_jitter must be a strength in [0, 1]")
         if not 0.0 <= self.grayscale <= 1.0:
             raise ValueError("grayscale must be a probability in [0, 1]")
+        if not 0.0 <= self.caption_word_drop < 1.0:
+            raise ValueError("caption_word_drop must be a probability in [0, 1)")
         if self.stream_epochs < 0:
             raise ValueError("stream_epochs must be >= 0 (0 = auto)")
         if self.warmup_steps < 0 or self.eval_every < 0 or self.max_failures < -1:

@@ -24,6 +24,23 @@ from align_ray.train.selection import Selection, row_id, value_id
 
 log = logging.getLogger(__name__)
 STREAM_COLUMNS = ("pos_epoch", "pos_offset", "src_file")
+# a caption's word-drop draws come from its row's aug_seed mixed with this, so they are
+# independent of the same row's crop and flip draws and replay on resume
+_WORD_DROP_STREAM = 0x7E47
+
+
+def drop_words(text: str, p: float, rng: np.random.Generator) -> str:
+    """Each whitespace-separated word of ``text`` dropped with probability ``p``; at least one
+    word always stays.  Why: alt-texts are often a name plus a list of keywords; seeing random
+    subsets teaches the text tower each word's share of the meaning instead of one whole
+    string per image (which a 1,400-caption set lets it memorise)."""
+    words = text.split()
+    if p <= 0 or len(words) < 2:
+        return text
+    keep = rng.random(len(words)) >= p
+    if not keep.any():
+        keep[rng.integers(len(words))] = True
+    return " ".join(w for w, k in zip(words, keep) if k)
 
 
 def tokenizer_files(tokenizer) -> dict[str, bytes]:
@@ -63,7 +80,7 @@ class Preprocess:
                  with_match: bool = False, counter: str | None = None,
                  crop_scale: tuple[float, float] = (0.5, 1.0), hflip: float = 0.5,
                  color_jitter: float = 0.0, grayscale: float = 0.0,
-                 text_spec: str | None = None) -> None:
+                 word_drop: float = 0.0, text_spec: str | None = None) -> None:
         self.image_col, self.text_col, self.selection = image_col, text_col, selection
         self.match_col, self.with_match, self.size = match_col, with_match, image_size
         self.max_length, self.max_pixels, self.counter = max_length, max_pixels, counter
@@ -84,6 +101,8 @@ class Preprocess:
         # validation rows decode like the Embedder that serves the model (JPEG DCT draft at the
         # model size), so train-time val metrics and served embeddings see the same pixels
         self.draft = None if train else image_size
+        self.word_drop = word_drop if train else 0.0
+        self._text_rng = np.random.default_rng()  # rows without an aug_seed (not RankStream)
         self.bad_total = 0
 
     def _report_bad(self, ids: list[int]) -> None:
@@ -120,6 +139,11 @@ class Preprocess:
             kept.append(int(i))
         if bad:
             self._report_bad(bad)
+        captions = [texts[i] for i in kept]
+        if self.word_drop > 0:  # after row_id: a row keeps its identity whatever words it shows
+            rngs = ([np.random.default_rng([int(seeds[i]), _WORD_DROP_STREAM]) for i in kept]
+                    if seeds is not None else [self._text_rng] * len(kept))
+            captions = [drop_words(c, self.word_drop, r) for c, r in zip(captions, rngs)]
         n, L = len(kept), self.max_length
         out: dict[str, np.ndarray] = {
             "pixels": (np.stack(pixels) if n
@@ -127,9 +151,9 @@ class Preprocess:
             "row_id": np.asarray(ids, dtype=np.int64),
         }
         if n and self.tok is None:
-            out["input_ids"], out["attention_mask"] = self.text_tok([texts[i] for i in kept])
+            out["input_ids"], out["attention_mask"] = self.text_tok(captions)
         elif n:
-            enc = self.tok([texts[i] for i in kept], padding="max_length", truncation=True,
+            enc = self.tok(captions, padding="max_length", truncation=True,
                            max_length=L, return_tensors="np", return_token_type_ids=False)
             out["input_ids"] = enc["input_ids"].astype(np.int64)
             out["attention_mask"] = enc["attention_mask"].astype(np.int64)
