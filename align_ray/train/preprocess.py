@@ -33,7 +33,7 @@ def drop_words(text: str, p: float, rng: np.random.Generator) -> str:
     """Each whitespace-separated word of ``text`` dropped with probability ``p``; at least one
     word always stays.  Why: alt-texts are often a name plus a list of keywords; seeing random
     subsets teaches the text tower each word's share of the meaning instead of one whole
-    string per image (which a 1,400-caption set lets it memorise)."""
+    string per image (which a small caption set lets it memorise)."""
     words = text.split()
     if p <= 0 or len(words) < 2:
         return text
