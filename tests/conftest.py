@@ -25,6 +25,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def quiet_port() -> int:
+    """A free port that nothing else on the box will be handed by the OS in the meantime.
+
+    ``free_port`` returns an ephemeral port, which the OS may give to the next process that
+    binds port 0 (every Ray node opens dozens): fine for a server bound at once, but SeaweedFS
+    binds its ports a few minutes after they are chosen, and a port taken in between makes it
+    exit at once ("port ... is not available").  So these come from between Ray's worker range
+    (10002-19999) and the OS's ephemeral range, where only an explicit bind can land.
+    """
+    import random
+
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(1000):
+        port = random.randint(20000, max(20001, low - 1))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
+
+
 if not Path(os.environ.get("HOME", "/nonexistent"), "ray_bootstrap_config.yaml").exists():
     _home = tempfile.mkdtemp(prefix="align-ray-home-")
     Path(_home, "ray_bootstrap_config.yaml").write_text("provider:\n  type: local\n")
@@ -32,7 +58,7 @@ if not Path(os.environ.get("HOME", "/nonexistent"), "ray_bootstrap_config.yaml")
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_COLLECTIVE_TIMEOUT_S", "300")
-S3_PORT = free_port()
+S3_PORT = quiet_port()
 os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}", AWS_ACCESS_KEY_ID="testkey",
                   AWS_SECRET_ACCESS_KEY="testsecret", AWS_REGION="us-east-1")
 REPO = Path(__file__).resolve().parents[1]
@@ -86,6 +112,7 @@ def web():
 def s3(tmp_path_factory):
     """A real S3-compatible server (SeaweedFS ``weed mini``) on 127.0.0.1; yields boto3 client."""
     import boto3
+    from botocore.config import Config
 
     weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
     if weed is None:
@@ -95,31 +122,42 @@ def s3(tmp_path_factory):
     # count is capped at free disk / volume size: on a runner with a few GB free, a later bucket
     # got "no free volumes left" (a 500 on its first PUT).  Volumes are sparse files, so an
     # explicit cap and small volumes cost nothing here.
-    # Every port is explicit and free: the defaults (master 9333, volume 8080, filer 8888, ...)
-    # collide with anything else on the box that holds them.  Telemetry is off: by default the
+    # Every port is explicit, free and outside the OS's ephemeral range (``quiet_port``): the
+    # defaults (master 9333, volume 8080, filer 8888, ...) collide with anything else on the box
+    # that holds them, and weed exits at once on a taken port (so it gets two more tries).  Telemetry is off: by default the
     # master reports to telemetry.seaweedfs.com, and no packet may leave loopback.
-    ports = [f"-{name}={free_port()}" for name in (
-        "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-        "filer.port.grpc", "s3.port.grpc", "webdav.port", "admin.port", "admin.port.grpc",
-        "debug.port", "s3.debug.port")]
-    proc = subprocess.Popen(
-        [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-         "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.port={S3_PORT}",
-         "-master.telemetry=false", *ports,
-         "-volume.max=1000", "-master.volumeSizeLimitMB=64"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
-    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
-    deadline = time.time() + 60
-    while True:
-        try:
-            client.list_buckets()
-            break
-        except Exception:  # noqa: BLE001 - still starting
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail("SeaweedFS did not start")
-            time.sleep(0.3)
-    yield client
+    log = data / "weed.log"
+    for attempt in range(3):
+        ports = [f"-{name}={quiet_port()}" for name in (
+            "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+            "filer.port.grpc", "s3.port.grpc", "webdav.port", "admin.port", "admin.port.grpc",
+            "debug.port", "s3.debug.port")]
+        with log.open("a") as out:
+            proc = subprocess.Popen(
+                [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                 "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                 f"-s3.port={S3_PORT}", "-master.telemetry=false", *ports,
+                 "-volume.max=1000", "-master.volumeSizeLimitMB=64"],
+                stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
+        # short probes: whatever else holds a taken port may accept and never answer
+        probe = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], config=Config(
+            connect_timeout=2, read_timeout=2, retries={"max_attempts": 1}))
+        deadline = time.time() + 60
+        while proc.poll() is None and time.time() < deadline:
+            try:
+                probe.list_buckets()
+                break
+            except Exception:  # noqa: BLE001 - still starting
+                time.sleep(0.3)
+        else:
+            proc.kill()
+            proc.wait()
+            if attempt < 2 and time.time() < deadline:
+                continue  # it exited at once: most likely a port taken since; try other ports
+            tail = log.read_text(errors="replace")[-2000:]
+            pytest.fail(f"SeaweedFS did not start (exit {proc.returncode}); its log ends:\n{tail}")
+        break
+    yield boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
     proc.terminate()
     try:
         proc.wait(10)
