@@ -91,6 +91,10 @@ class TrainConfig:
         is dropped with this probability, at least one word kept, drawn from the row's own
         augmentation seed (train/preprocess.drop_words).  For keyword-list alt-texts; captions
         whose meaning hangs on every word ("not", counts) argue for small values.
+    style_aug: drawing-style augmentation for icon / clip-art corpora (off by default): with
+        this probability a training image is redrawn with flat colours, dark outlines and/or a
+        white margin (model/transforms.restyle), so the image tower keys less on one artist's
+        shading.  Assumes light backgrounds: leave it off for photographs.
     init_from: fine-tune from a saved model instead of a fresh one: our own model dir, a
         Hugging Face save_pretrained dir of AlignModel/CLIPModel/SiglipModel, or
         open_clip:ARCH[:CHECKPOINT].  Keeps its architecture, tokenizer, image size/mean/std,
@@ -176,6 +180,7 @@ class TrainConfig:
     color_jitter: float = 0.0
     grayscale: float = 0.0
     caption_word_drop: float = 0.0
+    style_aug: float = 0.0
     max_image_pixels: int = 1 << 26
     model: ModelConfig = field(default_factory=ModelConfig.tiny)
     init_from: str | None = None
@@ -221,6 +226,8 @@ class TrainConfig:
             raise ValueError("grayscale must be a probability in [0, 1]")
         if not 0.0 <= self.caption_word_drop < 1.0:
             raise ValueError("caption_word_drop must be a probability in [0, 1)")
+        if not 0.0 <= self.style_aug <= 1.0:
+            raise ValueError("style_aug must be a probability in [0, 1]")
         if self.stream_epochs < 0:
             raise ValueError("stream_epochs must be >= 0 (0 = auto)")
         if self.warmup_steps < 0 or self.eval_every < 0 or self.max_failures < -1:

@@ -220,7 +220,7 @@ def _preprocess_kwargs(cfg, selection: Selection, *, train: bool, tokenizer: dic
         max_pixels=cfg.max_image_pixels, match_col=match_col, with_match=with_match,
         counter=counter, crop_scale=tuple(cfg.crop_scale), hflip=cfg.hflip,
         color_jitter=cfg.color_jitter, grayscale=cfg.grayscale, word_drop=cfg.caption_word_drop,
-        text_spec=_library_spec(cfg))
+        style=cfg.style_aug, text_spec=_library_spec(cfg))
     key = hashlib.sha1(repr(sorted((k, v) for k, v in kwargs.items() if k != "tokenizer"))
                        .encode() + b"".join(tokenizer[k] for k in sorted(tokenizer))).hexdigest()
     return kwargs, key

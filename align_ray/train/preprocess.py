@@ -80,7 +80,8 @@ class Preprocess:
                  with_match: bool = False, counter: str | None = None,
                  crop_scale: tuple[float, float] = (0.5, 1.0), hflip: float = 0.5,
                  color_jitter: float = 0.0, grayscale: float = 0.0,
-                 word_drop: float = 0.0, text_spec: str | None = None) -> None:
+                 word_drop: float = 0.0, style: float = 0.0,
+                 text_spec: str | None = None) -> None:
         self.image_col, self.text_col, self.selection = image_col, text_col, selection
         self.match_col, self.with_match, self.size = match_col, with_match, image_size
         self.max_length, self.max_pixels, self.counter = max_length, max_pixels, counter
@@ -92,7 +93,8 @@ class Preprocess:
             self.text_tok = text_tokenizer(text_spec, max_length)
         # mean 0 / std 1/255 makes the transforms return the resized pixels as 0..255 floats
         ident = ((0.0, 0.0, 0.0), (1 / 255.0,) * 3)
-        aug = dict(scale=tuple(crop_scale), flip=hflip, jitter=color_jitter, gray=grayscale)
+        aug = dict(scale=tuple(crop_scale), flip=hflip, jitter=color_jitter, gray=grayscale,
+                   style=style)
         self.transform = (train_transform(image_size, *ident, **aug) if train
                           else eval_transform(image_size, *ident))
         # training rows with an ``aug_seed`` (RankStream) get their own seeded augmentation

@@ -103,6 +103,48 @@ def test_colour_augmentation_off_keeps_crops_on_changes_colours_only(dev_rows):
     assert np.array_equal(*same_seed)
 
 
+
+def test_style_augmentation_off_draws_nothing_on_redraws_within_the_frame(dev_rows):
+    from align_ray.model.transforms import restyle
+
+    img = decode_rgb(dev_rows["image"][0])
+    plain = train_transform(64, scale=(0.5, 1.0), seed=3)
+    off = train_transform(64, scale=(0.5, 1.0), seed=3, style=0.0)
+    for _ in range(3):
+        assert np.array_equal(plain(img), off(img))
+    ident = dict(mean=(0.0, 0.0, 0.0), std=(1 / 255,) * 3, scale=(1.0, 1.0), flip=0.0)
+    base = train_transform(64, **ident)(img)
+    outs = [train_transform(64, seed=s, style=1.0, **ident)(img) for s in range(6)]
+    assert all(o.shape == base.shape and 0 <= o.min() and o.max() <= 255 for o in outs)
+    assert all(not np.allclose(o, base, atol=2) for o in outs)   # always at least one change
+    assert np.array_equal(train_transform(64, seed=4, style=1.0, **ident)(img), outs[4])
+    # each change alone: flat colours use few colours; outlines add dark pixels inside the frame,
+    # none on it; the margin is white
+    small = img.resize((64, 64))
+    flat_only = restyle(small, _Rng([0.1, 0.9, 0.9], ints=[5]))
+    assert len(set(flat_only.getdata())) <= 5
+    lined = np.asarray(restyle(small, _Rng([0.9, 0.1, 0.9])))
+    dark = (lined.max(axis=2) < 40)
+    assert dark[1:-1, 1:-1].sum() > dark.size // 50 and not dark[0].any() and not dark[:, 0].any()
+    shrunk = np.asarray(restyle(small, _Rng([0.9, 0.9, 0.1], uniforms=[0.8], ints=[0, 0])))
+    assert (shrunk[-10:] == 255).all() and (shrunk[:, -10:] == 255).all()
+
+
+class _Rng:
+    """Scripted draws for restyle: which changes apply, then its integers and uniforms."""
+
+    def __init__(self, picks, ints=(), uniforms=()):
+        self.picks, self.ints, self.uniforms = np.asarray(picks), list(ints), list(uniforms)
+
+    def random(self, n=None):
+        return self.picks if n is not None else 0.9
+
+    def integers(self, low, high=None):
+        return self.ints.pop(0)
+
+    def uniform(self, low, high):
+        return self.uniforms.pop(0)
+
 def test_image_norm_edge_cases(monkeypatch):
     """One image_norm for train and serve: a grayscale or half-filled pretrained_cfg is taken
     whole or not at all (ImageNet then), explicit values win one by one, and must be RGB."""

@@ -1,5 +1,6 @@
 """Caption word dropout (``caption_word_drop``): which words a training caption shows, drawn
-from the row's own seed, without touching the row's identity or validation captions."""
+from the row's own seed, without touching the row's identity or validation captions; and the
+drawing-style augmentation (``style_aug``) reaching the training pixels from the config."""
 
 from __future__ import annotations
 
@@ -75,3 +76,30 @@ def test_config_bounds():
     assert TrainConfig(data=["x"], output="o", caption_word_drop=0.3).caption_word_drop == 0.3
     with pytest.raises(ValueError, match="caption_word_drop"):
         TrainConfig(data=["x"], output="o", caption_word_drop=1.0)
+    with pytest.raises(ValueError, match="style_aug"):
+        TrainConfig(data=["x"], output="o", style_aug=1.5)
+
+
+def test_style_aug_reaches_training_pixels_only(tok_files):
+    from align_ray.train.ingest import _preprocess_kwargs
+
+    def pre(style: float, train: bool = True) -> tuple[preprocess.Preprocess, str]:
+        cfg = TrainConfig(data=["x"], output="o", image_col="image", style_aug=style)
+        cfg.model.image_size = 8
+        kwargs, key = _preprocess_kwargs(cfg, selection.Selection(), train=train,
+                                         tokenizer=tok_files, counter=None, with_match=False)
+        assert kwargs["style"] == style
+        return preprocess.Preprocess(**kwargs), key
+
+    (on, on_key), (off, off_key) = pre(1.0), pre(0.0)
+    assert on_key != off_key   # a cached Preprocess is never reused across the option
+    img = Image.fromarray(np.kron(np.eye(2, dtype=np.uint8) * 200 + 30,
+                                  np.ones((16, 16), np.uint8))[..., None].repeat(3, 2))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    batch = {"image": np.array([buf.getvalue()] * 3, dtype=object),
+             "text": np.array([CAPTION] * 3), "aug_seed": np.asarray([1, 2, 3], np.int64)}
+    assert not np.array_equal(on(batch)["pixels"], off(batch)["pixels"])
+    val = {k: v for k, v in batch.items() if k != "aug_seed"}
+    np.testing.assert_array_equal(pre(1.0, train=False)[0](val)["pixels"],
+                                  pre(0.0, train=False)[0](val)["pixels"])
