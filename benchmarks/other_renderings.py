@@ -6,7 +6,12 @@ art styles, from registry packages only (npm, sha256-pinned, as ``shared/data/bu
 
 - **Twemoji** (``emoji-datasource-twitter``: Twitter's emoji, graphics CC-BY 4.0), 64 px PNGs;
 - **OpenMoji** (``openmoji``: CC-BY-SA 4.0), SVGs rasterised with cairosvg (``pip install
-  cairosvg``; skipped with a message when it is missing).
+  cairosvg``; skipped with a message when it is missing);
+- **Fluent** (``fluentui-emoji``: Microsoft's Fluent UI emoji, MIT), its flat SVGs, also
+  rasterised with cairosvg.  Its files are named by the emoji's CLDR name, not its code points,
+  so a concept matches when its dev-set ``text`` slugs to a file name (most do; the rest are
+  left out and counted).  Added as a third artist after the augmentation work had looked at
+  the first two, so that work has one style it was not chosen on.
 
 Every output row copies its caption columns (``text``, ``alt_text``, ``concept``, ``group``,
 ``dev_split``) from the dev-set row of the same concept, so a model is scored on the dev set's
@@ -37,6 +42,7 @@ PACKAGES = {  # npm name -> (version, sha256 of the tarball `npm pack` fetches)
     "emoji-datasource-twitter": ("16.0.0",
                                  "f64a530c63bca463bd8317fdc4615ce63a53a0c65018e4ce2d848aaba7a28877"),
     "openmoji": ("17.0.0", "55ee7d13485dec86e9f38c1f3a645a13382d33ff97c0cd845ee824b0aef45e68"),
+    "fluentui-emoji": ("1.3.0", "ec892e607e854859b812c7d827801756adc19955b0ef56d4ae8afcddd19492c5"),
 }
 CARRIED = ("text", "alt_text", "concept", "group", "dev_split", "category")
 SIZE = 64
@@ -108,6 +114,38 @@ def openmoji(tar: tarfile.TarFile, wanted: set[str]) -> tuple[dict[str, bytes], 
     return out, failed
 
 
+def slug(name: str) -> str:
+    """Fluent's file name for a CLDR name: lower case, runs of other characters -> '-'."""
+    out = "".join(c if c.isalnum() else "-" for c in name.lower())
+    return "-".join(p for p in out.split("-") if p)
+
+
+def fluent(tar: tarfile.TarFile, names: dict[str, str]) -> tuple[dict[str, bytes], list[str]]:
+    """``names``: concept key -> dev-set text (the CLDR name)."""
+    try:
+        import cairosvg
+    except ImportError:
+        print("fluent skipped: `pip install cairosvg` rasterises its SVGs", file=sys.stderr)
+        return {}, []
+    from PIL import Image
+
+    by_slug = {slug(text): key for key, text in names.items()}
+    out, failed = {}, []
+    for m in tar.getmembers():
+        if m.name.startswith("package/icons/flat/") and m.name.endswith(".svg"):
+            key = by_slug.get(m.name[len("package/icons/flat/"):-len(".svg")])
+            if key is None:
+                continue
+            try:
+                png = cairosvg.svg2png(bytestring=tar.extractfile(m).read(), output_width=SIZE,
+                                       output_height=SIZE)
+            except Exception as e:  # noqa: BLE001 - as openmoji
+                failed.append(f"{key}: {type(e).__name__}")
+                continue
+            out[key] = on_white(Image.open(io.BytesIO(png)))
+    return out, failed
+
+
 def build(style: str, images: dict[str, bytes], dev: dict, dest: Path) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -135,10 +173,12 @@ def main() -> None:
     dev = pq.read_table(args.dev, columns=list(CARRIED)).to_pydict()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for style, name, render in (("twemoji", "emoji-datasource-twitter", twemoji),
-                                ("openmoji", "openmoji", openmoji)):
-        wanted = {c.removeprefix("emoji:") for c in dev["concept"]}
-        images, failed = render(fetch(name, Path(args.cache)), wanted)
+    wanted = {c.removeprefix("emoji:") for c in dev["concept"]}
+    names = {c.removeprefix("emoji:"): t for c, t in zip(dev["concept"], dev["text"])}
+    for style, name, render, arg in (("twemoji", "emoji-datasource-twitter", twemoji, wanted),
+                                     ("openmoji", "openmoji", openmoji, wanted),
+                                     ("fluent", "fluentui-emoji", fluent, names)):
+        images, failed = render(fetch(name, Path(args.cache)), arg)
         if images:
             print({**build(style, images, dev, out / f"emoji_{style}_dev.parquet"),
                    "render_failed": failed})
