@@ -94,17 +94,19 @@ def twemoji(tar: tarfile.TarFile, wanted: set[str]) -> tuple[dict[str, bytes], l
             for k, m in members(tar, "package/img/twitter/64/", ".png", wanted)}, []
 
 
-def openmoji(tar: tarfile.TarFile, wanted: set[str]) -> tuple[dict[str, bytes], list[str]]:
+def rasterise(style: str, tar: tarfile.TarFile, found) -> tuple[dict[str, bytes], list[str]]:
+    """``found``: (concept key, SVG member) pairs, each rasterised with cairosvg at SIZE on white.
+    A few SVGs use features cairosvg lacks (markers): reported, not guessed at."""
     try:
         import cairosvg
     except ImportError:
-        print("openmoji skipped: `pip install cairosvg` rasterises its SVGs", file=sys.stderr)
+        print(f"{style} skipped: `pip install cairosvg` rasterises its SVGs", file=sys.stderr)
         return {}, []
     from PIL import Image
 
     out, failed = {}, []
-    for k, m in members(tar, "package/color/svg/", ".svg", wanted):
-        try:  # a few SVGs use features cairosvg lacks (markers): reported, not guessed at
+    for k, m in found:
+        try:
             png = cairosvg.svg2png(bytestring=tar.extractfile(m).read(), output_width=SIZE,
                                    output_height=SIZE)
         except Exception as e:  # noqa: BLE001 - any renderer failure drops that one image
@@ -112,6 +114,10 @@ def openmoji(tar: tarfile.TarFile, wanted: set[str]) -> tuple[dict[str, bytes], 
             continue
         out[k] = on_white(Image.open(io.BytesIO(png)))
     return out, failed
+
+
+def openmoji(tar: tarfile.TarFile, wanted: set[str]) -> tuple[dict[str, bytes], list[str]]:
+    return rasterise("openmoji", tar, members(tar, "package/color/svg/", ".svg", wanted))
 
 
 def slug(name: str) -> str:
@@ -122,28 +128,11 @@ def slug(name: str) -> str:
 
 def fluent(tar: tarfile.TarFile, names: dict[str, str]) -> tuple[dict[str, bytes], list[str]]:
     """``names``: concept key -> dev-set text (the CLDR name)."""
-    try:
-        import cairosvg
-    except ImportError:
-        print("fluent skipped: `pip install cairosvg` rasterises its SVGs", file=sys.stderr)
-        return {}, []
-    from PIL import Image
-
     by_slug = {slug(text): key for key, text in names.items()}
-    out, failed = {}, []
-    for m in tar.getmembers():
-        if m.name.startswith("package/icons/flat/") and m.name.endswith(".svg"):
-            key = by_slug.get(m.name[len("package/icons/flat/"):-len(".svg")])
-            if key is None:
-                continue
-            try:
-                png = cairosvg.svg2png(bytestring=tar.extractfile(m).read(), output_width=SIZE,
-                                       output_height=SIZE)
-            except Exception as e:  # noqa: BLE001 - as openmoji
-                failed.append(f"{key}: {type(e).__name__}")
-                continue
-            out[key] = on_white(Image.open(io.BytesIO(png)))
-    return out, failed
+    prefix = "package/icons/flat/"
+    stems = ((m.name[len(prefix):-len(".svg")], m) for m in tar.getmembers()
+             if m.name.startswith(prefix) and m.name.endswith(".svg"))
+    return rasterise("fluent", tar, ((by_slug[s], m) for s, m in stems if s in by_slug))
 
 
 def build(style: str, images: dict[str, bytes], dev: dict, dest: Path) -> dict:
