@@ -25,19 +25,44 @@ def _strings(texts: Iterable[str]) -> Iterator[str]:
             yield t
 
 
+def _continuing_pieces(texts: Iterable[str], normalizer, pre_tokenizer) -> list[str]:
+    """Every ``##c`` that WordPiece training will create: each character after the first of a word."""
+    chars: set[str] = set()
+    for t in _strings(texts):
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(t)):
+            chars.update(word[1:])
+    return ["##" + c for c in sorted(chars)]
+
+
 def train_wordpiece(
     texts: Iterable[str], vocab_size: int = 8000, max_length: int = 64, min_frequency: int = 1
 ) -> PreTrainedTokenizerFast:
-    """Train a lower-cased BERT-style WordPiece tokenizer on ``texts`` (vocab capped by the corpus)."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=None, clean_text=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece(prefix="##")
+    """Train a lower-cased BERT-style WordPiece tokenizer on ``texts`` (vocab capped by the corpus).
+
+    The same texts give the same vocabulary in every process. ``tokenizers``' trainer alone does
+    not: it numbers the ``##c`` pieces in hash-map order, and those numbers break ties between
+    equally frequent merges, so two runs learn different subwords (huggingface/tokenizers#1794).
+    Handing it every ``##c`` up front, in sorted order, fixes their numbers; they are then made
+    ordinary vocabulary entries again. ``texts`` is read twice (an iterator is listed first)."""
+    if iter(texts) is texts:
+        texts = list(texts)
+    normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=None, clean_text=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    pieces = _continuing_pieces(texts, normalizer, pre_tokenizer)
     trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
-        continuing_subword_prefix="##",
+        vocab_size=vocab_size, min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS + pieces, continuing_subword_prefix="##",
     )
-    tok.train_from_iterator(_strings(texts), trainer=trainer)
+    draft = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+    draft.normalizer, draft.pre_tokenizer = normalizer, pre_tokenizer
+    draft.train_from_iterator(_strings(texts), trainer=trainer)
+    # the same vocabulary with only the real special tokens: the seeded pieces must stay plain
+    # subwords (a special token is matched in raw text and skipped when decoding)
+    tok = Tokenizer(models.WordPiece(vocab=draft.get_vocab(with_added_tokens=False), unk_token="[UNK]",
+                                     max_input_chars_per_word=100))
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.add_special_tokens(SPECIAL_TOKENS)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",

@@ -100,8 +100,19 @@ def build_tokenizer(cfg, paths: list[str], selection: Selection):
     src = cfg.model.tokenizer or cfg.model.text_model
     if src:
         return load_tokenizer(src, max_length=cfg.model.max_length)
-    return train_wordpiece(iter_texts(paths, cfg.text_col, selection), cfg.model.vocab_size,
+    return train_wordpiece(_Captions(paths, cfg.text_col, selection), cfg.model.vocab_size,
                            cfg.model.max_length)
+
+
+class _Captions:
+    """The captions as an iterable that streams them again on each pass (the WordPiece trainer
+    makes two), rather than listing every caption on the driver."""
+
+    def __init__(self, paths: list[str], text_col: str, selection: Selection):
+        self.args = (paths, text_col, selection)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter_texts(*self.args)
 
 
 def count_rows(fs: pafs.FileSystem, files: list[str]) -> int:

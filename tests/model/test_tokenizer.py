@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
+import pytest
 from transformers import AutoTokenizer
 
 from align_ray.model import build_tokenizer, load_tokenizer, tokenize, train_wordpiece
+from tests.conftest import DEV_SET as DEV
 from tests.model.helpers import tiny_cfg
 
 
@@ -45,3 +51,21 @@ def test_tokenize_pads_truncates_and_vocab_is_capped():
 def test_build_tokenizer_trains_when_nothing_given(dev_rows):
     tok = build_tokenizer(tiny_cfg(vocab_size=300), dev_rows["text"])
     assert 100 < len(tok) <= 300
+
+
+def test_same_captions_give_the_same_vocabulary_in_every_process():
+    """Hash maps are seeded per process, so only separate processes show the trainer's
+    tie-breaking drift (huggingface/tokenizers#1794). Without the fix, three runs on these
+    captions gave three vocabularies; two runs must now agree id for id."""
+    if not DEV.exists():
+        pytest.skip(f"{DEV} not present")
+    script = (
+        "import json, sys, pyarrow.parquet as pq\n"
+        "from align_ray.model.tokenizer import train_wordpiece\n"
+        "texts = pq.read_table(sys.argv[1], columns=['alt_text']).column('alt_text').to_pylist()\n"
+        "print(json.dumps(sorted(train_wordpiece(texts).get_vocab().items(), key=lambda kv: kv[1])))\n"
+    )
+    vocabs = [subprocess.run([sys.executable, "-c", script, str(DEV)], capture_output=True, text=True,
+                             check=True, timeout=120).stdout for _ in range(2)]
+    assert len(json.loads(vocabs[0])) > 1000
+    assert vocabs[1] == vocabs[0]

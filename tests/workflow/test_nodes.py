@@ -82,4 +82,6 @@ def test_a_short_stage_is_sampled_densely_from_its_start(ray_cluster):
     tl.stop()
     per = tl.per_stage()
     assert per["prep"]["busy_nodes"] == 1 and per["prep"]["samples"] >= 5, per
-    assert len(tl.rows) - n <= 1          # the loop's one wake-up sample, then its 60 s wait
+    # at most a burst sample already in flight when the stage ended (CI caught one) and the
+    # loop's wake-up sample, then its 60 s wait; a burst still going would add about 5
+    assert len(tl.rows) - n <= 2
