@@ -62,16 +62,30 @@ def _with_shard(batch: pa.Table, index: dict[str, int]) -> pa.Table:
         "shard", pa.array([index[n] for n in names], pa.int32()))
 
 
+def check_columns(src: Layout, shards: list[dict], columns: list[str]) -> None:
+    """Fail before any work when the input lacks a column the plan reads."""
+    files = [src.path(p) for m in shards for p in m["parts"] if p.startswith(f"{PARQUET}/")]
+    if not files:
+        return
+    names = pq.read_schema(files[0], filesystem=src.fs).names
+    if plan_lib.SCORE_COL in columns and plan_lib.SCORE_COL not in names:
+        raise InputError(f"{src.uri} has no {plan_lib.SCORE_COL} column, which score_min / "
+                         "score_keep_fraction need: run `align-ray score` on it first")
+    # `align-ray score` also takes a plain parquet and carries its columns through, so a scored
+    # folder may lack what the download stage writes (a Ray task would fail with a KeyError)
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise InputError(f"{src.uri} has no {', '.join(missing)} column(s): the filter reads the "
+                         "download stage's output (`align-ray data`), or `align-ray score`'s "
+                         "output of it, not a plain parquet")
+
+
 def read_rows(src: Layout, shards: list[dict],
               columns: list[str] = plan_lib.META_COLS) -> ray.data.Dataset:
     """The metadata columns of every downloaded row, tagged with its shard's index."""
     files = [src.path(p) for m in shards for p in m["parts"] if p.startswith(f"{PARQUET}/")]
     if not files:
         raise InputError(f"{src.uri}: the download stage produced no rows")
-    if plan_lib.SCORE_COL in columns and plan_lib.SCORE_COL not in pq.read_schema(
-            files[0], filesystem=src.fs).names:
-        raise InputError(f"{src.uri} has no {plan_lib.SCORE_COL} column, which score_min / "
-                         "score_keep_fraction need: run `align-ray score` on it first")
     index = {m["shard"]: i for i, m in enumerate(shards)}
     ds = ray_env.read_parquet(files, filesystem=src.fs, columns=columns, include_paths=True)
     return ds.map_batches(_with_shard, fn_kwargs={"index": index}, batch_format="pyarrow",
@@ -114,8 +128,9 @@ def run(cfg: FilterConfig) -> dict:
     if not cfg.overwrite and dst.is_complete(input=cfg.input):
         log.info("filter: %s is complete; nothing to do (--overwrite redoes it)", cfg.output)
         return dst.stats()
+    check_columns(src, shards, plan_lib.meta_cols(cfg))   # before clearing anything
     if cfg.enabled(semdedup.RULE):
-        semdedup.check_columns(src, shards)   # before clearing anything: run `score` first
+        semdedup.check_columns(src, shards)   # run `score` first
     if cfg.enabled(balance.RULE):
         balance.load_entries(cfg.balance_entries)  # the same for a missing or empty file
     dst.clear()

@@ -105,6 +105,34 @@ def test_incomplete_download_stage_is_refused(tmp_path):
         pipeline.run(FilterConfig(input=str(tmp_path / "nope"), output=str(tmp_path / "o")))
 
 
+def test_a_scored_plain_parquet_is_refused_naming_the_missing_columns(tmp_path, capsys):
+    """`align-ray score` of a plain parquet carries only that parquet's columns: the filter must
+    say what is missing, exit 2 and touch nothing (it failed in a Ray task with a KeyError)."""
+    from align_ray import cli
+
+    src = tmp_path / "scored"
+    for sub in ("parquet", "_shards"):
+        (src / sub).mkdir(parents=True)
+    pq.write_table(pa.table({"image": [b"png"] * 3, "alt_text": ["a b c"] * 3,
+                             "pair_score": pa.array([0.1, 0.2, 0.3], pa.float32())}),
+                   src / "parquet" / "00000.parquet")
+    (src / "_shards" / "00000.json").write_text(json.dumps(
+        {"shard": "00000", "input_rows": 3, "output_rows": 3, "dropped": {},
+         "parts": ["parquet/00000.parquet"]}))
+    (src / "stats.json").write_text(json.dumps({"input_rows": 3, "output_rows": 3,
+                                                "complete": True}))
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    cfg = FilterConfig(input=str(src), output=str(out), semdedup=True)
+    with pytest.raises(Exception, match="no key, text, sha256, phash, text_hash, original_width, "
+                                        "original_height column.*`align-ray data`"):
+        pipeline.run(cfg)
+    assert cli._run_filter_stage(cfg) == 2
+    assert "not a plain parquet" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
 def test_noisy_web_end_to_end_through_the_cli(ray_cluster, web, tmp_path):
     """`align-ray data --filter` on the built-in noisy web: every input row accounted for."""
     rows = web.url_rows(300, noise=True, faults=True, fault_fraction=0.1)
