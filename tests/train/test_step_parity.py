@@ -135,7 +135,11 @@ def test_train_step_matches_plain_pytorch(monkeypatch, tmp_path):
         plain, plain_losses = _plain(cfg, seen["init"], batches, vocab)
     finally:
         torch.set_num_threads(threads)
-    np.testing.assert_allclose(seen["losses"], plain_losses, rtol=2e-4)
+    # the first loss sees identical weights and inputs: any transform or loss difference shows
+    # here. After an Adam step, float reduction order alone moves the loss by a few 1e-4 (the
+    # plain loop against itself on 1 and 2 threads), more for some vocabularies than others.
+    np.testing.assert_allclose(seen["losses"][0], plain_losses[0], rtol=1e-5)
+    np.testing.assert_allclose(seen["losses"], plain_losses, rtol=1e-3)
     logged = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert len(logged) == STEPS and all(r["grad_norm"] > 0 for r in logged)  # measured, not clipped
     assert plain_losses[-1] != plain_losses[0]  # it trained
