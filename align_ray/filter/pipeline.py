@@ -62,8 +62,10 @@ def _with_shard(batch: pa.Table, index: dict[str, int]) -> pa.Table:
         "shard", pa.array([index[n] for n in names], pa.int32()))
 
 
-def check_columns(src: Layout, shards: list[dict], columns: list[str]) -> None:
-    """Fail before any work when the input lacks a column the plan reads."""
+def check_columns(src: Layout, shards: list[dict], cfg: FilterConfig) -> None:
+    """Fail before any work when the input lacks a column the plan or SemDeDup reads (the first
+    parquet's schema, read once)."""
+    columns = plan_lib.meta_cols(cfg)
     files = [src.path(p) for m in shards for p in m["parts"] if p.startswith(f"{PARQUET}/")]
     if not files:
         return
@@ -78,6 +80,8 @@ def check_columns(src: Layout, shards: list[dict], columns: list[str]) -> None:
         raise InputError(f"{src.uri} has no {', '.join(missing)} column(s): the filter reads the "
                          "download stage's output (`align-ray data`), or `align-ray score`'s "
                          "output of it, not a plain parquet")
+    if cfg.enabled(semdedup.RULE):
+        semdedup.check_columns(src.uri, names)   # run `score` first
 
 
 def read_rows(src: Layout, shards: list[dict],
@@ -128,9 +132,7 @@ def run(cfg: FilterConfig) -> dict:
     if not cfg.overwrite and dst.is_complete(input=cfg.input):
         log.info("filter: %s is complete; nothing to do (--overwrite redoes it)", cfg.output)
         return dst.stats()
-    check_columns(src, shards, plan_lib.meta_cols(cfg))   # before clearing anything
-    if cfg.enabled(semdedup.RULE):
-        semdedup.check_columns(src, shards)   # run `score` first
+    check_columns(src, shards, cfg)   # before clearing anything
     if cfg.enabled(balance.RULE):
         balance.load_entries(cfg.balance_entries)  # the same for a missing or empty file
     dst.clear()

@@ -29,7 +29,6 @@ import math
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 import ray.data
 
@@ -50,15 +49,12 @@ def _files(src: Layout, shards: list[dict]) -> list[str]:
     return [src.path(p) for m in shards for p in m["parts"] if p.startswith(f"{PARQUET}/")]
 
 
-def check_columns(src: Layout, shards: list[dict]) -> None:
-    """Fail before any work when the input has not been through ``align-ray score``."""
-    files = _files(src, shards)
-    if not files:
-        return
-    names = pq.read_schema(files[0], filesystem=src.fs).names
+def check_columns(uri: str, names: list[str]) -> None:
+    """Fail before any work when the input (columns ``names``) has not been through ``align-ray
+    score``."""
     missing = [c for c in (EMB_COL, SCORE_COL) if c not in names]
     if missing:
-        raise InputError(f"{src.uri} has no {' / '.join(missing)} column(s), which semdedup "
+        raise InputError(f"{uri} has no {' / '.join(missing)} column(s), which semdedup "
                          "needs: run `align-ray score` on it first and filter its output")
 
 
