@@ -89,7 +89,7 @@ def one_run() -> dict:
         load0 = os.getloadavg()[0]
         t0 = time.monotonic()
         train = _cli("train", "--data", str(DEV), "--image-col", "image", "--text-col", "alt_text",
-                     "--output", "run", "--workers", "1", "--batch-size", "32", "--steps", "20",
+                     "--output", "run", "--batch-size", "16", "--steps", "20",
                      cwd=cwd, timeout=900)
         index = _cli("index", "--model", "run/model", "--data", str(DEV), "--image-col", "image",
                      "--text-col", "text", "--output", "index", cwd=cwd, timeout=900)

@@ -106,29 +106,30 @@ def test_data_then_filter(ray2, web, work):
 
 
 @pytest.fixture(scope="module")
-def trained(ray2, work) -> Path:
-    """The README's first command: 20 steps on the dev set, otherwise default flags."""
+def trained(ray2, work) -> dict:
+    """The README's first command: 20 steps on the dev set, default flags otherwise, so also
+    default workers.  One run serves the eval, index and serve tests below (a second training
+    run here cost CI over a minute)."""
     t0 = time.monotonic()
-    cli("train", "--data", str(DEV_SET), "--image-col", "image", "--text-col", "alt_text",
-        "--output", str(work / "run"), "--workers", "1", "--batch-size", "32", "--steps", "20",
-        address=ray2, timeout=300, cwd=work)
+    proc = cli("train", "--data", str(DEV_SET), "--image-col", "image", "--text-col", "alt_text",
+               "--output", str(work / "run"), "--batch-size", "16", "--steps", "20",
+               address=ray2, timeout=300, cwd=work)
     print(f"train: {time.monotonic() - t0:.0f} s")
-    return work / "run" / "model"
+    return {"model": work / "run" / "model",
+            "summary": json.loads(proc.stdout.strip().splitlines()[-1])}
 
 
-def test_train_default_workers_fit_two_cpus(ray2, work):
+def test_train_default_workers_fit_two_cpus(trained):
     """Default workers (2 x 1 CPU) plus the data tasks would need 4 CPUs: the run is sized to
     the 2 the cluster has, instead of waiting for ever on its first batch."""
-    proc = cli("train", "--data", str(DEV_SET), "--image-col", "image", "--text-col", "alt_text",
-               "--output", str(work / "run2"), "--batch-size", "8", "--steps", "3",
-               address=ray2, timeout=300, cwd=work)
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["step"] == 3 and summary["global_batch"] == 16
+    summary = trained["summary"]
+    assert summary["step"] == 20 and summary["global_batch"] == 32
+    assert summary["samples_seen"] == 20 * 32
 
 
 def test_eval(trained, work):
     proc = subprocess.run(
-        [sys.executable, "-m", "align_ray.cli", "eval", "--model", str(trained), "--data",
+        [sys.executable, "-m", "align_ray.cli", "eval", "--model", str(trained["model"]), "--data",
          str(DEV_SET), "--image-col", "image", "--text-col", "text", "--max-rows", "200"],
         cwd=work, capture_output=True, text=True, timeout=180,
         env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -140,7 +141,7 @@ def test_eval(trained, work):
 @pytest.fixture(scope="module")
 def index(ray2, trained, work) -> Path:
     t0 = time.monotonic()
-    cli("index", "--model", str(trained), "--data", str(DEV_SET), "--image-col", "image",
+    cli("index", "--model", str(trained["model"]), "--data", str(DEV_SET), "--image-col", "image",
         "--text-col", "text", "--output", str(work / "index"), address=ray2, timeout=120, cwd=work)
     print(f"index: {time.monotonic() - t0:.0f} s")
     meta = json.loads((work / "index" / "index.json").read_text())
@@ -150,8 +151,8 @@ def index(ray2, trained, work) -> Path:
 
 def test_index_and_serve_answer_every_endpoint(ray2, trained, index, work):
     port = free_port()
-    cmd = [sys.executable, "-m", "align_ray.cli", "serve", "--model", str(trained), "--index",
-           str(index), "--port", str(port), "--ray-address", ray2]
+    cmd = [sys.executable, "-m", "align_ray.cli", "serve", "--model", str(trained["model"]),
+           "--index", str(index), "--port", str(port), "--ray-address", ray2]
     proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     lines: list[str] = []
