@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite as CI runs it, in two pytest processes side by side: the tests that run
-# against Ray clusters they start themselves with `ray start` (tests/multinode and the CLI
-# stages on a 2-CPU head, tests/test_cli_stages.py), beside the rest (on the session's
-# in-process Ray).  The same tests as `pytest -q` in one process.
+# against Ray clusters they start themselves with `ray start` (tests/multinode, and the CLI
+# stages on a 2-CPU head: tests/test_cli_stages.py, tests/score/test_cli.py), beside the rest
+# (on the session's in-process Ray).  The same tests as `pytest -q` in one process.
 #
 # Why two processes: each half alone leaves a 2-core box about a third idle (the multi-node
 # tests wait on node deaths, autoscaler ticks and Ray Train restarts; most other tests run one
@@ -20,7 +20,7 @@ py=${PYTHON:-.venv/bin/python}
 scratch=$(mktemp -d -t align-ray-tests-XXXXXX)
 trap 'rm -rf "$scratch"' EXIT
 
-own_clusters=(tests/multinode tests/test_cli_stages.py)
+own_clusters=(tests/multinode tests/test_cli_stages.py tests/score/test_cli.py)
 "$py" -m pytest -q --basetemp="$scratch/clusters" "${own_clusters[@]}" "$@" \
     > "$scratch/clusters.log" 2>&1 &
 multi=$!

@@ -4,27 +4,26 @@
 back is checked against the library's own embeddings, and every search against a brute-force
 search over them.
 
-The index is built by the CLI in a subprocess, a Ray driver of its own attached to the session
-cluster (as ``align-ray index --ray-address`` attaches to a running cluster): starting a local
-Ray per model would cost more than the build.  The app is deployed beside the package's app,
-under its own route, with 0-CPU replicas, so the index's tasks of a later model never wait for
-this one's replicas."""
+The index is built by the CLI's ``main`` in the test process, on the session cluster, as
+``align-ray eval`` is in tests/model/test_external.py: a subprocess per model (a Ray driver of
+its own, whose job needs fresh worker processes) cost CI about a minute over the five kinds,
+and the CLI as a subprocess is tested in tests/test_cli_stages.py.  The app is deployed beside
+the package's app, under its own route, with 0-CPU replicas, so the index's tasks of a later
+model never wait for this one's replicas."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from align_ray.cli import main
 from align_ray.model.transforms import decode_rgb
 from tests.model.external_models import captions, external_spec, png, reference  # noqa: F401
-from tests.conftest import REPO
 from tests.serve.conftest import TEST_LIMITS
 
 N = 10
@@ -58,7 +57,6 @@ def _same_top_k(hits: list[dict], brute: np.ndarray, k: int) -> None:
 
 def test_index_and_serve_match_the_librarys_embeddings(external_spec, ext_corpus, serve_app,
                                                         tmp_path):
-    import ray
     from ray import serve
 
     from align_ray.client import AlignClient, b64
@@ -70,12 +68,8 @@ def test_index_and_serve_match_the_librarys_embeddings(external_spec, ext_corpus
     ref_img, ref_txt = reference(external_spec, [decode_rgb(b) for b in images], texts)
 
     out = str(tmp_path / "idx")
-    cmd = [sys.executable, "-m", "align_ray.cli", "index", "--model", external_spec, "--data",
-           ext_corpus["path"], "--output", out, "--batch-size", "4", "--thumb-size", "32",
-           "--ray-address", ray.get_runtime_context().gcs_address]
-    done = subprocess.run(cmd, cwd=REPO, env=os.environ.copy(), capture_output=True, text=True,
-                          timeout=400)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert main(["index", "--model", external_spec, "--data", ext_corpus["path"], "--output", out,
+                 "--batch-size", "4", "--thumb-size", "32"]) == 0
     manifest = json.loads(open(os.path.join(out, "index.json")).read())
     assert (manifest["count"], manifest["dropped"], manifest["dim"]) == (N, 1, ref_img.shape[1])
     for m, ref in (("image", ref_img), ("text", ref_txt)):
