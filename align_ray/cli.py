@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 
 from align_ray import cli_args
@@ -275,6 +276,13 @@ COMMANDS = {"data": _run_data, "filter": _run_filter, "score": _run_score, "trai
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and hasattr(signal, "SIGPIPE"):
+        # Run as a program: a closed output pipe (`align-ray train ... 2>&1 | head`) ends the
+        # command as it ends `cat`.  Python's default turns it into BrokenPipeError, raised
+        # inside tqdm's write lock by Ray Data's driver-side progress bar; the bar's __del__
+        # then waits on that lock for ever, and even SIGTERM did not end the command.  The
+        # Ray cluster a command started goes with it (Ray's processes share its fate).
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = argparse.ArgumentParser(prog="align-ray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -198,3 +198,21 @@ def _first_image() -> bytes:
     import pyarrow.parquet as pq
 
     return pq.read_table(DEV_SET, columns=["image"]).column("image")[0].as_py()
+
+
+def test_a_closed_output_pipe_ends_the_command(ray2, work):
+    """``align-ray train ... 2>&1 | head -3``: once ``head`` has its lines, the command ends
+    (SIGPIPE, as ``cat`` does) instead of hanging on tqdm's write lock for ever."""
+    cmd = [sys.executable, "-m", "align_ray.cli", "train", "--data", str(DEV_SET), "--image-col",
+           "image", "--text-col", "alt_text", "--output", str(work / "piped"), "--steps", "3",
+           "--batch-size", "8", "--ray-address", ray2]
+    proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    head = [proc.stdout.readline() for _ in range(3)]
+    proc.stdout.close()                           # what `head -3` does once it has them
+    try:
+        rc = proc.wait(90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"still running 90 s after its output pipe closed; it had printed {head}")
+    assert rc == -signal.SIGPIPE, rc
