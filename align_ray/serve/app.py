@@ -98,11 +98,21 @@ def app_builder(args: dict) -> Application:
     return build_app(ServeConfig.from_dict(dict(args or {})))
 
 
+# Serve's controller gives a new proxy 5 s to answer its first ready check, then kills it, and
+# `serve.start` fails with "ActorDiedError ... ProxyActor ... killed by ray.kill": a proxy
+# starting on a loaded node (a training run beside it, a 2-core box) can take longer than that
+# to import its modules.  The controller reads the setting from its own environment, so it goes
+# there; a value set by the user in this process's environment wins.
+_CONTROLLER_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S":
+                   os.environ.get("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")}
+
+
 def start(cfg: ServeConfig, access_log: bool = False, log_level: str = "WARNING") -> str:
     """Start Serve's HTTP proxy on ``cfg.host:cfg.port`` (Ray must be initialised) and deploy the
     app; returns its base URL once every deployment is running."""
     serve.start(proxy_location=cfg.proxy_location,
-                http_options=HTTPOptions(host=cfg.host, port=cfg.port))
+                http_options=HTTPOptions(host=cfg.host, port=cfg.port),
+                controller_options={"runtime_env": {"env_vars": _CONTROLLER_ENV}})
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False,
               logging_config=LoggingConfig(enable_access_log=access_log, log_level=log_level))
     return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"

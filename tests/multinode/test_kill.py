@@ -252,34 +252,33 @@ def test_elastic_training_shrinks_to_the_nodes_left_and_grows_back_with_the_same
         ok = checkpointed("step_0000000")
         return r2 if ok and r2 and r2["step"] >= 3 and r2["world"] == 3 else None
 
-    r2 = _wait_for(ready, proc, log, 240, "a checkpoint and 3 ranks past it")
+    r2 = _wait_for(ready, proc, log, 480, "a checkpoint and 3 ranks past it")
     victim = cluster.node_of_pid(r2["pid"])
     assert victim.type == "gpu_train" and victim is not cluster.node_of_pid(rank(0)["pid"])
     cluster.kill(victim)                          # no replacement yet
     t_kill = time.monotonic()
-    _wait_for(lambda: (rank(0) or {}).get("world") == 2, proc, log, 240, "a 2-worker group")
+    _wait_for(lambda: (rank(0) or {}).get("world") == 2, proc, log, 480, "a 2-worker group")
     shrink_s = time.monotonic() - t_kill
     # the 2-worker group trains on: a checkpoint of its own (named -r1: after one restart)
-    _wait_for(lambda: checkpointed("-r1"), proc, log, 120, "a checkpoint of the 2-worker group")
+    _wait_for(lambda: checkpointed("-r1"), proc, log, 300, "a checkpoint of the 2-worker group")
     # hold the steps so the run is still going when the node is back, then add it
     (progress / "hold").touch()
     (progress / "rank2.json").unlink()
     t_add = time.monotonic()
     cluster.add("gpu_train")
-    back = _wait_for(lambda: (r := rank(2)) and r["world"] == 3 and r, proc, log, 240,
+    back = _wait_for(lambda: (r := rank(2)) and r["world"] == 3 and r, proc, log, 480,
                      "the group grown back to 3 workers")
     grow_s = time.monotonic() - t_add
     assert cluster.node_of_pid(back["pid"]).type == "gpu_train"
     (progress / "hold").unlink()
     (progress / "fast").touch()
-    stdout = _finish(proc, log, 300)
+    stdout = _finish(proc, log, 600)
     assert proc.returncode == 0, log.read_text()[-4000:]
     s = json.loads(stdout.strip().splitlines()[-1])
-    assert s["step"] == steps and s["global_batch"] == 12
-    assert s["samples_seen"] == steps * 12
-    assert s["restarts"] >= 2
+    assert (s["step"], s["global_batch"], s["samples_seen"]) == (steps, 12, steps * 12), s
+    assert s["restarts"] >= 2, s
     text = log.read_text()
-    assert "elastic: 2 of 3 workers share the global batch 12: 6 rows each" in text
-    assert (rank(0) or {}).get("world") == 3 and (rank(0) or {}).get("step") == steps
+    assert "elastic: 2 of 3 workers share the global batch 12: 6 rows each" in text, text[-4000:]
+    assert ((rank(0) or {}).get("world"), (rank(0) or {}).get("step")) == (3, steps), rank(0)
     print(f"elastic: 3 -> 2 workers {shrink_s:.0f} s after the kill, back to 3 {grow_s:.0f} s "
           f"after the node was added, {s['restarts']} restart(s)")

@@ -202,7 +202,7 @@ def test_hot_swap_answers_every_query(sharded, small_index):
         time.sleep(1.0)
         _deploy(_app_config(args, {"indexes": {"main": small_index, "small": small_index},
                                    "default": "main"}))
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180
         while requests.get(url + "/healthz", timeout=30).json()["index"]["count"] != SMALL_ROWS:
             assert time.monotonic() < deadline, "the new index never came in"
             time.sleep(0.2)
