@@ -1,6 +1,6 @@
 """Ray Train end to end (real local Ray, 2 gloo workers, tiny model, 64 px, batch 4/worker):
-a run + a resume with more steps, and a run where one worker fails once mid-run (the replayed
-steps get the very batches the failed attempt had)."""
+a run + a resume with more steps, and a range-test run where one worker fails once mid-run
+(the replayed steps get the very batches the failed attempt had)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from align_ray.model import Embedder, ModelConfig
 from align_ray.train import checkpoint as ckpt_lib
 from align_ray.train.config import TrainConfig
+from align_ray.train.optim import lr_factor
 from align_ray.train.run import run
 
 
@@ -92,7 +94,12 @@ def test_worker_failure_resumes_from_last_checkpoint_on_s3(ray_cluster, small_pa
                                                            s3):
     """Rank 1 raises after step 3 once.  The whole run directory is an s3:// URI on a real S3
     server (no local path is written): checkpoints (every 2 steps), rank 0's metrics.jsonl and
-    TensorBoard events, the driver's model/, curves.png and eval.json."""
+    TensorBoard events, the driver's model/, curves.png and eval.json.
+
+    The run is also a learning-rate range test (``schedule: range_test``, lr 1e-4 -> 1 over the
+    6 steps): its lr_find.json/png go to S3 with the rest, and the logged learning rates are one
+    geometric curve across the restart (the scheduler resumes where the checkpoint left it).
+    One run covers both because a Ray Train run costs CI tens of seconds of start-up alone."""
     marker = tmp_path / "failed-once"
 
     def fail_once(step: int, rank: int) -> None:  # runs on the workers (pickled by value)
@@ -103,13 +110,21 @@ def test_worker_failure_resumes_from_last_checkpoint_on_s3(ray_cluster, small_pa
     s3.create_bucket(Bucket="train-ckpt")
     seen = tmp_path / "batches"
     seen.mkdir()
-    cfg = _cfg(small_parquet, "s3://train-ckpt/runs", steps=6, max_failures=1)
+    cfg = _cfg(small_parquet, "s3://train-ckpt/runs", steps=6, max_failures=1,
+               schedule="range_test", lr=1.0, min_lr_ratio=1e-4)
     s = run(cfg, step_hook=fail_once, data_hook=_record_batches(seen))
     assert marker.exists()
     assert (s["step"], s["samples_seen"], s["restarts"], s["resumed_from_step"]) == (6, 48, 1, 2)
     metrics = s3.get_object(Bucket="train-ckpt", Key="runs/metrics.jsonl")["Body"].read().decode()
-    steps = [json.loads(x)["step"] for x in metrics.splitlines() if "loss" in json.loads(x)]
-    assert steps == [1, 2, 3, 4, 5, 6]  # steps 3.. replayed once, logged once
+    logged = [json.loads(x) for x in metrics.splitlines() if "loss" in json.loads(x)]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]  # steps 3.. replayed once, logged once
+    want = [lr_factor(i, total=6, warmup=1, schedule="range_test", min_ratio=1e-4)
+            for i in range(6)]
+    assert want[0] == pytest.approx(1e-4) and want[-1] == pytest.approx(1.0)
+    assert [r["lr"] for r in logged] == pytest.approx(want, rel=1e-6)
+    found = json.loads(s3.get_object(Bucket="train-ckpt", Key="runs/lr_find.json")["Body"].read())
+    assert found["steps"] == 6 and 1e-4 <= found["suggested_lr"] <= 1.0
+    assert s["lr_find"]["suggested_lr"] == found["suggested_lr"]
     # the replayed steps got the failed attempt's batches: same rows, same order, same pixels
     got: dict = {}
     for f in seen.glob("*.npz"):
@@ -127,7 +142,7 @@ def test_worker_failure_resumes_from_last_checkpoint_on_s3(ray_cluster, small_pa
     assert any(k.startswith("runs/checkpoints/align/tokenizer/") for k in keys)
     assert s["checkpoint"].startswith("train-ckpt/runs/checkpoints/align/step_00000006")
     assert {"runs/model/config.json", "runs/model/model.safetensors", "runs/curves.png",
-            "runs/eval.json"} <= set(keys)
+            "runs/eval.json", "runs/lr_find.png"} <= set(keys)
     assert any(k.startswith("runs/tb/events.") for k in keys)  # uploaded by rank 0 as it ran
     assert s["model_dir"] == "s3://train-ckpt/runs/model" and s["output"] == "s3://train-ckpt/runs"
     assert Embedder.load(s["model_dir"]).embed_texts(["grinning face"]).shape == (1, 32)
