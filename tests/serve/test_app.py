@@ -6,6 +6,7 @@ changes an encoder's ``user_config`` is applied live to the running replica (no 
 from __future__ import annotations
 
 import copy
+import os
 import time
 from pathlib import Path
 
@@ -87,3 +88,18 @@ def test_shipped_config_deploys_and_user_config_is_retuned_live(serve_app, tiny_
         assert time.perf_counter() - t >= 0.5      # a lone request waits out the batch window
     finally:
         serve.delete(APP)
+
+
+def test_serve_controller_gives_a_starting_proxy_30_s(serve_app):
+    """``app.start`` starts Serve's controller with ``RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S=30``
+    in its environment (Serve's 5 s default killed a proxy still importing on a loaded CI
+    runner, and ``align-ray serve`` died in ``serve.start``).  Read from the controller
+    process itself: the setting only works there."""
+    import psutil
+
+    controllers = [p for p in psutil.process_iter(["cmdline"])
+                   if (p.info["cmdline"] or [""])[0].startswith("ray::ServeController")]
+    assert controllers
+    want = os.environ.get("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")  # the user's wins
+    for p in controllers:  # this session's, and any other align-ray serve's on the box
+        assert p.environ().get("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S") == want, p
