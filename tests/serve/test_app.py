@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.serve.conftest import wait_running
+
 YAML = Path(__file__).resolve().parents[2] / "align_ray" / "serve" / "serve_config.yaml"
 APP = "align-declarative"
 
@@ -35,19 +37,12 @@ def _config(tiny_model: str, index_dir: str) -> dict:
 
 
 def _deploy(raw: dict, timeout: float = 300) -> None:
-    """``serve deploy``'s declarative apply, then a wait for RUNNING with a deadline of our own:
-    the client's ``_blocking=True`` gives up after a fixed 60 s, which new replicas (torch,
-    transformers and faiss imported, a model loaded) overran on a slow CI box."""
-    from ray import serve
+    """``serve deploy``'s declarative apply, then a wait for RUNNING (``wait_running``)."""
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate(raw))
-    deadline = time.monotonic() + timeout
-    while (app := serve.status().applications.get(APP)) is None or app.status != "RUNNING":
-        assert app is None or app.status != "DEPLOY_FAILED", app
-        assert time.monotonic() < deadline, f"{APP} not running after {timeout} s: {app}"
-        time.sleep(0.5)
+    wait_running(APP, timeout)
 
 
 def _text_user_config(raw: dict) -> dict:

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 
-from tests.serve.conftest import TEST_LIMITS
+from tests.serve.conftest import TEST_LIMITS, wait_running
 
 APP, PREFIX, SMALL_ROWS = "align-shard", "/sharded", 29
 
@@ -78,11 +78,7 @@ def sharded(serve_app, tiny_model, index_dir, small_index):
                 image_encoder=tiny, text_encoder=tiny, router={"num_cpus": 0.05},
                 limits=TEST_LIMITS, app_name=APP)
     _deploy(_app_config(args))
-    deadline = time.monotonic() + 180
-    while serve.status().applications.get(APP) is None or \
-            serve.status().applications[APP].status != "RUNNING":
-        assert time.monotonic() < deadline, serve.status().applications.get(APP)
-        time.sleep(0.5)
+    wait_running(APP, 180)
     try:
         yield f"http://{cfg.host}:{cfg.port}{PREFIX}", args, client.base_url
     finally:
