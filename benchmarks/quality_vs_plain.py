@@ -179,9 +179,15 @@ def plain_run(args, seed: int) -> dict:
     model.train()
     ranked = align_ray_order(len(texts), seed, args.workers, args.batch // args.workers) \
         if args.plain_order == "align_ray" else None
+    epoch_batches: list = []
     for step in range(1, args.steps + 1):
         if ranked is not None:
             idx = torch.from_numpy(np.concatenate([next(r) for r in ranked]))
+        elif args.plain_order == "epoch":
+            if not epoch_batches:
+                perm = torch.randperm(len(texts), generator=g)
+                epoch_batches = list(perm[: len(perm) // args.batch * args.batch].split(args.batch))
+            idx = epoch_batches.pop(0)
         elif args.with_replacement:
             idx = torch.randint(len(texts), (args.batch,), generator=g)
         else:
@@ -336,10 +342,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=30, help="plain loop")
     ap.add_argument("--temperature-init", type=float, default=0.07, help="plain loop")
     ap.add_argument("--with-replacement", action="store_true", help="plain loop sampling")
-    ap.add_argument("--plain-order", choices=["uniform", "align_ray"], default="uniform",
-                    help="plain loop batches: uniform random rows, or align-ray's training order "
-                         "(order.DataOrder: per-rank shuffle windows of file slices, --workers "
-                         "ranks of batch/workers rows each, concatenated)")
+    ap.add_argument("--plain-order", choices=["uniform", "align_ray", "epoch"], default="uniform",
+                    help="plain loop batches: uniform random rows (a fresh draw every step), "
+                         "align-ray's training order (order.DataOrder: per-rank shuffle windows "
+                         "of file slices, --workers ranks of batch/workers rows each, "
+                         "concatenated), or epoch: one permutation per epoch cut into batches, "
+                         "its remainder dropped (random reshuffling, no row twice in a batch)")
     ap.add_argument("--plain-bn-rows", type=int, default=0,
                     help="plain loop: BatchNorm statistics over groups of this many rows (what W "
                          "workers of that many rows each see without SyncBatchNorm); 0 = the batch")
