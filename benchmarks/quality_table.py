@@ -19,6 +19,11 @@ import glob
 import json
 import math
 import statistics as st
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality_vs_plain import x_chance  # noqa: E402
 
 SETS = [("dev val", None, "val")] + [(f"{a} {s}", f"emoji_{a.lower()}_dev", s)
                                      for a in ("Twemoji", "OpenMoji", "Fluent")
@@ -40,7 +45,7 @@ def load(spec: str) -> tuple[str, dict[int, dict]]:
 
 def r10(run: dict, style: str | None, split: str, direction: str) -> float | None:
     ev = run["eval"] if style is None else run.get("renderings", {}).get(style, {}).get(split)
-    return None if ev is None else ev[direction]["R@10"] / ev["chance"]["R@10"]
+    return None if ev is None else x_chance(ev)[direction]["R@10"]
 
 
 def mean_se(xs: list[float]) -> tuple[float, float]:
