@@ -123,6 +123,11 @@ class TrainConfig:
         run resumes bit-identically from an O(1) position.  Larger mixes better and holds more rows
         in each rank's reader at once.  The default 8,192 makes 8 slices of 1,024 rows: whole
         data-stage shards (1,000 rows, one row group), so no row is read for nothing.
+    resampled: every epoch of a rank's stream is a fresh draw of one shuffle window (open_clip's
+        ``--dataset-resampled``; order.DataOrder); when the data fits one window per rank, each
+        optimizer step's global batch is drawn afresh from all training rows (distinct rows;
+        a row may return before others were seen once), as the plain loop samples.  False: epochs,
+        every row once per epoch.
     stream_epochs: epochs of a rank's stream that one Ray Data execution covers.  0 = auto: the
         rest of the current epoch, or what the run still needs if more (each new execution pays
         Ray Data's start-up, ~6.5 s on this 2-core box).
@@ -174,6 +179,7 @@ class TrainConfig:
     data_cpus: float = 1.0
     data_batch_size: int = 64
     shuffle_buffer: int = 8192
+    resampled: bool = False
     stream_epochs: int = 0
     crop_scale: tuple[float, float] = (1.0, 1.0)
     hflip: float = 0.5

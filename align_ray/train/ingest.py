@@ -134,60 +134,79 @@ def file_rows(fs: pafs.FileSystem, files: list[str]) -> list[int]:
         return list(pool.map(rows, files))
 
 
-def _read_slice(cache: dict, fs: pafs.FileSystem, path: str, start: int, n: int,
-                columns: list[str]) -> Any:
-    """Rows [start, start + n) of one parquet file: only the row groups they overlap are read
-    (each once per window: ``cache``)."""
+def _read_rows(fs: pafs.FileSystem, paths: Any, files: Any, starts: Any, lens: Any,
+               columns: list[str]) -> Any:
+    """The rows of a window's slices, concatenated in slice order: each file is opened once and
+    only the row groups its slices overlap are read (once); one vectorised ``take`` then
+    gathers the rows (a one-row-slice window, which lists every row of a small dataset, costs
+    one read of each file, not one per row)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if path not in cache:
-        f = fs.open_input_file(path)
-        pf = pq.ParquetFile(f)
-        md = pf.metadata
-        sizes = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
-        cache[path] = (f, pf, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64), {})
-    _, pf, rg_starts, groups = cache[path]
-    lo = int(np.searchsorted(rg_starts, start, side="right")) - 1
-    hi = int(np.searchsorted(rg_starts, start + n, side="left"))
-    for g in range(lo, hi):
-        if g not in groups:
-            groups[g] = pf.read_row_group(g, columns=columns)
-    t = pa.concat_tables([groups[g] for g in range(lo, hi)])
-    return t.slice(start - int(rg_starts[lo]), n)
+    files = np.asarray(files, np.int64)
+    starts, lens = np.asarray(starts, np.int64), np.asarray(lens, np.int64)
+    # every row of the window: (file, row in file), in slice order
+    row_file = np.repeat(files, lens)
+    first = np.repeat(np.cumsum(lens) - lens, lens)
+    row_at = np.repeat(starts, lens) + (np.arange(int(lens.sum()), dtype=np.int64) - first)
+    tables, index = [], np.zeros(len(row_at), np.int64)
+    base = 0
+    for f in dict.fromkeys(files.tolist()):  # files in first-use order
+        path = str(paths[int(np.flatnonzero(files == f)[0])])
+        sel = np.flatnonzero(row_file == f)
+        with fs.open_input_file(path) as handle:
+            pf = pq.ParquetFile(handle)
+            md = pf.metadata
+            rg = np.concatenate([[0], np.cumsum([md.row_group(i).num_rows
+                                                 for i in range(md.num_row_groups)])])
+            group = np.searchsorted(rg, row_at[sel], side="right") - 1
+            need = np.unique(group)
+            sizes = rg[need + 1] - rg[need]
+            table = pf.read_row_groups(need.tolist(), columns=columns)
+        # a row's place in ``table``: its group's place among the groups read + row in group
+        at = np.searchsorted(need, group)
+        index[sel] = base + (np.cumsum(sizes) - sizes)[at] + row_at[sel] - rg[group]
+        base += table.num_rows
+        tables.append(table)
+    return pa.concat_tables(tables, promote_options="permissive"), index
 
 
 def _read_windows(batch: dict[str, np.ndarray], *, filesystem: pafs.FileSystem,
-                  columns: list[str], seed: int, rank: int, rows_per_block: int) -> Iterator[Any]:
+                  columns: list[str], seed: int, rank: int, rows_per_block: int,
+                  take: int = 0, text_col: str | None = None,
+                  selection: Selection | None = None) -> Iterator[Any]:
     """``map_batches`` generator: each read item (one shuffle window, DataOrder.windows) -> its
     rows in the window's seeded order, from its ``skip``-th on, with their stream position
-    (``pos_epoch``, ``pos_offset``), source file index (``src_file``) and ``aug_seed``."""
+    (``pos_epoch``, ``pos_offset``), source file index (``src_file``) and ``aug_seed``.
+    ``take`` > 0 (a resampled draw, DataOrder.take): the window ends after its ``take``-th row
+    that ``selection`` keeps, so a draw is one step's rows of the rank."""
     import pyarrow as pa
 
     for j in range(len(batch["epoch"])):
         epoch, w = int(batch["epoch"][j]), int(batch["window"][j])
         base, skip = int(batch["base"][j]), int(batch["skip"][j])
-        cache: dict = {}
-        try:
-            parts, src = [], []
-            for path, f, s, n in zip(batch["path"][j], batch["file"][j], batch["start"][j],
-                                     batch["len"][j]):
-                parts.append(_read_slice(cache, filesystem, str(path), int(s), int(n), columns))
-                src.append(np.full(int(n), int(f), np.int32))
-        finally:
-            for handle, *_ in cache.values():
-                handle.close()
-        table = pa.concat_tables(parts, promote_options="permissive").combine_chunks()
-        src_all = np.concatenate(src)
-        order = window_order(seed, epoch, rank, w, table.num_rows)
-        pos = np.arange(base, base + table.num_rows, dtype=np.int64)
-        for k in range(skip, table.num_rows, rows_per_block):
-            idx = order[k:k + rows_per_block]
-            p = pos[k:k + rows_per_block]
-            yield (table.take(pa.array(idx))
-                   .append_column("pos_epoch", pa.array(np.full(len(idx), epoch, np.int64)))
+        table, index = _read_rows(filesystem, batch["path"][j], batch["file"][j],
+                                  batch["start"][j], batch["len"][j], columns)
+        src_all = np.repeat(np.asarray(batch["file"][j], np.int32),
+                            np.asarray(batch["len"][j], np.int64))
+        order = window_order(seed, epoch, rank, w, len(index))
+        end = len(order)
+        if take:
+            idx = pa.array(index[order])
+            texts = [t if isinstance(t, str) else ""
+                     for t in table.column(text_col).take(idx).to_pylist()]
+            split = (table.column(selection.split_col).take(idx).to_pylist()
+                     if selection.split_col else None)
+            kept = np.flatnonzero(selection.mask(texts, split))
+            end = int(kept[take - 1]) + 1 if len(kept) >= take else end
+        pos = np.arange(base, base + len(order), dtype=np.int64)
+        for k in range(skip, end, rows_per_block):
+            rows = order[k:min(k + rows_per_block, end)]
+            p = pos[k:k + len(rows)]
+            yield (table.take(pa.array(index[rows]))
+                   .append_column("pos_epoch", pa.array(np.full(len(rows), epoch, np.int64)))
                    .append_column("pos_offset", pa.array(p))
-                   .append_column("src_file", pa.array(src_all[idx]))
+                   .append_column("src_file", pa.array(src_all[rows]))
                    .append_column("aug_seed", pa.array(aug_seeds(seed, rank, epoch, p))))
 
 
@@ -209,10 +228,12 @@ class TrainData:
     data_cpus: float
     rows_per_block: int
     stream_epochs: int = 0
+    resampled: bool = False
 
-    def order(self, world: int) -> DataOrder:
+    def order(self, world: int, draw_rows: int = 0) -> DataOrder:
         return DataOrder(self.rows, seed=self.seed, world=world, window_rows=self.window_rows,
-                         slice_rows=self.slice_rows)
+                         slice_rows=self.slice_rows, resampled=self.resampled,
+                         draw_rows=draw_rows)
 
 
 def data_tasks_per_rank(cfg) -> int:
@@ -249,7 +270,7 @@ def train_data(cfg, paths: list[str], selection: Selection, *, tokenizer: dict[s
                      window_rows=int(cfg.shuffle_buffer), slice_rows=int(slice_rows),
                      tasks_per_rank=data_tasks_per_rank(cfg), data_cpus=float(cfg.data_cpus),
                      rows_per_block=int(cfg.data_batch_size),
-                     stream_epochs=int(cfg.stream_epochs))
+                     stream_epochs=int(cfg.stream_epochs), resampled=bool(cfg.resampled))
 
 
 class RankStream:
@@ -262,9 +283,10 @@ class RankStream:
     ``position`` is (epoch, offset) after the last batch handed out."""
 
     def __init__(self, data: TrainData, *, rank: int, world: int, batch_size: int,
-                 position: tuple[int, int] = (0, 0)) -> None:
+                 position: tuple[int, int] = (0, 0), accum_steps: int = 1) -> None:
         self.data, self.rank, self.world, self.batch_size = data, rank, world, batch_size
-        self.order = data.order(world)
+        # a resampled draw is one optimizer step's rows of the rank (all its micro-batches)
+        self.order = data.order(world, draw_rows=batch_size * accum_steps)
         self.position = self.order.normalize(rank, *position)
         self.segment_rows = 0
 
@@ -282,13 +304,15 @@ class RankStream:
         items = self.order.windows(self.rank, *self.position, min_rows)
         for it in items:  # each read task gets its window's paths, never the whole file list
             it["path"] = [d.files[f] for f in it["file"]]
-        self.segment_rows = sum(sum(it["len"]) - it["skip"] for it in items)
+        self.segment_rows = sum(self.order.rows_out(sum(it["len"]) - it["skip"]) for it in items)
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds.context.execution_options.preserve_order = True  # (the pipeline shares this context)
         ds = ds.map_batches(
             _read_windows, batch_size=1, batch_format="numpy",
             fn_kwargs=dict(filesystem=d.filesystem, columns=d.columns,
-                           seed=d.seed, rank=self.rank, rows_per_block=d.rows_per_block),
+                           seed=d.seed, rank=self.rank, rows_per_block=d.rows_per_block,
+                           take=self.order.take, text_col=d.preprocess["text_col"],
+                           selection=d.preprocess["selection"]),
             compute=ray.data.TaskPoolStrategy(size=1), num_cpus=0)
         # 0 logical CPUs, on purpose: Ray Data (2.60) budgets each execution from its
         # AutoscalingCoordinator, which splits the CPUs left after Train's workers between
@@ -338,12 +362,13 @@ class RankStream:
 
 
 def rank_stream(data: "TrainData | ray.ObjectRef", *, rank: int, world: int, batch_size: int,
-                position: tuple[int, int]) -> RankStream:
+                position: tuple[int, int], accum_steps: int = 1) -> RankStream:
     """The loop's stream (``data``: the TrainData, or run.py's object-store reference to it:
     the file list and row counts travel once per node, not in every worker's config)."""
     if isinstance(data, ray.ObjectRef):
         data = ray.get(data)
-    return RankStream(data, rank=rank, world=world, batch_size=batch_size, position=position)
+    return RankStream(data, rank=rank, world=world, batch_size=batch_size, position=position,
+                      accum_steps=accum_steps)
 
 
 def _library_spec(cfg) -> str | None:

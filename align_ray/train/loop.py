@@ -214,7 +214,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         log.warning("train: elastic: %d of %d workers share the global batch %d: %d rows each",
                     world, cfg.workers, G, B)
     stream = rank_stream(config.get("train_data"), rank=rank, world=world, batch_size=B,
-                         position=ckpt_lib.rank_position(state, rank, world))
+                         position=ckpt_lib.rank_position(state, rank, world),
+                         accum_steps=cfg.accum_steps)
     uniform_mix = uniform_same_file_fraction(stream.order.rows)
     win = {"loss": 0.0, "n": 0, "wait": 0.0, "t0": time.perf_counter()}
     last: dict[str, Any] = {}

@@ -61,11 +61,22 @@ class DataOrder:
       or decoded again, except the partly consumed window's rows, which are read (not decoded)
       and dropped.
 
+    * **Resampled** (``resampled=True``, open_clip's ``--dataset-resampled``): every epoch is one
+      window per rank, a fresh draw: the epoch's slice permutation dealt to the ranks as above,
+      each rank taking its first ``window_slices``.  Draws are independent, so a row may come
+      back before others were seen once (sampling with replacement across draws, none within a
+      draw, and the ranks of one draw share nothing).  When every rank's epoch fits one window
+      (one-row slices) a draw is also cut to ``draw_rows`` *selected* rows (``take``: the
+      reader stops after the ``take``-th row that the selection keeps), one step's rows of the
+      rank: every global batch is then a fresh uniform draw of distinct rows, the plain
+      loop's sampler (BENCHMARKS.md "Training quality").
+
     Memory: three small arrays per slice (``rows / slice_rows`` slices: 1.8 B rows -> 1.8 M
     slices, ~30 MB) and one permutation per epoch; never a per-row table."""
 
     def __init__(self, rows: Any, *, seed: int, world: int, window_rows: int,
-                 slice_rows: int = SLICE_ROWS) -> None:
+                 slice_rows: int = SLICE_ROWS, resampled: bool = False,
+                 draw_rows: int = 0) -> None:
         rows = np.asarray(rows, np.int64).reshape(-1)
         total = int(rows.sum())
         if total < world:
@@ -91,6 +102,9 @@ class DataOrder:
         self.rows, self.total, self.seed, self.world = rows, total, int(seed), int(world)
         self.slice_rows = S
         self.window_slices = max(1, int(window_rows) // S)
+        self.resampled = bool(resampled)
+        # rows of a draw the reader keeps (selected rows, ``_read_windows``); 0 = all of them
+        self.take = int(draw_rows) if self.resampled and S == 1 and draw_rows > 0 else 0
         self._cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._perm: tuple[int, np.ndarray] = (-1, np.zeros(0, np.int64))
 
@@ -103,6 +117,8 @@ class DataOrder:
                 perm = _rng(self.seed, 1, epoch).permutation(len(self.slice_len))
                 self._perm = (int(epoch), perm)
             mine = self._perm[1][rank::self.world]
+            if self.resampled:  # one window per epoch: a fresh draw
+                mine = mine[:self.window_slices]
             starts = np.concatenate([[0], np.cumsum(self.slice_len[mine])]).astype(np.int64)
             wstarts = np.concatenate([starts[:-1][::self.window_slices], starts[-1:]])
             if len(self._cache) >= 4:
@@ -136,11 +152,15 @@ class DataOrder:
                               "file": self.slice_file[ids].tolist(),
                               "start": self.slice_start[ids].tolist(),
                               "len": self.slice_len[ids].tolist()})
-                covered += int(wstarts[w + 1]) - offset
+                covered += self.rows_out(int(wstarts[w + 1]) - offset)
                 offset = int(wstarts[w + 1])
                 w += 1
             epoch, offset = epoch + 1, 0
         return items
+
+    def rows_out(self, n: int) -> int:
+        """Rows a window read from an offset emits at most (a resampled draw stops at ``take``)."""
+        return min(n, self.take) if self.take else n
 
     def source_files(self, rank: int, epoch: int, offset: int, n: int) -> np.ndarray:
         """The file index of each of the next ``n`` rows of the rank's stream (metadata only:
@@ -149,7 +169,8 @@ class DataOrder:
         for it in self.windows(rank, epoch, offset, n):
             src = np.repeat(np.asarray(it["file"], np.int32), it["len"])
             order = window_order(self.seed, it["epoch"], rank, it["window"], len(src))
-            out.append(src[order[it["skip"]:]])
+            end = min(len(src), self.take) if self.take else len(src)  # selection aside
+            out.append(src[order[it["skip"]:end]])
         return np.concatenate(out)[:n]
 
 

@@ -203,3 +203,62 @@ def test_resumed_stream_is_bit_identical(ray_cluster, dev_files):
     r0 = np.concatenate([b["row_id"] for b in _take(data, 0, 8)[0]])
     r1 = np.concatenate([b["row_id"] for b in _take(data, 1, 8)[0]])
     assert not set(r0.tolist()) & set(r1.tolist())
+
+
+def test_resampled_draws_are_fresh_disjoint_across_ranks_and_cut_to_one_step():
+    """``resampled``: each epoch is one window per rank, drawn afresh; the ranks of one draw
+    share nothing; a one-row-slice draw stops at ``take`` rows (one step of the rank)."""
+    rows = [700, 300]
+    order = DataOrder(rows, seed=1, world=2, window_rows=8192, resampled=True, draw_rows=48)
+    assert (order.slice_rows, order.take) == (1, 48)
+    draws = []
+    for e in range(3):
+        per_rank = [order.windows(r, e, 0, 1)[0] for r in range(2)]
+        assert all(it["epoch"] == e and it["window"] == 0 for it in per_rank)
+        keys = [set(zip(it["file"], it["start"])) for it in per_rank]
+        assert not keys[0] & keys[1]                                 # disjoint within a draw
+        assert sum(order.epoch_rows(e, r) for r in range(2)) == 1000
+        draws.append(order.source_files(0, e, 0, 48))
+        # the stream of rank 0 is 48 rows of draw e, then draw e + 1
+        assert len(order.source_files(0, e, 0, 10_000)) >= 48
+    src = order.source_files(0, 0, 0, 3 * 48)
+    assert (src == np.concatenate(draws)).all()
+    # big data keeps whole windows of slices (no cut), one fresh window per epoch
+    big = DataOrder([100_000] * 4, seed=1, world=2, window_rows=8192, resampled=True,
+                    draw_rows=48)
+    assert (big.slice_rows, big.take, big.window_slices) == (1024, 0, 8)
+    assert big.epoch_rows(0, 0) == 8192 and len(big.windows(0, 0, 0, 8192)) == 1
+    starts = [tuple(big.windows(0, e, 0, 1)[0]["start"]) for e in range(4)]
+    assert len(set(starts)) == 4
+
+
+def test_resampled_stream_draws_each_step_afresh_and_resumes_bit_identically(ray_cluster,
+                                                                              dev_files):
+    """A resampled stream (one-row slices): batch k of a rank is draw k's first ``batch_size``
+    selected rows (val rows and undecodable images aside), distinct within the global batch;
+    rows come back across draws; a resumed stream hands out the same batches."""
+    cfg = _cfg([dev_files], text_col="alt_text", split_col="dev_split", shuffle_buffer=512,
+               resampled=True)
+    (paths, sel), _ = selection.selections(cfg)
+    tok = preprocess.tokenizer_files(train_wordpiece(["a grinning face"] * 5, 200, 16))
+    data = ingest.train_data(cfg, paths, sel, tokenizer=tok)
+    assert data.order(2, draw_rows=4).take == 4
+    n, k = 10, 4
+    both = []
+    for rank in range(2):
+        full, pos = _take(data, rank, n)
+        # one draw per step: batch j is all of draw (epoch) j of the stream, its rows after the
+        # first 4 selected ones never read (an undecodable row drawn would be filled from the
+        # next draw; none is among these draws' first rows)
+        assert [set(b["pos_epoch"].tolist()) for b in full] == [{j} for j in range(n)]
+        assert [p[0] for p in pos] == list(range(n)) and all(4 <= p[1] < 10 for p in pos)
+        rest, _ = _take(data, rank, n - k, position=pos[k - 1])
+        for a, b in zip(full[k:], rest):
+            for col in a:
+                assert np.array_equal(a[col], b[col]), col
+        both.append(full)
+    for j in range(n):  # the global batch of a step: distinct rows
+        ids = np.concatenate([both[0][j]["row_id"], both[1][j]["row_id"]])
+        assert len(set(ids.tolist())) == 8
+    ids = [i for b in both[0] for i in b["row_id"].tolist()]
+    assert len(set(ids)) < len(ids)  # 40 draws from 140 train rows: some come back
