@@ -36,6 +36,10 @@ pure function of (seed, file list + row counts, world size) (:class:`DataOrder`)
 * rows that are undecodable or not selected are skipped and the batch is filled from the rank's
   next rows: the same rows every time, so the batches stay full and deterministic; crops and
   flips are seeded by the row's stream position, so a resumed run's pixels are bit-identical.
+* ``resampled`` (open_clip's ``--dataset-resampled``): every epoch is one freshly drawn window;
+  on small data (one-row slices) the reader ends a draw at its ``batch_size x accum_steps``-th
+  selected row, so each step's batch is one draw (an undecodable row among them is filled from
+  the next draw, which may then repeat a row within that batch).
 
 The pipeline per rank: ``from_items`` (one item per window) -> one reader task at a time (0 CPU:
 reads the window's slices, only the row groups they overlap, and emits the rows in window order
