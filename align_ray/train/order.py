@@ -85,7 +85,8 @@ class DataOrder:
         S = min(int(slice_rows), total // (world * MIN_WINDOW_SLICES))
         if window_rows >= MIN_WINDOW_SLICES:  # shuffle_buffer 0: whole slices, rows mixed in one
             S = min(S, int(window_rows) // MIN_WINDOW_SLICES)
-        if total <= world * int(window_rows):
+        fits = total <= world * int(window_rows)
+        if fits:
             # every rank's epoch fits in one shuffle window, which reads each row group once
             # whatever the slicing: one-row slices cost nothing more and make each rank's epoch
             # a uniform random share of the rows (uniform sampling without replacement).  With
@@ -104,7 +105,7 @@ class DataOrder:
         self.window_slices = max(1, int(window_rows) // S)
         self.resampled = bool(resampled)
         # rows of a draw the reader keeps (selected rows, ``_read_windows``); 0 = all of them
-        self.take = int(draw_rows) if self.resampled and S == 1 and draw_rows > 0 else 0
+        self.take = int(draw_rows) if self.resampled and fits and draw_rows > 0 else 0
         self._cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._perm: tuple[int, np.ndarray] = (-1, np.zeros(0, np.int64))
 

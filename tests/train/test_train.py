@@ -99,7 +99,10 @@ def test_worker_failure_resumes_from_last_checkpoint_on_s3(ray_cluster, small_pa
     The run is also a learning-rate range test (``schedule: range_test``, lr 1e-4 -> 1 over the
     6 steps): its lr_find.json/png go to S3 with the rest, and the logged learning rates are one
     geometric curve across the restart (the scheduler resumes where the checkpoint left it).
-    One run covers both because a Ray Train run costs CI tens of seconds of start-up alone."""
+    It also draws its batches ``resampled`` (each step's global batch a fresh draw of the rows,
+    ``shuffle_buffer`` holding the data): the replay holds for draws too, and each step is one
+    draw.  One run covers all three because a Ray Train run costs CI tens of seconds of
+    start-up alone (epoch order through a resume: test_run_writes_outputs_and_resumes)."""
     marker = tmp_path / "failed-once"
 
     def fail_once(step: int, rank: int) -> None:  # runs on the workers (pickled by value)
@@ -111,7 +114,8 @@ def test_worker_failure_resumes_from_last_checkpoint_on_s3(ray_cluster, small_pa
     seen = tmp_path / "batches"
     seen.mkdir()
     cfg = _cfg(small_parquet, "s3://train-ckpt/runs", steps=6, max_failures=1,
-               schedule="range_test", lr=1.0, min_lr_ratio=1e-4)
+               schedule="range_test", lr=1.0, min_lr_ratio=1e-4, resampled=True,
+               shuffle_buffer=128)
     s = run(cfg, step_hook=fail_once, data_hook=_record_batches(seen))
     assert marker.exists()
     assert (s["step"], s["samples_seen"], s["restarts"], s["resumed_from_step"]) == (6, 48, 1, 2)
@@ -134,9 +138,11 @@ def test_worker_failure_resumes_from_last_checkpoint_on_s3(ray_cluster, small_pa
     replayed = {k: v for k, v in got.items() if len(v) > 1}
     assert ("s3", "r1") in replayed  # rank 1 ran step 3, failed, and ran it again
     assert all(v[0] == w for v in replayed.values() for w in v[1:])
-    ids = [i for r in ("r0", "r1") for st in range(1, 7) for i in got[(f"s{st}", r)][0][0]]
-    assert len(ids) == len(set(ids)) == 48  # 48 distinct rows: none twice, none after resume
-    assert s["epoch"] == 0 and len(s["data_position"]) == 2
+    for st in range(1, 7):  # a step's global batch: one draw, 8 distinct rows
+        ids = [i for r in ("r0", "r1") for i in got[(f"s{st}", r)][0][0]]
+        assert len(set(ids)) == 8, st
+    # one draw (a resampled "epoch") per step: step 6 took draw 5 on both ranks
+    assert s["epoch"] == 5 and [p[0] for p in s["data_position"]] == [5, 5]
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="train-ckpt")["Contents"]]
     assert any(k.startswith("runs/checkpoints/align/step_00000006") for k in keys)
     assert any(k.startswith("runs/checkpoints/align/tokenizer/") for k in keys)
