@@ -43,3 +43,26 @@ def test_read_windows_stream_every_row_once_per_epoch(ray_cluster, tmp_path):
     for e in (0, 1):
         keys = [k for r in (0, 1) for ep, _, k in seen[r] if ep == e]
         assert sorted(keys) == [f * 100 + i for f in range(3) for i in range(10)]  # once each
+
+
+def test_the_reader_is_not_fused_into_the_decoder(ray_cluster, tmp_path, capsys):
+    """With one decode task per rank (the usual case) Ray Data fused the window reader into the
+    decoder and bundled 64 windows into one task: the first batch of a segment waited until the
+    whole segment was decoded (and every decoded row of it sat in the object store).  The
+    reader must stay an operator of its own (ingest.RankStream.dataset)."""
+    from align_ray.train.config import TrainConfig
+    from align_ray.train.selection import Selection
+
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"image": [b"x"] * 40, "text": ["t"] * 40}), path)
+    cfg = TrainConfig(data=[str(path)], image_col="image", text_col="text", workers=2,
+                      data_workers=2, shuffle_buffer=8)
+    assert ingest.data_tasks_per_rank(cfg) == 1          # equal pool sizes: fusable
+    data = ingest.train_data(cfg, [str(path)], Selection(),
+                             tokenizer={"vocab.txt": b"[PAD]\n[UNK]\n"})
+    ds = ingest.RankStream(data, rank=0, world=2, batch_size=4).dataset(40)
+    capsys.readouterr()
+    ds.explain()
+    plan = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    assert "MapBatches(_read_windows)]" in plan and "MapBatches(preprocess_batch)]" in plan
+    assert "_read_windows)->" not in plan
