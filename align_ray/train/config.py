@@ -127,7 +127,9 @@ class TrainConfig:
         ``--dataset-resampled``; order.DataOrder); when the data fits one window per rank, each
         optimizer step's global batch is drawn afresh from all training rows (distinct rows;
         a row may return before others were seen once), as the plain loop samples.  False: epochs,
-        every row once per epoch.
+        every row once per epoch.  None (auto) = on when the data fits one window per rank
+        (``rows <= workers x shuffle_buffer``: a small dataset, where fresh draws learned more
+        than epochs at equal steps, BENCHMARKS.md "Resampled batches"), epochs otherwise.
     stream_epochs: epochs of a rank's stream that one Ray Data execution covers.  0 = auto: the
         rest of the current epoch, or what the run still needs if more (each new execution pays
         Ray Data's start-up, ~6.5 s on this 2-core box).
@@ -179,7 +181,7 @@ class TrainConfig:
     data_cpus: float = 1.0
     data_batch_size: int = 64
     shuffle_buffer: int = 8192
-    resampled: bool = False
+    resampled: bool | None = None
     stream_epochs: int = 0
     crop_scale: tuple[float, float] = (1.0, 1.0)
     hflip: float = 0.5

@@ -232,7 +232,7 @@ class TrainData:
     data_cpus: float
     rows_per_block: int
     stream_epochs: int = 0
-    resampled: bool = False
+    resampled: bool | None = None
 
     def order(self, world: int, draw_rows: int = 0) -> DataOrder:
         return DataOrder(self.rows, seed=self.seed, world=world, window_rows=self.window_rows,
@@ -274,7 +274,7 @@ def train_data(cfg, paths: list[str], selection: Selection, *, tokenizer: dict[s
                      window_rows=int(cfg.shuffle_buffer), slice_rows=int(slice_rows),
                      tasks_per_rank=data_tasks_per_rank(cfg), data_cpus=float(cfg.data_cpus),
                      rows_per_block=int(cfg.data_batch_size),
-                     stream_epochs=int(cfg.stream_epochs), resampled=bool(cfg.resampled))
+                     stream_epochs=int(cfg.stream_epochs), resampled=cfg.resampled)
 
 
 class RankStream:

@@ -61,21 +61,22 @@ class DataOrder:
       or decoded again, except the partly consumed window's rows, which are read (not decoded)
       and dropped.
 
-    * **Resampled** (``resampled=True``, open_clip's ``--dataset-resampled``): every epoch is one
-      window per rank, a fresh draw: the epoch's slice permutation dealt to the ranks as above,
-      each rank taking its first ``window_slices``.  Draws are independent, so a row may come
-      back before others were seen once (sampling with replacement across draws, none within a
-      draw, and the ranks of one draw share nothing).  When every rank's epoch fits one window
-      (one-row slices) a draw is also cut to ``draw_rows`` *selected* rows (``take``: the
-      reader stops after the ``take``-th row that the selection keeps), one step's rows of the
-      rank: every global batch is then a fresh uniform draw of distinct rows, the plain
-      loop's sampler (BENCHMARKS.md "Training quality").
+    * **Resampled** (``resampled=True``, open_clip's ``--dataset-resampled``; None = auto, when
+      every rank's epoch fits one window): every epoch is one window per rank, a fresh draw:
+      the epoch's slice permutation dealt to the ranks as above, each rank taking its first
+      ``window_slices``.  Draws are independent, so a row may come back before others were seen
+      once (sampling with replacement across draws, none within a draw, and the ranks of one
+      draw share nothing).  When every rank's epoch fits one window (one-row slices) a draw is
+      also cut to ``draw_rows`` *selected* rows (``take``: the reader stops after the
+      ``take``-th row that the selection keeps), one step's rows of the rank: every global
+      batch is then a fresh uniform draw of distinct rows, the plain loop's sampler
+      (BENCHMARKS.md "Resampled batches").
 
     Memory: three small arrays per slice (``rows / slice_rows`` slices: 1.8 B rows -> 1.8 M
     slices, ~30 MB) and one permutation per epoch; never a per-row table."""
 
     def __init__(self, rows: Any, *, seed: int, world: int, window_rows: int,
-                 slice_rows: int = SLICE_ROWS, resampled: bool = False,
+                 slice_rows: int = SLICE_ROWS, resampled: bool | None = False,
                  draw_rows: int = 0) -> None:
         rows = np.asarray(rows, np.int64).reshape(-1)
         total = int(rows.sum())
@@ -103,7 +104,7 @@ class DataOrder:
         self.rows, self.total, self.seed, self.world = rows, total, int(seed), int(world)
         self.slice_rows = S
         self.window_slices = max(1, int(window_rows) // S)
-        self.resampled = bool(resampled)
+        self.resampled = fits if resampled is None else bool(resampled)  # None: auto
         # rows of a draw the reader keeps (selected rows, ``_read_windows``); 0 = all of them
         self.take = int(draw_rows) if self.resampled and fits and draw_rows > 0 else 0
         self._cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}

@@ -193,9 +193,14 @@ def _run(cfg: TrainConfig, out: Path, *, step_hook, address, data_hook) -> dict[
     train_data = ingest.train_data(cfg, train_paths, train_sel, tokenizer=tok_files,
                                    counter=counter_name)
     order = train_data.order(cfg.workers)
-    log.info("train: %d file(s), %d rows; per epoch a seeded order of %d slices of <= %d rows, "
-             "rows shuffled in windows of %d slices", len(train_data.files), order.total,
-             len(order.slice_len), order.slice_rows, order.window_slices)
+    if order.resampled:
+        log.info("train: %d file(s), %d rows; resampled: every step's batch a fresh draw of a "
+                 "window of %d slices of <= %d rows", len(train_data.files), order.total,
+                 order.window_slices, order.slice_rows)
+    else:
+        log.info("train: %d file(s), %d rows; per epoch a seeded order of %d slices of <= %d "
+                 "rows, rows shuffled in windows of %d slices", len(train_data.files),
+                 order.total, len(order.slice_len), order.slice_rows, order.window_slices)
     datasets: dict[str, Any] = {}
     if val is not None:
         # Preprocessed once, before training: periodic evals then read the object store and never

@@ -230,6 +230,10 @@ def test_resampled_draws_are_fresh_disjoint_across_ranks_and_cut_to_one_step():
     assert big.epoch_rows(0, 0) == 8192 and len(big.windows(0, 0, 0, 8192)) == 1
     starts = [tuple(big.windows(0, e, 0, 1)[0]["start"]) for e in range(4)]
     assert len(set(starts)) == 4
+    # auto (None, TrainConfig's default): resampled when every rank's epoch fits one window
+    assert DataOrder(rows, seed=1, world=2, window_rows=500, resampled=None).resampled
+    assert not DataOrder(rows, seed=1, world=2, window_rows=499, resampled=None).resampled
+    assert TrainConfig(data=["x"]).resampled is None
 
 
 def test_resampled_stream_draws_each_step_afresh_and_resumes_bit_identically(ray_cluster,
