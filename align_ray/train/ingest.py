@@ -41,9 +41,10 @@ pure function of (seed, file list + row counts, world size) (:class:`DataOrder`)
   selected row, so each step's batch is one draw (an undecodable row among them is filled from
   the next draw, which may then repeat a row within that batch).
 
-The pipeline per rank: ``from_items`` (one item per window) -> one reader task at a time (0 CPU:
-reads the window's slices, only the row groups they overlap, and emits the rows in window order
-in blocks of ``data_batch_size``) -> ``ceil(data_workers / workers)`` decode/augment/tokenize
+The pipeline per rank: ``from_items`` (one item per window) -> one reader task at a time
+(``train/reader.py``; 0 CPU: reads the window's slices, only the row groups they overlap, and
+emits the rows in window order in blocks of ``data_batch_size``; resampled one-step draws go
+``DRAWS_PER_TASK`` to a task, which reads the data once for them) -> ``ceil(data_workers / workers)`` decode/augment/tokenize
 tasks (``data_cpus`` each), with ``preserve_order`` so blocks arrive in stream order.  One
 execution covers the rest of the epoch (or what the run still needs, if more); the next starts
 exactly after the last batch handed out.  Costs: a window's rows sit in the reader's memory at
@@ -59,13 +60,13 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-import numpy as np
 import pyarrow.fs as pafs
 import ray
 
 from align_ray import layout, ray_env
 from align_ray.model.tokenizer import load_tokenizer, train_wordpiece
-from align_ray.train.order import SLICE_ROWS, DataOrder, aug_seeds, window_order
+from align_ray.train.order import SLICE_ROWS, DataOrder
+from align_ray.train.reader import read_windows
 from align_ray.train.preprocess import preprocess_batch, preprocess_nonempty
 from align_ray.train.selection import Selection
 
@@ -138,80 +139,7 @@ def file_rows(fs: pafs.FileSystem, files: list[str]) -> list[int]:
         return list(pool.map(rows, files))
 
 
-def _read_rows(fs: pafs.FileSystem, paths: Any, files: Any, starts: Any, lens: Any,
-               columns: list[str]) -> Any:
-    """The rows of a window's slices, concatenated in slice order: each file is opened once and
-    only the row groups its slices overlap are read (once); one vectorised ``take`` then
-    gathers the rows (a one-row-slice window, which lists every row of a small dataset, costs
-    one read of each file, not one per row)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    files = np.asarray(files, np.int64)
-    starts, lens = np.asarray(starts, np.int64), np.asarray(lens, np.int64)
-    # every row of the window: (file, row in file), in slice order
-    row_file = np.repeat(files, lens)
-    first = np.repeat(np.cumsum(lens) - lens, lens)
-    row_at = np.repeat(starts, lens) + (np.arange(int(lens.sum()), dtype=np.int64) - first)
-    tables, index = [], np.zeros(len(row_at), np.int64)
-    base = 0
-    for f in dict.fromkeys(files.tolist()):  # files in first-use order
-        path = str(paths[int(np.flatnonzero(files == f)[0])])
-        sel = np.flatnonzero(row_file == f)
-        with fs.open_input_file(path) as handle:
-            pf = pq.ParquetFile(handle)
-            md = pf.metadata
-            rg = np.concatenate([[0], np.cumsum([md.row_group(i).num_rows
-                                                 for i in range(md.num_row_groups)])])
-            group = np.searchsorted(rg, row_at[sel], side="right") - 1
-            need = np.unique(group)
-            sizes = rg[need + 1] - rg[need]
-            table = pf.read_row_groups(need.tolist(), columns=columns)
-        # a row's place in ``table``: its group's place among the groups read + row in group
-        at = np.searchsorted(need, group)
-        index[sel] = base + (np.cumsum(sizes) - sizes)[at] + row_at[sel] - rg[group]
-        base += table.num_rows
-        tables.append(table)
-    return pa.concat_tables(tables, promote_options="permissive"), index
-
-
-def _read_windows(batch: dict[str, np.ndarray], *, filesystem: pafs.FileSystem,
-                  columns: list[str], seed: int, rank: int, rows_per_block: int,
-                  take: int = 0, text_col: str | None = None,
-                  selection: Selection | None = None) -> Iterator[Any]:
-    """``map_batches`` generator: each read item (one shuffle window, DataOrder.windows) -> its
-    rows in the window's seeded order, from its ``skip``-th on, with their stream position
-    (``pos_epoch``, ``pos_offset``), source file index (``src_file``) and ``aug_seed``.
-    ``take`` > 0 (a resampled draw, DataOrder.take): the window ends after its ``take``-th row
-    that ``selection`` keeps, so a draw is one step's rows of the rank."""
-    import pyarrow as pa
-
-    for j in range(len(batch["epoch"])):
-        epoch, w = int(batch["epoch"][j]), int(batch["window"][j])
-        base, skip = int(batch["base"][j]), int(batch["skip"][j])
-        table, index = _read_rows(filesystem, batch["path"][j], batch["file"][j],
-                                  batch["start"][j], batch["len"][j], columns)
-        src_all = np.repeat(np.asarray(batch["file"][j], np.int32),
-                            np.asarray(batch["len"][j], np.int64))
-        order = window_order(seed, epoch, rank, w, len(index))
-        end = len(order)
-        if take:
-            idx = pa.array(index[order])
-            texts = [t if isinstance(t, str) else ""
-                     for t in table.column(text_col).take(idx).to_pylist()]
-            split = (table.column(selection.split_col).take(idx).to_pylist()
-                     if selection.split_col else None)
-            kept = np.flatnonzero(selection.mask(texts, split))
-            end = int(kept[take - 1]) + 1 if len(kept) >= take else end
-        pos = np.arange(base, base + len(order), dtype=np.int64)
-        for k in range(skip, end, rows_per_block):
-            rows = order[k:min(k + rows_per_block, end)]
-            p = pos[k:k + len(rows)]
-            yield (table.take(pa.array(index[rows]))
-                   .append_column("pos_epoch", pa.array(np.full(len(rows), epoch, np.int64)))
-                   .append_column("pos_offset", pa.array(p))
-                   .append_column("src_file", pa.array(src_all[rows]))
-                   .append_column("aug_seed", pa.array(aug_seeds(seed, rank, epoch, p))))
+DRAWS_PER_TASK = 16  # resampled one-step draws per read task (RankStream.dataset)
 
 
 @dataclass
@@ -309,10 +237,13 @@ class RankStream:
         for it in items:  # each read task gets its window's paths, never the whole file list
             it["path"] = [d.files[f] for f in it["file"]]
         self.segment_rows = sum(self.order.rows_out(sum(it["len"]) - it["skip"]) for it in items)
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        # one window per read task; resampled one-step draws (DataOrder.take) DRAWS_PER_TASK
+        # per task, which then read the data once for all of them
+        per_task = DRAWS_PER_TASK if self.order.take else 1
+        ds = ray.data.from_items(items, override_num_blocks=-(-len(items) // per_task))
         ds.context.execution_options.preserve_order = True  # (the pipeline shares this context)
         ds = ds.map_batches(
-            _read_windows, batch_size=1, batch_format="numpy",
+            read_windows, batch_size=per_task, batch_format="numpy",
             fn_kwargs=dict(filesystem=d.filesystem, columns=d.columns,
                            seed=d.seed, rank=self.rank, rows_per_block=d.rows_per_block,
                            take=self.order.take, text_col=d.preprocess["text_col"],

@@ -105,7 +105,7 @@ class DataOrder:
         self.slice_rows = S
         self.window_slices = max(1, int(window_rows) // S)
         self.resampled = fits if resampled is None else bool(resampled)  # None: auto
-        # rows of a draw the reader keeps (selected rows, ``_read_windows``); 0 = all of them
+        # rows of a draw the reader keeps (selected rows, ``reader.read_windows``); 0 = all of them
         self.take = int(draw_rows) if self.resampled and fits and draw_rows > 0 else 0
         self._cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._perm: tuple[int, np.ndarray] = (-1, np.zeros(0, np.int64))
