@@ -149,10 +149,11 @@ def run_ray(args, workdir: Path) -> dict:
                       batch_size=args.batch_size, steps=args.steps,
                       warmup_steps=min(50, args.steps // 5), checkpoint_every=args.steps,
                       log_every=args.log_every, data_workers=args.workers,
-                      model=ModelConfig.tiny())
+                      model=ModelConfig.tiny(),
+                      resampled=None if args.order == "auto" else False)
     if args.split_col:  # train rows only, like the plain loop (no val set: nothing but training)
         cfg.data = [str(workdir / "train.parquet")]
-    ensure_ray(cfg, "local")
+    ensure_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False
     t = time.perf_counter()
     summary = run(cfg)
@@ -180,6 +181,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--log-every", type=int, default=5)
     ap.add_argument("--only", choices=["plain", "ray"])
+    ap.add_argument("--order", choices=["auto", "epochs"], default="auto",
+                    help="align-ray's data order: the default (resampled on data this small) "
+                         "or epochs")
     ap.add_argument("--out", default=str(REPO / "benchmarks/results"))
     args = ap.parse_args()
     if args.warmup % args.log_every or args.steps % args.log_every:
@@ -202,7 +206,7 @@ def main() -> None:
     mc = ModelConfig.tiny()
     tok = train_wordpiece(texts, mc.vocab_size, mc.max_length)
     result = {"rows": len(images), "workers": args.workers, "batch_per_worker": args.batch_size,
-              "steps": args.steps, "warmup": args.warmup, "cpus": os.cpu_count(),
+              "steps": args.steps, "warmup": args.warmup, "cpus": os.cpu_count(), "order": args.order,
               "loadavg_start": os.getloadavg()}
     if args.only != "ray":
         result["plain_gloo_open_clip"] = run_plain(args, tokenizer_files(tok), len(tok), images,
@@ -215,7 +219,7 @@ def main() -> None:
         result["ratio_ray_over_plain"] = (result["ray_train"]["samples_per_s"]
                                           / result["plain_gloo_open_clip"]["samples_per_s"])
     result["loadavg_end"] = os.getloadavg()
-    out = Path(args.out) / f"train-{time.strftime('%Y-%m-%d-%H%M')}.json"
+    out = Path(args.out) / f"train-{args.order}-{time.strftime('%Y-%m-%d-%H%M')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

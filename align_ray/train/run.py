@@ -194,9 +194,10 @@ def _run(cfg: TrainConfig, out: Path, *, step_hook, address, data_hook) -> dict[
                                    counter=counter_name)
     order = train_data.order(cfg.workers)
     if order.resampled:
-        log.info("train: %d file(s), %d rows; resampled: every step's batch a fresh draw of a "
-                 "window of %d slices of <= %d rows", len(train_data.files), order.total,
-                 order.window_slices, order.slice_rows)
+        log.info("train: %d file(s), %d rows; resampled: each epoch a fresh draw of one "
+                 "window of %d slices of <= %d rows%s", len(train_data.files), order.total,
+                 order.window_slices, order.slice_rows,
+                 ", cut to one step's rows" if order.slice_rows == 1 else "")
     else:
         log.info("train: %d file(s), %d rows; per epoch a seeded order of %d slices of <= %d "
                  "rows, rows shuffled in windows of %d slices", len(train_data.files),
