@@ -113,8 +113,9 @@ def smoothed_clip_loss(label_smoothing: float):
 
 def align_ray_order(n: int, seed: int, world: int, rows: int) -> list:
     """Per rank, an endless iterator of ``rows``-row batches of row indices in align-ray's
-    training order over ``n`` rows in one file (order.DataOrder with the default
-    ``shuffle_buffer``), to tell the order's effect from everything else."""
+    epoch order over ``n`` rows in one file (order.DataOrder with the default
+    ``shuffle_buffer``, not resampled: align-ray's default before session 34, and its order on
+    data larger than a window), to tell the order's effect from everything else."""
     from align_ray.train.config import TrainConfig
     from align_ray.train.order import DataOrder, window_order
 
@@ -344,7 +345,7 @@ def main() -> None:
     ap.add_argument("--with-replacement", action="store_true", help="plain loop sampling")
     ap.add_argument("--plain-order", choices=["uniform", "align_ray", "epoch"], default="uniform",
                     help="plain loop batches: uniform random rows (a fresh draw every step), "
-                         "align-ray's training order (order.DataOrder: per-rank shuffle windows "
+                         "align-ray's epoch order (order.DataOrder: per-rank shuffle windows "
                          "of file slices, --workers ranks of batch/workers rows each, "
                          "concatenated), or epoch: one permutation per epoch cut into batches, "
                          "its remainder dropped (random reshuffling, no row twice in a batch)")
