@@ -60,9 +60,9 @@ def read_rows(fs: pafs.FileSystem, paths: Any, files: Any, starts: Any, lens: An
 
 
 def read_windows(batch: dict[str, np.ndarray], *, filesystem: pafs.FileSystem,
-                  columns: list[str], seed: int, rank: int, rows_per_block: int,
-                  take: int = 0, text_col: str | None = None,
-                  selection: Selection | None = None) -> Iterator[Any]:
+                 columns: list[str], seed: int, rank: int, rows_per_block: int,
+                 take: int = 0, text_col: str | None = None,
+                 selection: Selection | None = None) -> Iterator[Any]:
     """``map_batches`` generator: each read item (one shuffle window, DataOrder.windows) -> its
     rows in the window's seeded order, from its ``skip``-th on, with their stream position
     (``pos_epoch``, ``pos_offset``), source file index (``src_file``) and ``aug_seed``.
@@ -75,7 +75,7 @@ def read_windows(batch: dict[str, np.ndarray], *, filesystem: pafs.FileSystem,
         epoch, w = int(batch["epoch"][j]), int(batch["window"][j])
         base, skip = int(batch["base"][j]), int(batch["skip"][j])
         table, index = read_rows(filesystem, batch["path"][j], batch["file"][j],
-                                  batch["start"][j], batch["len"][j], columns, cache)
+                                 batch["start"][j], batch["len"][j], columns, cache)
         src_all = np.repeat(np.asarray(batch["file"][j], np.int32),
                             np.asarray(batch["len"][j], np.int64))
         order = window_order(seed, epoch, rank, w, len(index))
