@@ -15,7 +15,7 @@ from align_ray.train.selection import Selection
 
 
 def read_rows(fs: pafs.FileSystem, paths: Any, files: Any, starts: Any, lens: Any,
-               columns: list[str], cache: dict) -> Any:
+              columns: list[str], cache: dict) -> Any:
     """The rows of a window's slices, concatenated in slice order: only the row groups the
     slices overlap are read, each once per read task (``cache``: path -> row-group starts and
     the groups read so far); one vectorised ``take`` then gathers the rows (a one-row-slice
