@@ -44,8 +44,9 @@ pure function of (seed, file list + row counts, world size) (:class:`DataOrder`)
 The pipeline per rank: ``from_items`` (one item per window) -> one reader task at a time
 (``train/reader.py``; 0 CPU: reads the window's slices, only the row groups they overlap, and
 emits the rows in window order in blocks of ``data_batch_size``; resampled one-step draws go
-``DRAWS_PER_TASK`` to a task, which reads the data once for them) -> ``ceil(data_workers / workers)`` decode/augment/tokenize
-tasks (``data_cpus`` each), with ``preserve_order`` so blocks arrive in stream order.  One
+``DRAWS_PER_TASK`` to a task, which reads the data once for them) -> ``ceil(data_workers /
+workers)`` decode/augment/tokenize tasks (``data_cpus`` each), with ``preserve_order`` so
+blocks arrive in stream order.  One
 execution covers the rest of the epoch (or what the run still needs, if more); the next starts
 exactly after the last batch handed out.  Costs: a window's rows sit in the reader's memory at
 once (``shuffle_buffer`` x row bytes); a slice smaller than its parquet row group reads the whole
