@@ -35,20 +35,22 @@ def read_rows(fs: pafs.FileSystem, paths: Any, files: Any, starts: Any, lens: An
     for f in dict.fromkeys(files.tolist()):  # files in first-use order
         path = str(paths[int(np.flatnonzero(files == f)[0])])
         sel = np.flatnonzero(row_file == f)
-        if path not in cache:
-            with fs.open_input_file(path) as handle:
-                md = pq.ParquetFile(handle).metadata
+        pf = None  # opened at most once per file and task: footer and row groups together
+        try:
+            if path not in cache:
+                pf = pq.ParquetFile(fs.open_input_file(path))
+                md = pf.metadata
                 cache[path] = (np.concatenate([[0], np.cumsum(
                     [md.row_group(i).num_rows for i in range(md.num_row_groups)])]), {})
-        rg, groups = cache[path]
-        group = np.searchsorted(rg, row_at[sel], side="right") - 1
-        need = np.unique(group)
-        missing = [int(g) for g in need if int(g) not in groups]
-        if missing:
-            with fs.open_input_file(path) as handle:
-                pf = pq.ParquetFile(handle)
-                for g in missing:
-                    groups[g] = pf.read_row_group(g, columns=columns)
+            rg, groups = cache[path]
+            group = np.searchsorted(rg, row_at[sel], side="right") - 1
+            need = np.unique(group)
+            for g in (int(g) for g in need if int(g) not in groups):
+                pf = pf or pq.ParquetFile(fs.open_input_file(path))
+                groups[g] = pf.read_row_group(g, columns=columns)
+        finally:
+            if pf is not None:
+                pf.close(force=True)  # the handle opened here, not by ParquetFile
         table = pa.concat_tables([groups[int(g)] for g in need])
         # a row's place in ``table``: its group's place among the groups read + row in group
         sizes = rg[need + 1] - rg[need]
