@@ -250,12 +250,14 @@ class RankStream:
                            take=self.order.take, text_col=d.preprocess["text_col"],
                            selection=d.preprocess["selection"]),
             compute=ray.data.TaskPoolStrategy(size=1), num_cpus=0,
-            # Ray's own default, stated so that the reader stays an operator of its own: Ray
-            # Data (2.60) fuses two task maps of equal pool size (one decode task per rank, the
-            # common case) and bundles the fused task's input to the decoder's batch size, 64
-            # windows: a segment's reading and decoding ran in one task, and the first batch
-            # came only when the whole segment was decoded (tests/train/test_ingest.py)
-            max_retries=-1)
+            # Ray's own default (no limit on a worker's calls), stated so that the reader stays
+            # an operator of its own: Ray Data (2.60) fuses two task maps of equal pool size and
+            # equal remote arguments (one decode task per rank, the common case) and bundles the
+            # fused task's input to the decoder's batch size, 64 windows: a segment's reading
+            # and decoding ran in one task, and the first batch came only when the whole segment
+            # was decoded (tests/train/test_ingest.py).  A named parameter: ``ray_remote_args``
+            # such as ``max_retries`` warn that they go away in Ray 2.64.
+            max_calls=0)
         # 0 logical CPUs, on purpose: Ray Data (2.60) budgets each execution from its
         # AutoscalingCoordinator, which splits the CPUs left after Train's workers between
         # concurrent executions in integer shares (amount // n).  With one pipeline per rank,
