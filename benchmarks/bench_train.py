@@ -8,6 +8,10 @@ Ray Data actors (ours) vs one torch DataLoader worker process per rank (plain). 
 global (both workers) over the steps after ``--warmup``; ours comes from the loop's own
 metrics.jsonl (every ``--log-every`` steps).  Goal: ours >= 0.9 x plain.
 
+``--order auto epochs`` runs our loop once per data order, between two runs of the plain loop
+(before and after): each order's ratio is to the mean of the two, so a box whose speed drifts
+during the invocation is seen (the two plain figures) and shared by both orders.
+
     .venv/bin/pip install --no-deps open-clip-torch    # benchmark-only dependency
     .venv/bin/python benchmarks/bench_train.py --steps 60 --warmup 20 --batch-size 32
 """
@@ -137,7 +141,7 @@ def run_plain(args, tok_files, vocab, images, texts) -> dict:
     return q.get(timeout=10)
 
 
-def run_ray(args, workdir: Path) -> dict:
+def run_ray(args, workdir: Path, order: str) -> dict:
     import ray
 
     from align_ray.model import ModelConfig
@@ -145,12 +149,12 @@ def run_ray(args, workdir: Path) -> dict:
     from align_ray.train.run import ensure_ray, run
 
     cfg = TrainConfig(data=[args.data], image_col=args.image_col, text_col=args.text_col,
-                      split_col=None, output=str(workdir / "ray-run"), workers=args.workers,
+                      split_col=None, output=str(workdir / f"ray-run-{order}"), workers=args.workers,
                       batch_size=args.batch_size, steps=args.steps,
                       warmup_steps=min(50, args.steps // 5), checkpoint_every=args.steps,
                       log_every=args.log_every, data_workers=args.workers,
                       model=ModelConfig.tiny(),
-                      resampled=None if args.order == "auto" else False)
+                      resampled=None if order == "auto" else False)
     if args.split_col:  # train rows only, like the plain loop (no val set: nothing but training)
         cfg.data = [str(workdir / "train.parquet")]
     ensure_ray()
@@ -181,9 +185,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--log-every", type=int, default=5)
     ap.add_argument("--only", choices=["plain", "ray"])
-    ap.add_argument("--order", choices=["auto", "epochs"], default="auto",
+    ap.add_argument("--order", choices=["auto", "epochs"], nargs="+", default=["auto"],
                     help="align-ray's data order: the default (resampled on data this small) "
-                         "or epochs")
+                         "and/or epochs; with two, each runs once, between two plain runs")
     ap.add_argument("--out", default=str(REPO / "benchmarks/results"))
     args = ap.parse_args()
     if args.warmup % args.log_every or args.steps % args.log_every:
@@ -206,20 +210,31 @@ def main() -> None:
     mc = ModelConfig.tiny()
     tok = train_wordpiece(texts, mc.vocab_size, mc.max_length)
     result = {"rows": len(images), "workers": args.workers, "batch_per_worker": args.batch_size,
-              "steps": args.steps, "warmup": args.warmup, "cpus": os.cpu_count(), "order": args.order,
-              "loadavg_start": os.getloadavg()}
+              "steps": args.steps, "warmup": args.warmup, "cpus": os.cpu_count(),
+              "order": "-".join(args.order), "loadavg_start": os.getloadavg()}
+
+    def plain(key: str) -> None:
+        result[key] = run_plain(args, tokenizer_files(tok), len(tok), images, texts)
+        print(json.dumps(result[key]), flush=True)
+
     if args.only != "ray":
-        result["plain_gloo_open_clip"] = run_plain(args, tokenizer_files(tok), len(tok), images,
-                                                   texts)
-        print(json.dumps(result["plain_gloo_open_clip"]), flush=True)
+        plain("plain_gloo_open_clip")
     if args.only != "plain":
-        result["ray_train"] = run_ray(args, workdir)
-        print(json.dumps(result["ray_train"]), flush=True)
-    if "plain_gloo_open_clip" in result and "ray_train" in result:
+        for order in args.order:
+            key = "ray_train" if len(args.order) == 1 else f"ray_train_{order}"
+            result[key] = run_ray(args, workdir, order)
+            print(json.dumps(result[key]), flush=True)
+    if args.only is None and len(args.order) > 1:
+        plain("plain_gloo_open_clip_after")
+        ref = (result["plain_gloo_open_clip"]["samples_per_s"]
+               + result["plain_gloo_open_clip_after"]["samples_per_s"]) / 2
+        result["ratio_by_order"] = {o: result[f"ray_train_{o}"]["samples_per_s"] / ref
+                                    for o in args.order}
+    elif args.only is None:
         result["ratio_ray_over_plain"] = (result["ray_train"]["samples_per_s"]
                                           / result["plain_gloo_open_clip"]["samples_per_s"])
     result["loadavg_end"] = os.getloadavg()
-    out = Path(args.out) / f"train-{args.order}-{time.strftime('%Y-%m-%d-%H%M')}.json"
+    out = Path(args.out) / f"train-{result['order']}-{time.strftime('%Y-%m-%d-%H%M')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
