@@ -149,7 +149,8 @@ def run_ray(args, workdir: Path, order: str) -> dict:
     from align_ray.train.run import ensure_ray, run
 
     cfg = TrainConfig(data=[args.data], image_col=args.image_col, text_col=args.text_col,
-                      split_col=None, output=str(workdir / f"ray-run-{order}"), workers=args.workers,
+                      split_col=None, output=str(workdir / f"ray-run-{order}"),
+                      workers=args.workers,
                       batch_size=args.batch_size, steps=args.steps,
                       warmup_steps=min(50, args.steps // 5), checkpoint_every=args.steps,
                       log_every=args.log_every, data_workers=args.workers,
@@ -168,7 +169,8 @@ def run_ray(args, workdir: Path, order: str) -> dict:
     secs = sum(r["step_time_s"] * args.log_every for r in recs)
     ray.shutdown()
     return {"samples_per_s": steps * cfg.global_batch / secs, "timed_steps": steps,
-            "seconds": secs, "data_wait_s_per_step": sum(r["data_wait_s"] for r in recs) / len(recs),
+            "seconds": secs,
+            "data_wait_s_per_step": sum(r["data_wait_s"] for r in recs) / len(recs),
             "run_wall_s": wall, "final_loss": summary["final_loss"]}
 
 
