@@ -52,6 +52,11 @@ def test_haproxy_ingress_answers_like_the_proxy(serve_app, tiny_model, index_dir
         base = lines[-1].split()[2].rstrip("/")
         mine = {pid: cmd for pid, cmd in _haproxies().items() if pid not in before}
         assert mine and all(any("align-hap-" in a for a in cmd) for cmd in mine.values())
+        # a request a dying Router replica never answered is replayed on another one
+        # (ingress.RETRY_ON; benchmarks/router_node_loss.py kills a Router's node under load)
+        for cmd in mine.values():
+            cfg_file = cmd[cmd.index("-f") + 1]
+            assert "retry-on conn-failure empty-response" in open(cfg_file).read()
 
         assert requests.get(f"{base}/healthz", timeout=30).status_code == 200
         text, image = corpus["rows"][3]["text"], corpus["rows"][5]["image"]
