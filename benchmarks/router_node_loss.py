@@ -36,19 +36,17 @@ import shutil
 import socket
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import requests
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from align_ray.serve.ingress import RETRY_ON, RETRY_ON_FLAG  # noqa: E402
 from tests.multinode.cluster import LocalCluster  # noqa: E402
-from tests.multinode.serving import check_placement, served  # noqa: E402
+from tests.multinode.serving import Load, check_placement, phase, served  # noqa: E402
 
 APP = "align"
 TEXTS = [f"a picture of thing number {i}" for i in range(32)]
@@ -80,54 +78,6 @@ def haproxy_stat(sock: str) -> list[dict]:
     lines = data.decode().strip().splitlines()
     head = lines[0].lstrip("# ").split(",")
     return [dict(zip(head, line.split(","))) for line in lines[1:] if line]
-
-
-class Load:
-    """Closed-loop clients; each answer (start, end, status, ok, detail)."""
-
-    def __init__(self, url: str, clients: int, want: dict[str, np.ndarray]) -> None:
-        self.url, self.want, self.results = url, want, []
-        self.stop_event = threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
-                        for i in range(clients)]
-        for t in self.threads:
-            t.start()
-
-    def _run(self, i: int) -> None:
-        with requests.Session() as s:
-            n = i
-            while not self.stop_event.is_set():
-                texts = [TEXTS[(n + j) % len(TEXTS)] for j in range(8)]
-                t0 = time.monotonic()
-                try:
-                    r = s.post(self.url, json={"texts": texts}, timeout=60)
-                except requests.RequestException as e:
-                    self.results.append((t0, time.monotonic(), None, False, repr(e)[:200]))
-                    continue
-                if r.status_code == 200:
-                    got = np.asarray(r.json()["embeddings"])
-                    ok = bool(np.abs(got - np.stack([self.want[t] for t in texts])).max() < 1e-4)
-                    detail = ""
-                else:
-                    detail = r.text[:200]
-                    ok = r.status_code == 503 and "detail" in r.json()
-                self.results.append((t0, time.monotonic(), r.status_code, ok, detail))
-                n += 1
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        for t in self.threads:
-            t.join(timeout=90)
-
-
-def phase(results: list[tuple], lo: float, hi: float) -> dict:
-    sel = [r for r in results if lo <= r[0] < hi]
-    lat = np.array([r[1] - r[0] for r in sel] or [0.0]) * 1000
-    return {"requests": len(sel), "req_per_s": round(len(sel) / max(hi - lo, 1e-9), 1),
-            "status": {str(s): sum(r[2] == s for r in sel) for s in {r[2] for r in sel}},
-            "not_ok": sum(not r[3] for r in sel),
-            "p50_ms": round(float(np.percentile(lat, 50)), 1),
-            "p99_ms": round(float(np.percentile(lat, 99)), 1)}
 
 
 def main() -> int:
@@ -192,7 +142,14 @@ def main() -> int:
             admin = next((str(p) for p in run.glob("*/admin.sock")), None)
             before = ({r["svname"]: int(r["stot"]) for r in haproxy_stat(admin)}
                       if admin else {})
-            load = Load(f"{base}/v1/embed/text", args.clients, want)
+            def body(n: int) -> dict:
+                return {"texts": [TEXTS[(n + j) % len(TEXTS)] for j in range(8)]}
+
+            def check(n: int, js: dict) -> bool:
+                want_n = np.stack([want[t] for t in body(n)["texts"]])
+                return bool(np.abs(np.asarray(js["embeddings"]) - want_n).max() < 1e-4)
+
+            load = Load(f"{base}/v1/embed/text", body, check, clients=args.clients)
             t0 = time.monotonic()
             try:
                 time.sleep(args.seconds)

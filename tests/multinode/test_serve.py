@@ -33,66 +33,15 @@ import requests
 
 from tests.conftest import DEV_SET
 from tests.multinode.conftest import ensure
-from tests.multinode.serving import check_placement, served
+from tests.multinode.serving import CLIENTS, Load, check_placement, phase, served
 
 pytestmark = pytest.mark.skipif(not DEV_SET.exists(), reason="needs the shared dev set")
 
 APP = "align"
 TEXTS = [f"a picture of thing number {i}" for i in range(16)]
 PER_REQUEST = 16     # texts per request: calls long enough that some are inside the victim
-CLIENTS = 8
 FAST_S = 15.0        # a refusal must come faster than this (the Router's call timeout is 10 s)
 RECOVER_S = 90.0     # the bound on "whole again" after the kill
-
-
-class Load:
-    """``CLIENTS`` closed-loop HTTP clients; each answer recorded as (start, end, status, ok,
-    detail), ``ok`` from ``check(request number, response)``."""
-
-    def __init__(self, url: str, body, check) -> None:
-        self.url, self.body, self.check = url, body, check
-        self.results: list[tuple] = []
-        self.stop_event = threading.Event()
-        self.threads = [threading.Thread(target=self._client, args=(i,), daemon=True)
-                        for i in range(CLIENTS)]
-        for t in self.threads:
-            t.start()
-
-    def _client(self, i: int) -> None:
-        with requests.Session() as s:
-            n = 0
-            while not self.stop_event.is_set():
-                body = self.body(i + n)
-                t0 = time.monotonic()
-                try:
-                    r = s.post(self.url, json=body, timeout=60)
-                except requests.RequestException as e:      # lost or hung: never allowed
-                    self.results.append((t0, time.monotonic(), None, False, repr(e)))
-                    continue
-                if r.status_code == 200:
-                    ok, detail = self.check(i + n, r.json()), ""
-                else:
-                    detail = r.json().get("detail", "")
-                    ok = (r.status_code == 503 and bool(detail)
-                          and r.headers.get("Retry-After") is not None)
-                self.results.append((t0, time.monotonic(), r.status_code, ok, detail))
-                n += 1
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        for t in self.threads:
-            t.join(timeout=90)
-        assert not any(t.is_alive() for t in self.threads), "a client hung"
-
-
-def _phase(results: list[tuple], lo: float, hi: float) -> dict:
-    sel = [r for r in results if lo <= r[0] < hi]
-    if not sel:
-        return {}
-    lat = np.array([r[1] - r[0] for r in sel]) * 1000
-    return {"requests": len(sel), "req_per_s": round(len(sel) / (hi - lo), 1),
-            "p50_ms": round(float(np.percentile(lat, 50)), 1),
-            "p99_ms": round(float(np.percentile(lat, 99)), 1)}
 
 
 def test_serve_scales_each_way_and_survives_a_node_loss(cluster, tiny_model, corpus, tmp_path):
@@ -183,8 +132,8 @@ def test_serve_scales_each_way_and_survives_a_node_loss(cluster, tiny_model, cor
         res = text.results
         report["TextEncoder"] = {
             "scale_up_s": round(up, 1), "scale_down_s": round(down, 1),
-            "phases": {"1 replica": _phase(res, t0, t0 + up),
-                       "2 replicas": _phase(res, t0 + up, t_kill)},
+            "phases": {"1 replica": phase(res, t0, t0 + up),
+                       "2 replicas": phase(res, t0 + up, t_kill)},
             "replicas_t_text_image": trace[::4]}
         report["kill"] = {
             "requests_after_kill": sum(r[0] >= t_kill for r in res),
@@ -194,7 +143,7 @@ def test_serve_scales_each_way_and_survives_a_node_loss(cluster, tiny_model, cor
             # the requests in flight on the killed replica: answered late or refused
             "max_latency_after_kill_s": round(max((r[1] - r[0] for r in res if r[1] >= t_kill),
                                                   default=0), 2),
-            "after_kill": _phase(res, t_kill, t_stop)}
+            "after_kill": phase(res, t_kill, t_stop)}
 
         # 3. image load scales the ImageEncoder alone
         trace2, t1 = [], time.monotonic()
@@ -210,8 +159,8 @@ def test_serve_scales_each_way_and_survives_a_node_loss(cluster, tiny_model, cor
         down2 = until(lambda t, i: t == 1 and i == 1, 120, "ImageEncoder back at 1", trace2, t1)
         report["ImageEncoder"] = {
             "scale_up_s": round(up2, 1), "scale_down_s": round(down2, 1),
-            "phases": {"1 replica": _phase(image.results, t1, t1 + up2),
-                       "2 replicas": _phase(image.results, t1 + up2, t_stop2)},
+            "phases": {"1 replica": phase(image.results, t1, t1 + up2),
+                       "2 replicas": phase(image.results, t1 + up2, t_stop2)},
             "replicas_t_text_image": trace2[::4]}
         healthy = requests.get(f"{base}/healthz", timeout=30).status_code
     print("serve on the multi-node cluster:", json.dumps(report))
