@@ -41,6 +41,9 @@ _HAPROXY_PATHS = {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
 # the node's id (56 hex digits), so a socket's folder has 97 - 58 - len(name) characters left:
 # 27 for metrics.sock.  A run folder under a long TMPDIR (pytest's, a batch system's) overran it.
 _SOCKET_MAX = 97
+_NODE_DIR = 1 + 56 + 1
+_SOCKETS = {"RAY_SERVE_HAPROXY_SOCKET_PATH": "/tmp/haproxy-serve/admin.sock",   # Ray's defaults
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "/tmp/haproxy-serve/metrics.sock"}
 # HAProxy replays a request on another Router replica when the first closed the connection
 # without an answer (its node died with the request in flight), not only when the connection
 # failed (Ray's default, which keeps replays safe for apps with side effects).  Every endpoint
@@ -48,9 +51,6 @@ _SOCKET_MAX = 97
 # load cost the requests in flight on it (connection resets, then 500s on reused connections:
 # BENCHMARKS.md "Losing a Router's node").  Bodies over HAProxy's buffer are not replayed.
 RETRY_ON_FLAG, RETRY_ON = "RAY_SERVE_HAPROXY_RETRY_ON", "conn-failure empty-response"
-_NODE_DIR = 1 + 56 + 1
-_SOCKETS = {"RAY_SERVE_HAPROXY_SOCKET_PATH": "/tmp/haproxy-serve/admin.sock",   # Ray's defaults
-            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "/tmp/haproxy-serve/metrics.sock"}
 
 
 def check(ingress: str) -> None:
