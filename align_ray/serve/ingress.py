@@ -72,10 +72,11 @@ def check(ingress: str) -> None:
         for name, default in _SOCKETS.items():
             path = os.environ.get(name, default)
             folder, leaf = os.path.split(path)
-            if len(folder) + _NODE_DIR + len(leaf) > _SOCKET_MAX:
+            length = len(folder) + _NODE_DIR + len(leaf)   # Serve's <folder>/<node id>/<leaf>
+            if length > _SOCKET_MAX:
                 raise ValueError(
                     f"{name}={path}: HAProxy would not start; Serve puts the socket at "
-                    f"{folder}/<node id>/{leaf}, {len(folder) + _NODE_DIR + len(leaf)} "
+                    f"{folder}/<node id>/{leaf}, {length} "
                     f"characters, and HAProxy takes at most {_SOCKET_MAX}: use a folder of at "
                     f"most {_SOCKET_MAX - _NODE_DIR - len(leaf)} characters")
 
