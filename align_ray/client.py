@@ -7,6 +7,17 @@
     >>> c.classify(open("dog.jpg", "rb").read(), ["dog", "cat"])     # [("dog", 0.93), ...]
 
 Errors come back as :class:`APIError` with the HTTP status and the server's message.
+
+**Retries.** Every endpoint is a pure read (embed, search, classify, a thumbnail), so a request
+that got no answer can be sent again without harm.  By default the client sends it up to
+``retries`` more times when the connection fails or breaks before the answer (a replica's node
+died mid-request; a load balancer closed a kept-alive connection), and on a 502/503/504, or a
+500, which is what Serve's HTTP proxy answers when the replica serving a request dies (it does
+not replay the request itself; README "HTTP ingress").  The server gives 4xx for bad requests
+and never 500 for them, so a retried 500 is a lost replica or a server bug; a bug's 500 comes
+back after the retries as an :class:`APIError`.  A 503's ``Retry-After`` (the encoders' back
+pressure) is honoured.  ``timeout`` holds per attempt.  ``retries=0`` turns this off (the
+tests do, so that a flaky server cannot pass them).
 """
 
 from __future__ import annotations
@@ -17,6 +28,10 @@ from typing import Any, Sequence
 
 import numpy as np
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+RETRY_STATUS = (500, 502, 503, 504)
 
 
 class APIError(Exception):
@@ -34,12 +49,31 @@ def b64(image: bytes | str | os.PathLike) -> str:
     return base64.b64encode(image).decode("ascii")
 
 
+def retrying_session(retries: int = 2, backoff_s: float = 0.25) -> requests.Session:
+    """A ``requests`` session that replays any request, POST included, on a failed or broken
+    connection and on :data:`RETRY_STATUS`, ``retries`` times at most (module doc: why that is
+    safe here).  The first replay goes at once, later ones after ``backoff_s``, doubling
+    (urllib3's backoff)."""
+    session = requests.Session()
+    if retries > 0:
+        policy = Retry(total=retries, connect=retries, read=retries, status=retries,
+                       allowed_methods=None, status_forcelist=RETRY_STATUS,
+                       backoff_factor=backoff_s, respect_retry_after_header=True,
+                       raise_on_status=False)
+        adapter = HTTPAdapter(max_retries=policy)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+    return session
+
+
 class AlignClient:
     def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float = 60.0,
-                 session: requests.Session | None = None):
+                 session: requests.Session | None = None, retries: int = 2):
+        """``session``: your own ``requests`` session, used as it is (``retries`` then does
+        nothing; :func:`retrying_session` builds one with the retries)."""
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
-        self.session = session or requests.Session()
+        self.session = session or retrying_session(retries)
 
     # -- raw access ---------------------------------------------------------------------------
     def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:

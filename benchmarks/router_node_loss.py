@@ -20,7 +20,9 @@ The script checks and reports:
    timeout; a refusal must be a 503 with a detail), each failure's time relative to the kill,
    the seconds until 5 s of clean answers, the rate and latency after the kill.
    ``--retry-on`` is HAProxy's replay policy (serve/ingress.py says why ours replays a request
-   the dying Router never answered).
+   the dying Router never answered).  ``--client-retries N``: each client replays a failed
+   request as ``AlignClient`` does (``align_ray/client.py``), the remedy for the proxy
+   ingress, which does not replay.
 
     .venv/bin/python benchmarks/router_node_loss.py --ingress haproxy --json OUT.json
 
@@ -37,6 +39,7 @@ import socket
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +47,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from align_ray.client import retrying_session  # noqa: E402
 from align_ray.serve.ingress import (_HAPROXY_PATHS, HAPROXY_FLAG, RETRY_ON,  # noqa: E402
                                      RETRY_ON_FLAG)
 from tests.multinode.cluster import LocalCluster  # noqa: E402
@@ -93,6 +97,9 @@ def main() -> int:
                          "setting, serve/ingress.py; 'conn-failure' is Ray's own default)")
     ap.add_argument("--after-s", type=float, default=15.0,
                     help="load kept on at least this long after the kill")
+    ap.add_argument("--client-retries", type=int, default=0,
+                    help="each client replays a failed request this many times, as AlignClient "
+                         "does (align_ray/client.py); 0: every failure counts")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -107,7 +114,7 @@ def main() -> int:
         cluster.env.update({HAPROXY_FLAG: "1", RETRY_ON_FLAG: args.retry_on})
     else:
         cluster.env.pop(HAPROXY_FLAG, None)
-    report: dict = {"ingress": args.ingress, "checks": {},
+    report: dict = {"ingress": args.ingress, "checks": {}, "client_retries": args.client_retries,
                     "retry_on": args.retry_on if args.ingress == "haproxy" else None}
     checks = report["checks"]
     try:
@@ -146,7 +153,8 @@ def main() -> int:
                 want_n = np.stack([want[t] for t in body(n)["texts"]])
                 return bool(np.abs(np.asarray(js["embeddings"]) - want_n).max() < 1e-4)
 
-            load = Load(f"{base}/v1/embed/text", body, check, clients=args.clients)
+            load = Load(f"{base}/v1/embed/text", body, check, clients=args.clients,
+                        session=partial(retrying_session, args.client_retries))
             t0 = time.monotonic()
             try:
                 time.sleep(args.seconds)
@@ -179,6 +187,9 @@ def main() -> int:
             # every failed answer: (started, ended) in s after the kill, status, detail
             report["failures"] = [(round(r[0] - t_kill, 2), round(r[1] - t_kill, 2), r[2], r[4])
                                   for r in res if not r[3]][:20]
+            # requests a retrying client replayed: (started, ended) after the kill, replays
+            report["replayed"] = [(round(r[0] - t_kill, 2), round(r[1] - t_kill, 2), r[5])
+                                  for r in res if r[5]][:20]
             if admin:
                 checks["both Router replicas served"] = (
                     sum(v > 0 for v in report["haproxy_servers"].values()) >= 2)

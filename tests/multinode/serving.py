@@ -70,12 +70,14 @@ CLIENTS = 8
 
 class Load:
     """``clients`` closed-loop HTTP clients posting ``body(n)``; each answer recorded as (start,
-    end, status, ok, detail), ``ok`` from ``check(request number, response json)`` for a 200;
+    end, status, ok, detail, replays), ``ok`` from ``check(request number, response json)`` for a 200;
     anything else is ok only as a 503 with a detail and ``Retry-After``; a connection error or
-    timeout (status None) never is."""
+    timeout (status None) never is.  ``session``: each client's ``requests`` session (plain by
+    default: every failure counts; ``align_ray.client.retrying_session`` for AlignClient's)."""
 
-    def __init__(self, url: str, body, check, clients: int = CLIENTS) -> None:
-        self.url, self.body, self.check = url, body, check
+    def __init__(self, url: str, body, check, clients: int = CLIENTS,
+                 session=requests.Session) -> None:
+        self.url, self.body, self.check, self.session = url, body, check, session
         self.results: list[tuple] = []
         self.stop_event = threading.Event()
         self.threads = [threading.Thread(target=self._client, args=(i,), daemon=True)
@@ -84,7 +86,7 @@ class Load:
             t.start()
 
     def _client(self, i: int) -> None:
-        with requests.Session() as s:
+        with self.session() as s:
             n = 0
             while not self.stop_event.is_set():
                 body = self.body(i + n)
@@ -92,7 +94,7 @@ class Load:
                 try:
                     r = s.post(self.url, json=body, timeout=60)
                 except requests.RequestException as e:      # lost or hung: never allowed
-                    self.results.append((t0, time.monotonic(), None, False, repr(e)[:200]))
+                    self.results.append((t0, time.monotonic(), None, False, repr(e)[:200], 0))
                     continue
                 if r.status_code == 200:
                     ok, detail = self.check(i + n, r.json()), ""
@@ -103,7 +105,10 @@ class Load:
                         detail = r.text[:200]
                     ok = (r.status_code == 503 and bool(detail)
                           and r.headers.get("Retry-After") is not None)
-                self.results.append((t0, time.monotonic(), r.status_code, ok, detail))
+                # how often a retrying session replayed this request (urllib3's record)
+                retries = getattr(r.raw, "retries", None)
+                replays = len(retries.history) if retries is not None else 0
+                self.results.append((t0, time.monotonic(), r.status_code, ok, detail, replays))
                 n += 1
 
     def stop(self) -> None:
@@ -123,4 +128,4 @@ def phase(results: list[tuple], lo: float, hi: float) -> dict:
             "p50_ms": round(float(np.percentile(lat, 50)), 1),
             "p99_ms": round(float(np.percentile(lat, 99)), 1),
             "status": {str(c): sum(r[2] == c for r in sel) for c in {r[2] for r in sel}},
-            "not_ok": sum(not r[3] for r in sel)}
+            "not_ok": sum(not r[3] for r in sel), "replayed": sum(r[5] > 0 for r in sel)}

@@ -217,7 +217,7 @@ def test_job_submit_runs_the_workflow_s3_only(isolated, s3):
     # the app the job left deployed answers, from replicas on worker nodes
     url = record["stages"]["serve"]["summary"]["url"]
     assert url == f"http://127.0.0.1:{port}"
-    client = AlignClient(url, timeout=60)
+    client = AlignClient(url, timeout=60, retries=0)
     assert client.healthz()["status"] == "ok"
     hits = client.search(text="a red circle", k=3)
     assert len(hits) == 3 and all(h["id"] >= 0 and "text" in h for h in hits)

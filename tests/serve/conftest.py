@@ -144,7 +144,7 @@ def serve_app(ray_cluster, tiny_model, index_dir):
                                      url_fetch={"allow_cidr": ["127.0.0.1/32"]}))
     url = app.start(cfg)
     try:
-        yield AlignClient(url, timeout=60), cfg
+        yield AlignClient(url, timeout=60, retries=0), cfg
     finally:
         serve.shutdown()
 

@@ -61,7 +61,7 @@ def test_shipped_config_deploys_and_user_config_is_retuned_live(serve_app, tiny_
     shipped = _text_user_config(raw)
     _deploy(raw)
     try:
-        api = AlignClient(client.base_url + "/declarative", timeout=60)
+        api = AlignClient(client.base_url + "/declarative", timeout=60, retries=0)
         got = api.embed_text(["grinning face"])
         np.testing.assert_allclose(got, embedder.embed_texts(["grinning face"]), atol=1e-4)
         handle = serve.get_deployment_handle("TextEncoder", APP)

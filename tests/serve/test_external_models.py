@@ -87,7 +87,7 @@ def test_index_and_serve_match_the_librarys_embeddings(external_spec, ext_corpus
     app.check_paths(cfg)
     url = app.start(cfg)
     try:
-        api = AlignClient(url, timeout=60)
+        api = AlignClient(url, timeout=60, retries=0)
         assert api.healthz()["status"] == "ok"
         assert _cos_rows(api.embed_text(texts[:4]), ref_txt[:4]).min() >= 0.9999
         assert _cos_rows(api.embed_image(images[:3]), ref_img[:3]).min() >= 0.9999
