@@ -70,9 +70,9 @@ CLIENTS = 8
 
 class Load:
     """``clients`` closed-loop HTTP clients posting ``body(n)``; each answer recorded as (start,
-    end, status, ok, detail, replays), ``ok`` from ``check(request number, response json)`` for a 200;
-    anything else is ok only as a 503 with a detail and ``Retry-After``; a connection error or
-    timeout (status None) never is.  ``session``: each client's ``requests`` session (plain by
+    end, status, ok, detail, replays), ``ok`` from ``check(request number, response json)``
+    for a 200; anything else is ok only as a 503 with a detail and ``Retry-After``; a
+    connection error or timeout (status None) never is.  ``session``: each client's ``requests`` session (plain by
     default: every failure counts; ``align_ray.client.retrying_session`` for AlignClient's)."""
 
     def __init__(self, url: str, body, check, clients: int = CLIENTS,
