@@ -123,10 +123,17 @@ def check_knobs(nprobe: int | None, ef: int | None) -> tuple[int | None, int | N
     return nprobe, ef
 
 
+def _finite(v: float) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:   # a JSON integer too large for a float (JSON integers are unbounded)
+        return False
+
+
 def check_embedding(vec: list[float], dim: int) -> None:
     if len(vec) != dim:
         raise APIError(422, f"embedding has {len(vec)} values; this model's dimension is {dim}")
-    if not all(math.isfinite(v) for v in vec):
+    if not all(_finite(v) for v in vec):
         raise APIError(422, "embedding values must be finite numbers")
     if not any(v != 0 for v in vec):
         raise APIError(422, "embedding must not be all zeros")
