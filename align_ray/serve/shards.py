@@ -41,7 +41,7 @@ class ShardIndex:
     def __init__(self, index_dir: str, shard: int, num_shards: int, backend: str = "exact",
                  faiss_factory: str = "Flat"):
         manifest = read_manifest(index_dir)
-        local = localize(index_dir)
+        local = localize(index_dir, manifest, ann=False)   # a shard searches its rows exactly
         self.lo, self.hi = row_range(shard, num_shards, int(manifest["count"]))
         kind = "faiss" if backend == "faiss" else "exact"
         self.indexes: dict[str, VectorIndex] = {}

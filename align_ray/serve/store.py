@@ -51,14 +51,19 @@ def read_manifest(index_dir: str) -> dict[str, Any]:
     return meta
 
 
-def localize(index_dir: str) -> str:
-    """An ``s3://`` index is copied to a local temp dir once (memory-mapped from there)."""
+def localize(index_dir: str, manifest: dict[str, Any] | None = None, ann: bool = True) -> str:
+    """An ``s3://`` index is copied to a local temp dir once (memory-mapped from there), with
+    the ANN index files its manifest's ``ann`` section names unless ``ann=False`` (a caller that
+    searches the vectors themselves)."""
     if "://" not in index_dir:
         return index_dir
+    section = ((manifest or read_manifest(index_dir)).get("ann") or {}) if ann else {}
+    ann_files = [section[m]["file"] for m in MODALITIES
+                 if isinstance(section.get(m), dict) and section[m].get("file")]
     fs, base = storage.filesystem(index_dir)
     local = tempfile.mkdtemp(prefix="align-index-")
     for name in (META_FILE, "metadata.parquet", "thumbs.parquet",
-                 *(embeddings_file(m) for m in MODALITIES)):
+                 *(embeddings_file(m) for m in MODALITIES), *ann_files):
         src = storage.join(base, name)
         if storage.exists(fs, src):
             with fs.open_input_stream(src) as f_in, open(os.path.join(local, name), "wb") as f_out:
@@ -77,7 +82,7 @@ class IndexStore:
         ``IndexShard`` deployments hold the vectors, :mod:`align_ray.serve.shards`)."""
         self.dir = index_dir
         self.manifest = read_manifest(index_dir)
-        index_dir = localize(index_dir)
+        index_dir = localize(index_dir, self.manifest)
         self.dim = int(self.manifest["dim"])
         self.dedup_hamming = dedup_hamming
         self.indexes: dict[str, VectorIndex] = {}

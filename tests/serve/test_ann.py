@@ -125,3 +125,31 @@ def test_small_index_stays_exact(index_dir):
     manifest = json.loads(open(os.path.join(index_dir, "index.json")).read())
     assert manifest["ann"] == {"kind": "flat", "recall_at_k": 1.0}
     assert not os.path.exists(os.path.join(index_dir, "image.faiss"))
+
+
+def test_an_index_on_s3_is_served_with_its_ann_files(tmp_path, s3):
+    """An index dir on S3 is copied to local disk for serving: the ANN files its manifest names
+    come with it, so the store serves the tuned index, as from a local dir."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from align_ray import storage
+    from align_ray.serve.store import IndexStore
+
+    out, manifest = _index_dir(tmp_path, 2000, 16, seed=4)
+    manifest["ann"] = ann.build(out, manifest, AnnConfig(kind="hnsw", exact_below=1000,
+                                                         recall_queries=100))
+    (tmp_path / "index.json").write_text(json.dumps(manifest))
+    pq.write_table(pa.table({"id": np.arange(2000)}), tmp_path / "metadata.parquet")
+    s3.create_bucket(Bucket="ann-index")
+    fs, base = storage.filesystem("s3://ann-index/idx")
+    for f in tmp_path.iterdir():
+        storage.write_bytes(fs, storage.join(base, f.name), f.read_bytes())
+    assert "image.faiss" in {f.name for f in tmp_path.iterdir()}
+
+    remote, local = IndexStore("s3://ann-index/idx"), IndexStore(out)
+    assert remote.search_info() == local.search_info()
+    assert remote.search_info()["image"]["kind"] == "HNSW32"
+    q = np.load(tmp_path / "text_embeddings.npy")[:5]
+    assert remote.search_many([(v, "image", 10, False) for v in q]) == \
+        local.search_many([(v, "image", 10, False) for v in q])
