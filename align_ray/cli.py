@@ -194,9 +194,12 @@ def _run_score(args: argparse.Namespace) -> int:
     from align_ray.score.config import ScoreConfig
 
     try:
-        cfg = _load(ScoreConfig, args, "model", "input", "output")
+        cfg = _load(ScoreConfig, args, "input", "output")
+        if not (cfg.model or cfg.fold_models):
+            raise ValueError("--model (or --fold-models, two or more) required (flags or config)")
         spipe.plan(cfg)  # fail fast on the input's columns and a bad --model, before Ray
-        check_model_spec(cfg.model)
+        for spec in cfg.models:
+            check_model_spec(spec)
         ray_env.init_for_command(args.ray_address)
         stats = spipe.run(cfg)
     except (InputError, ValueError, FileNotFoundError) as e:

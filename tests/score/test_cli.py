@@ -29,9 +29,12 @@ def test_score_then_filter_through_the_cli(ray2, tiny_model, corpus, stage_in, t
     assert {"image", "text", "url", "pair_score"} <= set(pq.read_schema(
         next((out / "parquet").glob("*.parquet"))).names)
 
-    scored = tmp_path / "scored_stage"   # a data-stage dir has what the filter reads
-    cli("score", "--model", tiny_model, "--input", str(stage_in), "--output", str(scored),
-        address=ray2, timeout=240, cwd=tmp_path)
+    # a data-stage dir has what the filter reads; scored cross-fitted (README "Stage 2b"), with
+    # the same model for both folds, so every row's score is the model's own
+    scored = tmp_path / "scored_stage"
+    cli("score", "--fold-models", tiny_model, "--fold-models", tiny_model, "--input",
+        str(stage_in), "--output", str(scored), address=ray2, timeout=240, cwd=tmp_path)
+    assert json.loads((scored / "stats.json").read_text())["model"] == [tiny_model] * 2
     flags = [a for r in RULES if r not in SCORE_RULES for a in ("--disabled-rules", r)]
     cli("filter", "--input", str(scored), "--output", str(tmp_path / "f"),
         "--score-keep-fraction", "0.5", *flags, "--no-report", address=ray2, timeout=240,
@@ -58,4 +61,13 @@ def test_bad_model_spec_exits_2(corpus, tmp_path):
                           timeout=120, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 2, proc.stderr
     assert "align-ray score: error" in proc.stderr
+    # cross-fitting: every fold model is checked, and no model at all is named as missing
+    for models, says in (([str(tmp_path / "no-such-model")] * 2, "no-such-model"),
+                         ([], "--model (or --fold-models, two or more) required")):
+        proc = subprocess.run([sys.executable, "-m", "align_ray.cli", "score",
+                               *(a for m in models for a in ("--fold-models", m)), "--input",
+                               corpus["path"], "--output", str(tmp_path / "o")],
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert proc.returncode == 2 and says in proc.stderr, proc.stderr
     assert not (tmp_path / "o" / "stats.json").exists()
