@@ -1,8 +1,8 @@
 """Published dual encoders through Ray: ``align-ray index`` (Ray Data actors) and a Serve app
-(both encoders, the Router, search, ``/v1/classify`` with templates) on each kind of
-``--model`` (HF ALIGN / CLIP / SigLIP dirs, ``open_clip:ARCH:CKPT``).  Every vector that comes
-back is checked against the library's own embeddings, and every search against a brute-force
-search over them.
+(both encoders, the Router, search, ``/v1/classify`` with templates, clip-retrieval's API, the
+page and thumbnails) on each kind of ``--model`` (HF ALIGN / CLIP / SigLIP dirs,
+``open_clip:ARCH:CKPT``).  Every vector that comes back is checked against the library's own
+embeddings, and every search against a brute-force search over them.
 
 The index is built by the CLI's ``main`` in the test process, on the session cluster, as
 ``align-ray eval`` is in tests/model/test_external.py: a subprocess per model (a Ray driver of
@@ -107,6 +107,23 @@ def test_index_and_serve_match_the_librarys_embeddings(external_spec, ext_corpus
         np.testing.assert_allclose([want[LABELS.index(lb)] for lb in got["labels"]],
                                    got["similarities"], atol=1e-4)
         assert got["similarities"] == sorted(got["similarities"], reverse=True)
+
+        # every other route (README "Stage 4"): a thumbnail, the search page, clip-retrieval's
+        # API (results by text and by embedding against the brute force, their metadata)
+        page = api.session.get(url + "/", timeout=60)
+        assert page.status_code == 200 and "<html" in page.text.lower()
+        indices = api._call("GET", "/indices-list")
+        assert len(indices) == 1
+        for query in ({"text": texts[5]}, {"embedding_input": ref_txt[5].tolist()}):
+            knn = api._call("POST", "/knn-service", {**query, "modality": "image", "num_images": K,
+                                                     "indice_name": indices[0]})
+            _same_top_k([{"id": x["id"], "score": x["similarity"]} for x in knn],
+                        ref_img @ ref_txt[5], K)
+            assert [x["caption"] for x in knn] == [texts[x["id"]] for x in knn]
+        ids = [x["id"] for x in knn]
+        meta = api._call("POST", "/metadata", {"ids": ids, "indice_name": indices[0]})
+        assert [m["metadata"]["caption"] for m in meta] == [texts[i] for i in ids]
+        assert api.image(ids[0])[:2] == b"\xff\xd8"   # a JPEG thumbnail
 
         info = serve.get_deployment_handle("TextEncoder", name).info.remote().result(timeout_s=60)
         assert info["dim"] == ref_txt.shape[1] and info["temperature"] > 0
