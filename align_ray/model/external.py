@@ -78,9 +78,14 @@ def model_kind(spec: str) -> str:
         return "ours"
     cfg = Path(spec) / CONFIG_NAME
     if not cfg.is_file():
+        # hub names are not fetched: every index actor and Serve replica, on any node, loads the
+        # model from the spec it is given, so a download belongs before the run, not in each one
+        hub = ("" if Path(spec).exists() else "; a Hugging Face hub name is not fetched: download "
+               "it first (huggingface-cli download ORG/NAME --local-dir DIR) and give DIR")
         raise SpecError(f"{spec}: not a saved model (no {CONFIG_NAME}); expected our own "
                         "save_pretrained dir, a Hugging Face save_pretrained dir of "
-                        f"{'/'.join(HF_MODEL_TYPES.values())}, or {OPEN_CLIP_PREFIX}ARCH[:CHECKPOINT]")
+                        f"{'/'.join(HF_MODEL_TYPES.values())}, or {OPEN_CLIP_PREFIX}ARCH[:CHECKPOINT]"
+                        + hub)
     meta = json.loads(cfg.read_text())
     if "model_config" in meta:
         return "ours"

@@ -117,6 +117,9 @@ def test_malformed_hf_dirs_exit_2(command, eval_parquet, tmp_path_factory, capsy
     assert siglip  # the donor of the wrong weights
 
     _exit_2([command, "--model", str(base / "nothing-here"), *extra], capsys, "not a saved model")
+    # a hub name is not fetched (README "Bring your own model"): the message says what to do
+    _exit_2([command, "--model", "kakaobrain/align-base", *extra], capsys, "not a saved model",
+            "hub name is not fetched", "huggingface-cli download")
 
 
 @pytest.mark.parametrize("command", ["eval", "index", "serve"])

@@ -11,6 +11,7 @@ them, with the model's own temperature (and SigLIP bias)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -175,12 +176,21 @@ def test_malformed_init_from_exits_2(pairs, tmp_path, capsys):
     cfg = json.loads((clip / "config.json").read_text())
     (clip / "config.json").write_text(json.dumps({**cfg, "model_type": "blip"}))
     exit_2(["--init-from", str(clip)], "unknown model_type 'blip'", "'siglip'")
+    (clip / "config.json").write_text(json.dumps(cfg))
+    no_weights = shutil.copytree(clip, tmp_path / "no-weights")
+    (no_weights / "model.safetensors").unlink()
+    exit_2(["--init-from", str(no_weights)], "no weights file", "model.safetensors")
+    BUILDERS["siglip"](tmp_path / "siglip")
+    shutil.copy(tmp_path / "siglip" / "model.safetensors", clip / "model.safetensors")
+    exit_2(["--init-from", str(clip)], "CLIPModel")          # weights of another architecture
     exit_2(["--init-from", "open_clip:no-such-arch"], "unknown open_clip architecture")
     wider = tmp_path / "tiny-clip-wide.json"
     wider.write_text(json.dumps({**OPEN_CLIP_CFG, "embed_dim": 48}))
     spec = BUILDERS["open_clip"](tmp_path / "oc")
     exit_2(["--init-from", f"open_clip:{wider}:{spec.rsplit(':', 1)[1]}"],
            "checkpoint does not fit open_clip architecture tiny-clip-wide")
+    exit_2(["--init-from", f"{spec.rsplit(':', 1)[0]}:{tmp_path / 'missing.pt'}"],
+           "missing.pt does not exist")
     exit_2(["--lock-image-unlocked-groups", "2"], "needs lock_image")
 
 
