@@ -132,9 +132,15 @@ class StepPrinter:
 
 
 def _train_done(uri: str) -> dict | None:
+    """eval.json, when ``uri`` also holds the saved model: our own or an HF model's
+    ``config.json``, or an open_clip fine-tune's ``open_clip_config.json`` (``--init-from``
+    saves in the source's format)."""
+    from align_ray.model.external import OPEN_CLIP_CONFIG
+
     ev = read_json(f"{uri.rstrip('/')}/eval.json")
-    model = read_json(f"{uri.rstrip('/')}/model/config.json")
-    return ev if ev is not None and model is not None else None
+    model = any(read_json(f"{uri.rstrip('/')}/model/{name}") is not None
+                for name in ("config.json", OPEN_CLIP_CONFIG))
+    return ev if ev is not None and model else None
 
 
 def train(run: Run, tcfg=None, name: str = "train") -> dict:
