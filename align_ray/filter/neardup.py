@@ -22,8 +22,9 @@ least one and meet in that band's bucket: no pair within d is missed, and every 
 checked exactly, so none is matched wrongly.  The cost is the pairs inside buckets.  For
 uniformly spread hashes a band of w = 64 / (d + 1) bits puts N / 2^w images in a bucket, so the
 comparisons are about (d + 1) x N^2 / 2^(w + 1); real pHashes are skewed (blank and
-single-colour images share a few values), which the per-row candidate counts in ``stats.json``
-and the report show.  README "Stage 2" has the figures for 1.8 B images.
+single-colour images share a few values), which the candidate counts show: per row in the
+``nd_candidates`` column of the output (kept and dropped rows), per image (mean, max) in
+``stats.json`` and the report.  README "Stage 2" has the figures for 1.8 B images.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import ray.data
 from align_ray.filter.shuffle import Agg, aggregate, map_groups
 
 RULE = "near_duplicate"
+CANDIDATES = "nd_candidates"   # the column: pHashes compared with this row's image
 _CELLS = 1 << 24  # pairs compared at once inside a bucket: bounds a task's temporaries (~128 MB each)
 
 

@@ -108,7 +108,7 @@ def _score_checks(batch: pa.Table, cfg: FilterConfig, cut: quantile.Cut | None) 
 def _near_dup_check(batch: pa.Table, cfg: FilterConfig, col) -> list:
     if not cfg.enabled(neardup.RULE):
         return []
-    near, cands = col("nd_first", -1), col("nd_candidates")
+    near, cands = col("nd_first", -1), col(neardup.CANDIDATES)
     return [(neardup.RULE, near >= 0,
              lambda i: f"pHash within {cfg.near_dup_distance} bits of the image of key "
                        f"{near[i]:014d} ({cands[i]} candidates compared)")]
@@ -158,10 +158,13 @@ def decide(batch: pa.Table, cfg: FilterConfig, cut_at: int,
         for i in np.flatnonzero(bad):
             if reason[i] is None:
                 reason[i], detail[i] = name, explain(i)
-    return pa.table({"key_id": batch.column("key_id"), "shard": batch.column("shard"),
-                     "text_hash": batch.column("text_hash"), "img_id": batch.column("img_id"),
-                     "reason": pa.array(reason, pa.string()),
-                     "detail": pa.array(detail, pa.string())})
+    out = pa.table({"key_id": batch.column("key_id"), "shard": batch.column("shard"),
+                    "text_hash": batch.column("text_hash"), "img_id": batch.column("img_id"),
+                    "reason": pa.array(reason, pa.string()),
+                    "detail": pa.array(detail, pa.string())})
+    if cfg.enabled(neardup.RULE):   # the band search's cost, on every row (kept rows too)
+        out = out.append_column(neardup.CANDIDATES, pa.array(col(neardup.CANDIDATES), pa.int64()))
+    return out
 
 
 @dataclass

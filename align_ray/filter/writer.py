@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from align_ray.filter import report as report_lib
 from align_ray.filter.config import FilterConfig
+from align_ray.filter.neardup import CANDIDATES
 from align_ray.filter.safety import load_hook
 from align_ray.layout import DROPPED_COLUMNS, PARQUET, Layout
 
@@ -62,6 +63,10 @@ class ShardWriter:
                                f"(first key {missing[0]})")
         reasons = [by_key[k][0] for k in keys]
         details = [by_key[k][1] for k in keys]
+        if CANDIDATES in verdicts.column_names:   # the near-duplicate search's count, every row
+            cands = dict(zip(verdicts.column("key_id").to_pylist(),
+                             verdicts.column(CANDIDATES).to_pylist()))
+            rows = rows.append_column(CANDIDATES, pa.array([cands[k] for k in keys], pa.int64()))
         if self.hook is not None:
             self._apply_hook(rows, reasons, details)
         keep = np.array([r is None for r in reasons])

@@ -86,6 +86,11 @@ def _check_rows(rows_of: dict[str, list[str]], images: dict[str, int], d: int, o
     cands = _candidates(images, d)
     got = _verdicts(out)
     assert len(got) == sum(len(k) for k in rows_of.values())
+    # every row, kept or dropped, carries its image's candidate count
+    counted = {k: c for part in (read_dir(out, "parquet"), read_dir(out, "dropped", "0*.parquet"))
+               for k, c in zip(part.column("key").to_pylist(),
+                               part.column(neardup.CANDIDATES).to_pylist())}
+    assert counted == {k: cands[img] for img, keys in rows_of.items() for k in keys}
     for img, keys in rows_of.items():
         for k in keys:
             if img in want:
