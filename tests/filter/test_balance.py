@@ -39,8 +39,8 @@ def stage(tmp_path_factory):
 def _run(stage, tmp_path, name="out", **kw) -> tuple[dict, dict[str, tuple[str | None, str]]]:
     out, entries, _ = stage
     cfg = FilterConfig(input=str(out), output=str(tmp_path / name), disabled_rules=OTHER_RULES,
-                       balance_entries=str(entries), balance_cap=CAP, write_webdataset=False,
-                       **kw)
+                       balance_entries=str(entries), write_webdataset=False,
+                       **{"balance_cap": CAP, **kw})
     stats = pipeline.run(cfg)
     kept = read_dir(tmp_path / name, "parquet")
     dropped = read_dir(tmp_path / name, "dropped", "0*.parquet")
@@ -126,3 +126,36 @@ def test_entry_counts_sum_every_block(ray_cluster):
     ds = ray.data.from_arrow([pa.table({"text": t}) for t in texts])
     assert ds.num_blocks() == 3
     assert balance.entry_counts(ds, entries).tolist() == [3, 2]
+
+
+# ---- on real captions: the dev-set corpus of the score tests as a data-stage dir
+from tests.score import conftest as score_fixtures  # noqa: E402
+
+corpus, stage_in = score_fixtures.corpus, score_fixtures.stage_in
+
+
+def test_dev_set_captions_against_a_hand_count(ray_cluster, stage_in, tmp_path):
+    """Emoji names: "face" is in most captions (over a cap of 10), "smiling eyes" in a few
+    (under it).  Every row's verdict is the one the MetaCLIP rule gives from a plain word count
+    and the rule's own per-(key, entry) draw."""
+    import re
+
+    entries = tmp_path / "entries.txt"
+    entries.write_text("face\nsmiling eyes\n")
+    cap = 10
+    stats, verdict = _run((stage_in, entries, None), tmp_path, balance_cap=cap)
+    rows = read_dir(stage_in, "parquet")
+    texts = dict(zip(rows.column("key").to_pylist(), rows.column("text").to_pylist()))
+
+    def has(text: str, entry: str) -> bool:
+        return f" {entry} " in f" {' '.join(re.findall(r'[a-z0-9]+', text.lower()))} "
+
+    face = [k for k, t in texts.items() if has(t, "face")]
+    smiling = {k for k, t in texts.items() if has(t, "smiling eyes")}
+    assert len(face) > cap >= len(smiling) > 0
+    draw = balance.uniform(np.array([int(k) for k in face]), np.zeros(len(face), int), 0)
+    want = smiling | {k for k, u in zip(face, draw) if u < cap / len(face)}
+    assert {k for k, (r, _) in verdict.items() if r is None} == want
+    assert {r for k, (r, _) in verdict.items() if k not in want} == {balance.RULE}
+    assert stats["balance"]["largest"][0] == {"entry": "face", "pairs": len(face)}
+    assert stats["input_rows"] == stats["output_rows"] + sum(stats["dropped"].values())

@@ -172,3 +172,15 @@ def test_stage_on_score_output_drops_the_reencoded_copies(ray_cluster, tiny_mode
     assert all(verdict[k] == semdedup.RULE for k in want)
     assert stats["stages"]["filter"]["dropped"] == {semdedup.RULE: len(DUP_IMAGES)}
     assert stats["input_rows"] == stats["output_rows"] + sum(stats["dropped"].values())
+
+    # score_min on the same real scores: exactly the rows under the threshold go (a threshold
+    # that is one of the float32 scores, so no rounding decides a row)
+    cut = sorted(score.values())[len(score) // 2]
+    pipeline.run(FilterConfig(input=str(scored), output=str(tmp_path / "min"), score_min=cut,
+                              disabled_rules=[r for r in RULES if r != "score_min"],
+                              write_webdataset=False))
+    dropped = read_dir(tmp_path / "min", "dropped", "0*.parquet")
+    assert set(dropped.column("reason").to_pylist()) == {"score_min"}
+    assert set(dropped.column("key").to_pylist()) == {k for k, v in score.items() if v < cut}
+    assert set(read_dir(tmp_path / "min", "parquet").column("key").to_pylist()) == \
+        {k for k, v in score.items() if v >= cut}
