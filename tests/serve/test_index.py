@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from align_ray.serve.config import IndexConfig
+from align_ray.serve.config import AnnConfig, IndexConfig
 from align_ray.serve.index import resolve_input
 from align_ray.serve.search import hamming64
 from align_ray.serve.store import IndexStore
@@ -106,7 +106,9 @@ def test_store_loads_from_s3(index_dir, s3):
 
 def test_build_writes_to_s3_from_a_model_on_s3(ray_cluster, tiny_model, corpus, index_dir, s3):
     """``align-ray index`` with model and output on S3: the actors load the model from S3 and write
-    their shards there; the finished index equals the local build."""
+    their shards there; the finished index equals the local build.  Its ANN index is forced (the
+    corpus is far below ``exact_below``): the build writes it and its manifest section to S3, and
+    the store serves it from there."""
     from align_ray import storage
     from align_ray.serve import index
 
@@ -115,16 +117,23 @@ def test_build_writes_to_s3_from_a_model_on_s3(ray_cluster, tiny_model, corpus, 
     for name in os.listdir(tiny_model):
         storage.write_bytes(fs, storage.join(base, name), open(os.path.join(tiny_model, name), "rb").read())
     uri = "s3://index-out/runs/idx"
+    ann = AnnConfig(kind="hnsw", exact_below=1, recall_queries=40, k=5)
     manifest = index.build(IndexConfig(model="s3://index-out/model", data=corpus["path"], output=uri,
-                                       batch_size=16, concurrency=1, num_cpus=0.5, thumb_size=64))
+                                       batch_size=16, concurrency=1, num_cpus=0.5, thumb_size=64,
+                                       ann=ann))
     assert manifest["model"] == "s3://index-out/model"
+    assert manifest["ann"]["kind"] == "HNSW32" and manifest["ann"]["text"]["recall"] >= 0.95
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="index-out", Prefix="runs/idx/")["Contents"]}
     assert {"runs/idx/index.json", "runs/idx/image_embeddings.npy", "runs/idx/metadata.parquet",
-            "runs/idx/thumbs.parquet"} <= keys
-    remote, local = IndexStore(uri), IndexStore(index_dir)
+            "runs/idx/thumbs.parquet", "runs/idx/image.faiss", "runs/idx/text.faiss"} <= keys
+    remote, local = IndexStore(uri, backend="exact"), IndexStore(index_dir)
+    assert local.search_info()["text"] == {"kind": "exact"}
     assert len(remote) == len(local) == manifest["count"]
     q = np.load(os.path.join(index_dir, "text_embeddings.npy"))[3]
     assert [h["id"] for h in remote.search(q, "text", 5)] == [h["id"] for h in local.search(q, "text", 5)]
+    served = IndexStore(uri)                           # backend "auto": the ANN files, from S3
+    assert served.search_info()["text"]["kind"] == "HNSW32"
+    assert served.search(q, "text", 1)[0]["id"] == 3   # the vector itself
     with pytest.raises(FileExistsError):   # a finished index is not overwritten unless asked
         index.build(IndexConfig(model="s3://index-out/model", data=corpus["path"], output=uri))
 
@@ -166,7 +175,6 @@ def test_cli_index_errors_exit_2_before_ray(tmp_path, capsys):
     ({"CPU": 16, "GPU": 1}, {"num_gpus": 0.25, "num_cpus": 1}, (4, 1.0)),
 ])
 def test_pool_size_leaves_room_for_the_tasks_that_feed_it(free, cfg, expect):
-    from align_ray.serve.config import IndexConfig
     from align_ray.serve.index import pool_size
 
     assert pool_size(IndexConfig(model="m", data="d", output="o", **cfg), free) == expect
