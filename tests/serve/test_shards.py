@@ -103,6 +103,14 @@ def test_sharded_app_runs_two_shard_deployments(sharded):
     url, _, _ = sharded
     deployments = serve.status().applications[APP].deployments
     assert {"IndexShard0", "IndexShard1", "Router"} <= set(deployments)
+    # each shard deployment is autoscaled on its own, with the configured bounds (Serve's record)
+    from ray.serve.context import _get_global_client
+
+    details = _get_global_client().get_serve_details()["applications"][APP]["deployments"]
+    for i in range(2):
+        auto = details[f"IndexShard{i}"]["deployment_config"]["autoscaling_config"]
+        assert (auto["min_replicas"], auto["max_replicas"], auto["target_ongoing_requests"]) == \
+            (1, 2, 4), auto
     health = requests.get(url + "/healthz", timeout=30).json()
     assert health["index"]["shards"] == 2 and health["index"]["name"] == "main"
     assert health["index"]["search"]["image"]["kind"] == "exact, sharded"
