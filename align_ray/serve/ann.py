@@ -36,6 +36,7 @@ from align_ray.serve.search import topk_exact
 log = logging.getLogger(__name__)
 HNSW_LINK_BYTES = 32 * 2 * 4       # M=32: ~2M int32 neighbour ids per vector on level 0
 CODES = {"none": "Flat", "fp16": "SQfp16", "sq8": "SQ8"}
+LATENCY_QUERIES = 20               # single queries timed per setting (their median)
 
 
 def index_file(modality: str) -> str:
@@ -98,14 +99,30 @@ def _faiss():
 
 
 def _train(spec: str, emb: np.ndarray, rng: np.random.Generator):
+    """The empty index, trained on a sample of ``emb``: in a Ray task when Ray is up (the
+    driver of ``align-ray index`` may sit on a CPU-0 head), else here."""
     faiss = _faiss()
     index = faiss.index_factory(emb.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
-    if not index.is_trained:
-        nlist = faiss.extract_index_ivf(index).nlist if spec.startswith("IVF") else 0
-        size = min(len(emb), max(50_000, 64 * nlist))   # faiss warns below 39 points per list
-        sample = emb[np.sort(rng.choice(len(emb), size, replace=False))] if size < len(emb) else emb
-        index.train(np.ascontiguousarray(sample, dtype=np.float32))
-    return index
+    if index.is_trained:
+        return index
+    nlist = faiss.extract_index_ivf(index).nlist if spec.startswith("IVF") else 0
+    size = min(len(emb), max(50_000, 64 * nlist))   # faiss warns below 39 points per list
+    sample = emb[np.sort(rng.choice(len(emb), size, replace=False))] if size < len(emb) else emb
+    sample = np.ascontiguousarray(sample, dtype=np.float32)
+    import ray
+
+    if not ray.is_initialized():
+        return faiss.deserialize_index(_train_sample(spec, sample))
+    task = ray.remote(num_cpus=1)(_train_sample)
+    return faiss.deserialize_index(ray.get(task.remote(spec, ray.put(sample))))
+
+
+def _train_sample(spec: str, sample: np.ndarray) -> np.ndarray:
+    """A Ray task: the empty ``spec`` index trained on ``sample``, serialized."""
+    faiss = _faiss()
+    index = faiss.index_factory(sample.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
+    index.train(sample)
+    return faiss.serialize_index(index)
 
 
 def _add_part(trained: np.ndarray, vectors: np.ndarray, start: int) -> np.ndarray:
@@ -163,8 +180,23 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(f[:k]) & set(t)) / k for f, t in zip(found, truth)]))
 
 
-def tune(index, queries: np.ndarray, truth: np.ndarray, target: float) -> dict[str, Any]:
-    """The smallest nprobe / efSearch reaching ``target`` recall@k on ``queries``."""
+def _single_query_ms(index, queries: np.ndarray, k: int) -> float:
+    """The median time of one query searched alone (what one request waits), in ms."""
+    times = []
+    for q in queries[:LATENCY_QUERIES]:
+        t0 = time.perf_counter()
+        index.search(q[None], k)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) * 1000
+
+
+def tune(index, queries: np.ndarray, truth: np.ndarray, target: float,
+         max_query_ms: float = 0.0) -> dict[str, Any]:
+    """The smallest nprobe / efSearch reaching ``target`` recall@k on ``queries``.
+
+    ``max_query_ms`` > 0 is a latency budget (autofaiss's ``max_index_query_time_ms``): a
+    setting whose single query takes longer is not taken, so the widest one within the budget
+    is kept when the target recall needs more, and the recorded recall says what it costs."""
     k = truth.shape[1]
     if hasattr(index, "hnsw"):
         values = [v for v in (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024) if v >= k]
@@ -172,18 +204,29 @@ def tune(index, queries: np.ndarray, truth: np.ndarray, target: float) -> dict[s
         nlist = _faiss().extract_index_ivf(index).nlist
         values = sorted({min(nlist, 2 ** i) for i in range(0, int(math.log2(nlist)) + 1)} | {nlist})
     best: dict[str, Any] = {}
+    over_budget = False
     for v in values:
         set_param(index, v)
         t0 = time.perf_counter()
         _, ids = index.search(queries, k)
         ms = (time.perf_counter() - t0) * 1000 / len(queries)
         r = recall_at_k(ids, truth)
-        best = {param_name(index): v, "recall": round(r, 4), "ms_per_query_batched": round(ms, 4)}
-        if r >= target:
+        one = _single_query_ms(index, queries, k)
+        if max_query_ms > 0 and one > max_query_ms:
+            over_budget = True
+            if best:           # the previous setting fitted the budget: it stays
+                break
+        best = {param_name(index): v, "recall": round(r, 4), "ms_per_query_batched": round(ms, 4),
+                "ms_per_query": round(one, 4)}
+        if r >= target or over_budget:
             break
+    if max_query_ms > 0:
+        best["max_query_ms"] = max_query_ms
+        best["within_latency_budget"] = best["ms_per_query"] <= max_query_ms
     if best["recall"] < target:
-        log.warning("ann: recall@%d %.3f < target %.3f at the widest %s", k, best["recall"],
-                    target, param_name(index))
+        why = (f"the latency budget of {max_query_ms} ms per query" if over_budget else
+               f"the widest {param_name(index)}")
+        log.warning("ann: recall@%d %.3f < target %.3f at %s", k, best["recall"], target, why)
     set_param(index, best[param_name(index)])
     return best
 
@@ -208,7 +251,7 @@ def build(out: str, manifest: dict[str, Any], cfg: AnnConfig, parts: int = 1) ->
         q_ids = rng.choice(len(other), min(cfg.recall_queries, len(other)), replace=False)
         queries = np.ascontiguousarray(other[np.sort(q_ids)], dtype=np.float32)
         _, truth = topk_exact(emb, queries, cfg.k)
-        tuned = tune(index, queries, truth, cfg.target_recall)
+        tuned = tune(index, queries, truth, cfg.target_recall, cfg.max_query_ms)
         faiss.write_index(index, os.path.join(out, index_file(m)))
         section[m] = {"file": index_file(m), "build_s": round(built, 2), "queries": len(queries),
                       "bytes": os.path.getsize(os.path.join(out, index_file(m))), **tuned}

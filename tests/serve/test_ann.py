@@ -153,3 +153,22 @@ def test_an_index_on_s3_is_served_with_its_ann_files(tmp_path, s3):
     q = np.load(tmp_path / "text_embeddings.npy")[:5]
     assert remote.search_many([(v, "image", 10, False) for v in q]) == \
         local.search_many([(v, "image", 10, False) for v in q])
+
+
+def test_a_latency_budget_caps_the_tuned_setting(tmp_path):
+    """``max_query_ms``: a budget no setting meets keeps the narrowest one, with the recall it
+    gives and the miss recorded; an ample budget changes nothing but the record."""
+    out, manifest = _index_dir(tmp_path, 20_000, 32, seed=5)
+    image, text = (np.load(tmp_path / f"{m}_embeddings.npy") for m in ("image", "text"))
+    index = ann._add(ann._train("IVF256,Flat", image, np.random.default_rng(0)), image, 1)
+    _, truth = topk_exact(image, text[:200], 10)
+
+    free = ann.tune(index, text[:200], truth, 0.95)
+    ample = ann.tune(index, text[:200], truth, 0.95, max_query_ms=1e6)
+    assert ample["nprobe"] == free["nprobe"] > 1 and ample["recall"] == free["recall"] >= 0.95
+    assert ample["within_latency_budget"] and ample["max_query_ms"] == 1e6
+    none = ann.tune(index, text[:200], truth, 0.95, max_query_ms=1e-9)
+    assert none["nprobe"] == 1 and none["recall"] < 0.95
+    assert none["within_latency_budget"] is False and "max_query_ms" not in free
+    with pytest.raises(ValueError, match="max_query_ms"):
+        AnnConfig(max_query_ms=-1)
