@@ -117,10 +117,37 @@ def _loss(spec: str, pairs: dict, siglip: bool) -> float:
         return float(loss(img, txt, emb.model.temperature.detach().float()))
 
 
+T0 = 0.2   # the sources' temperature: far from every library's default (0.07, SigLIP's 0.1)
+
+
+def _set_temperature(src: str) -> None:
+    """Rewrite the saved source's temperature parameter to ``T0`` (in the library's own terms:
+    our log temperature, ALIGN's temperature, the others' logit scale = log(1 / T))."""
+    import math
+
+    from safetensors.torch import load_file, save_file
+
+    if src.startswith("open_clip:"):
+        ckpt = src.rsplit(":", 1)[1]
+        state = torch.load(ckpt)
+        state["logit_scale"] = torch.full_like(state["logit_scale"], math.log(1 / T0))
+        torch.save(state, ckpt)
+        return
+    path = Path(src) / "model.safetensors"
+    state = load_file(path)
+    key, value = next((k, v) for k, v in (("log_temperature", math.log(T0)),
+                                          ("temperature", T0),
+                                          ("logit_scale", math.log(1 / T0))) if k in state)
+    state[key] = torch.full_like(state[key], value)
+    save_file(state, path, metadata={"format": "pt"})
+
+
 @pytest.mark.parametrize("name", list(LOCKS))
 def test_finetune_each_kind(name, ray_cluster, pairs, tmp_path):
     src = (_ours(tmp_path / "src", pairs) if name == "ours"
            else BUILDERS[name](tmp_path / "src"))
+    _set_temperature(src)
+    assert float(load_embedder(src).model.temperature.detach()) == pytest.approx(T0, rel=1e-5)
     def config(steps: int) -> TrainConfig:
         return TrainConfig(data=[pairs["path"]], image_col="image", text_col="text",
                            output=str(tmp_path / "run"), workers=2, batch_size=4, steps=steps,
@@ -132,6 +159,9 @@ def test_finetune_each_kind(name, ray_cluster, pairs, tmp_path):
     kind = finetune.kind_of(cfg)
     s = run(cfg)
     assert s["step"] == 4 and s["samples_seen"] == 4 * N
+    # training starts from the source's temperature (one optimizer step moves it a little)
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1 and first["temperature"] == pytest.approx(T0, rel=0.03), first
     if name == "clip":
         # a fine-tune resumes like any run: same output, more steps -> on from the step-4
         # checkpoint of the library model (locks, temperature and optimizer state with it)
