@@ -251,9 +251,16 @@ def build(out: str, manifest: dict[str, Any], cfg: AnnConfig, parts: int = 1) ->
         q_ids = rng.choice(len(other), min(cfg.recall_queries, len(other)), replace=False)
         queries = np.ascontiguousarray(other[np.sort(q_ids)], dtype=np.float32)
         _, truth = topk_exact(emb, queries, cfg.k)
-        tuned = tune(index, queries, truth, cfg.target_recall, cfg.max_query_ms)
+        # tuned on one half, the recall stored from the other: the setting was chosen to pass
+        # on the tuning half, so its recall there flatters it
+        tune_on = slice(0, None, 2) if len(queries) > 1 else slice(None)
+        held = slice(1, None, 2) if len(queries) > 1 else slice(None)
+        tuned = tune(index, queries[tune_on], truth[tune_on], cfg.target_recall, cfg.max_query_ms)
+        tuned["recall_tuning"] = tuned.pop("recall")
+        tuned["recall"] = round(recall_at_k(index.search(queries[held], cfg.k)[1], truth[held]), 4)
         faiss.write_index(index, os.path.join(out, index_file(m)))
-        section[m] = {"file": index_file(m), "build_s": round(built, 2), "queries": len(queries),
+        section[m] = {"file": index_file(m), "build_s": round(built, 2),
+                      "queries": len(queries[held]), "tuning_queries": len(queries[tune_on]),
                       "bytes": os.path.getsize(os.path.join(out, index_file(m))), **tuned}
         log.info("ann: %s index %s, %s", m, spec, tuned)
     return section

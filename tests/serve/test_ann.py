@@ -68,7 +68,9 @@ def test_ivf_built_in_parallel_ray_tasks_reports_its_recall(ray_cluster, tmp_pat
     image = np.load(os.path.join(out, "image_embeddings.npy"))
     for m in ("image", "text"):
         s = section[m]
-        assert s["recall"] >= 0.95 and 1 <= s["nprobe"] < 512 and s["queries"] == 300
+        assert s["recall_tuning"] >= 0.95 and 1 <= s["nprobe"] < 512
+        assert (s["queries"], s["tuning_queries"]) == (150, 150)
+        assert s["recall"] >= 0.9          # on the half the setting was not chosen on
     # the stored figure holds on fresh held-out queries: new captions of indexed images, searched
     # in the image index (text -> image retrieval)
     s = section["image"]
@@ -99,7 +101,7 @@ def test_hnsw_tuned_and_served_through_the_store(tmp_path):
 
     pq.write_table(pa.table({"id": np.arange(6000), "text": [f"t{i}" for i in range(6000)]}),
                    tmp_path / "metadata.parquet")
-    assert manifest["ann"]["kind"] == "HNSW32" and manifest["ann"]["image"]["recall"] >= 0.97
+    assert manifest["ann"]["kind"] == "HNSW32" and manifest["ann"]["image"]["recall_tuning"] >= 0.97
 
     store = IndexStore(out)                                   # backend "auto"
     info = store.search_info()

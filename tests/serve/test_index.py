@@ -122,7 +122,7 @@ def test_build_writes_to_s3_from_a_model_on_s3(ray_cluster, tiny_model, corpus, 
                                        batch_size=16, concurrency=1, num_cpus=0.5, thumb_size=64,
                                        ann=ann))
     assert manifest["model"] == "s3://index-out/model"
-    assert manifest["ann"]["kind"] == "HNSW32" and manifest["ann"]["text"]["recall"] >= 0.95
+    assert manifest["ann"]["kind"] == "HNSW32" and manifest["ann"]["text"]["recall"] >= 0.9
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="index-out", Prefix="runs/idx/")["Contents"]}
     assert {"runs/idx/index.json", "runs/idx/image_embeddings.npy", "runs/idx/metadata.parquet",
             "runs/idx/thumbs.parquet", "runs/idx/image.faiss", "runs/idx/text.faiss"} <= keys
