@@ -30,10 +30,12 @@ def jpeg(i: int) -> bytes:
 
 class Host:
     """One host on ``addr``: ``/img/<i>.jpg`` (after ``delay`` s, or ``status`` with
-    ``Retry-After``), ``/robots.txt`` (``robots``: a body, or an int status; None: 404)."""
+    ``Retry-After``), ``/robots.txt`` (``robots``: a body, or an int status; None: 404; after
+    ``robots_delay`` s)."""
 
-    def __init__(self, addr: str, delay: float = 0.0, robots: str | int | None = None) -> None:
-        self.addr, self.delay, self.robots = addr, delay, robots
+    def __init__(self, addr: str, delay: float = 0.0, robots: str | int | None = None,
+                 robots_delay: float = 0.0) -> None:
+        self.addr, self.delay, self.robots, self.robots_delay = addr, delay, robots, robots_delay
         self.status = 200                 # image answer; e.g. 429 for a rate-limit storm
         self.retry_after: str | None = None
         self.lock = threading.Lock()
@@ -73,6 +75,7 @@ class Host:
 
             def _answer(self) -> None:
                 if self.path == "/robots.txt":
+                    time.sleep(host.robots_delay)
                     if isinstance(host.robots, str):
                         return self._send(200, host.robots.encode(), "text/plain")
                     return self._send(host.robots or 404, b"no\n", "text/plain")

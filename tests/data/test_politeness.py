@@ -144,6 +144,19 @@ def test_robots_txt_disallow_means_no_request_and_is_fetched_once(tmp_path):
         assert len(samples) == 1 and h.paths("/robots.txt") == []
 
 
+def test_a_robots_txt_past_its_deadline_disallows_for_now(tmp_path):
+    """``robots_timeout``: a robots.txt that does not answer in time is an error (disallow all,
+    retryable), and the rows do not wait for it longer than the deadline."""
+    with Host("127.0.0.2", robots="User-agent: *\nDisallow:\n", robots_delay=3.0) as h:
+        samples, dropped, _, seconds = download(tmp_path, [h.url(f"/img/{i}.jpg") for i in range(3)],
+                                                robots_timeout=0.5)
+        assert not samples and h.paths("/img/") == []
+        assert {k: v[:2] for k, v in dropped.items()} == {
+            f"k{i:04d}": ("robots_txt_error", True) for i in range(3)}
+        assert "no answer within 0.5s" in dropped["k0000"][2]
+        assert seconds < 2.5, seconds
+
+
 def test_robots_txt_goes_through_the_ssrf_guard_and_its_size_cap(tmp_path):
     # 127.0.0.3 is not admitted: neither robots.txt nor the image is asked for
     with Host("127.0.0.3", robots="User-agent: *\nDisallow:\n") as h:
