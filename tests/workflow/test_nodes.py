@@ -15,10 +15,16 @@ def test_timeline_sees_a_stage_use_cpus_and_records_per_stage(ray_cluster):
     def work(s: float) -> None:
         time.sleep(s)
 
+    free = ray.available_resources().get("CPU", 0)
     tl = NodeTimeline(interval_s=0.2).start()
     time.sleep(0.5)                       # idle, outside any stage: not in per_stage
     tl.stage = "busy"
     ray.get([work.remote(1.5), work.remote(1.5)])
+    # the GCS frees the tasks' CPUs a moment after they return: a sample taken in between
+    # counted them for "idle" once (cpus_max 2.0 in both stages)
+    deadline = time.monotonic() + 10
+    while ray.available_resources().get("CPU", 0) < free and time.monotonic() < deadline:
+        time.sleep(0.05)
     tl.stage = "idle"
     time.sleep(1.0)
     tl.stop()
