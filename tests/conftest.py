@@ -18,6 +18,10 @@ from pathlib import Path
 
 import pytest
 
+# No packet leaves loopback: a model named as a Hugging Face hub name is read from the hub cache
+# only (set before huggingface_hub is imported; subprocesses and Ray workers inherit it)
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 
 def free_port() -> int:
     with socket.socket() as s:

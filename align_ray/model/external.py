@@ -5,7 +5,7 @@
 * our own ``save_pretrained`` directory (``config.json`` with ``model_config``);
 * a Hugging Face ``save_pretrained`` directory of ``AlignModel``, ``CLIPModel``, ``SiglipModel``
   or ``Siglip2Model`` (the class comes from ``config.json``'s ``model_type``), with its processor
-  saved beside it;
+  saved beside it, or a hub name ``ORG/NAME`` of one (read through the hub cache);
 * ``open_clip:ARCH[:CHECKPOINT]``: an open_clip architecture (a built-in name, ``hf-hub:``/
   ``local-dir:`` names, or a path to a model-config ``.json``) and a checkpoint file.
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -31,6 +32,9 @@ from torch import nn
 from align_ray.model.pretrained import CONFIG_NAME, Embedder
 
 OPEN_CLIP_PREFIX = "open_clip:"
+# ORG/NAME that is no local path: a Hugging Face hub name (transformers fetches it into each
+# process's own cache, so index actors and Serve replicas on any node load it themselves)
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 OPEN_CLIP_CONFIG = "open_clip_config.json"  # open_clip's local-dir:/hf-hub: folder format
 # model_type -> transformers class name; SigLIP pools the last token, so it was trained on
 # text padded to a fixed length and must be fed that way ("max_length"), the others pool a
@@ -60,7 +64,7 @@ def resolve_spec(spec: str) -> str:
             arch = "local-dir:" + os.path.abspath(arch[len("local-dir:"):])
         ckpt = os.path.abspath(ckpt) if ckpt and not ckpt.startswith("hf-hub:") else ckpt
         return OPEN_CLIP_PREFIX + arch + (f":{ckpt}" if ckpt else "")
-    if "://" in spec:
+    if "://" in spec or is_hub_name(spec):
         return spec
     spec = os.path.abspath(spec)
     # a folder in open_clip's own save format (train --init-from open_clip:... writes one)
@@ -70,30 +74,48 @@ def resolve_spec(spec: str) -> str:
     return spec
 
 
+def is_hub_name(spec: str) -> bool:
+    return bool(_HUB_NAME.fullmatch(spec)) and not os.path.exists(spec)
+
+
+def hf_config(spec: str) -> dict[str, Any]:
+    """``config.json`` of a local dir, or of a hub name (fetched into the hub cache, or read
+    from it offline); SpecError when neither has one."""
+    if not is_hub_name(spec):
+        return json.loads((Path(spec) / CONFIG_NAME).read_text())
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(Path(hf_hub_download(spec, CONFIG_NAME)).read_text())
+    except Exception as e:  # offline, unknown repo, no config.json: all mean "not a model here"
+        raise SpecError(f"{spec}: no such local dir, and as a Hugging Face hub name its "
+                        f"{CONFIG_NAME} could not be had ({type(e).__name__}: {str(e)[:300]}); "
+                        "expected our own save_pretrained dir, a Hugging Face save_pretrained dir "
+                        f"or hub name of {'/'.join(HF_MODEL_TYPES.values())}, or "
+                        f"{OPEN_CLIP_PREFIX}ARCH[:CHECKPOINT]") from None
+
+
 def model_kind(spec: str) -> str:
     """``"ours"``, ``"hf"`` or ``"open_clip"`` (from the prefix or the dir's ``config.json``)."""
     if spec.startswith(OPEN_CLIP_PREFIX):
         return "open_clip"
     if "://" in spec:  # s3:// dirs: only our own format is read from object storage
         return "ours"
-    cfg = Path(spec) / CONFIG_NAME
-    if not cfg.is_file():
-        # hub names are not fetched: every index actor and Serve replica, on any node, loads the
-        # model from the spec it is given, so a download belongs before the run, not in each one
-        hub = ("" if Path(spec).exists() else "; a Hugging Face hub name is not fetched: download "
-               "it first (huggingface-cli download ORG/NAME --local-dir DIR) and give DIR")
+    hub = is_hub_name(spec)
+    if not hub and not (Path(spec) / CONFIG_NAME).is_file():
         raise SpecError(f"{spec}: not a saved model (no {CONFIG_NAME}); expected our own "
-                        "save_pretrained dir, a Hugging Face save_pretrained dir of "
-                        f"{'/'.join(HF_MODEL_TYPES.values())}, or {OPEN_CLIP_PREFIX}ARCH[:CHECKPOINT]"
-                        + hub)
-    meta = json.loads(cfg.read_text())
+                        "save_pretrained dir, a Hugging Face save_pretrained dir or hub name of "
+                        f"{'/'.join(HF_MODEL_TYPES.values())}, or {OPEN_CLIP_PREFIX}ARCH[:CHECKPOINT]")
+    meta = hf_config(spec)
     if "model_config" in meta:
+        if hub:
+            raise SpecError(f"{spec}: our own model format is read from a dir or s3://, not the hub")
         return "ours"
     mtype = meta.get("model_type")
     if mtype not in HF_MODEL_TYPES:
         raise SpecError(f"{spec}: unknown model_type {mtype!r} in {CONFIG_NAME}; expected one of "
                         f"{sorted(HF_MODEL_TYPES)} (or our own model_config)")
-    if not any((Path(spec) / w).is_file() for w in HF_WEIGHTS):
+    if not hub and not any((Path(spec) / w).is_file() for w in HF_WEIGHTS):
         raise SpecError(f"{spec}: no weights file (expected one of {', '.join(HF_WEIGHTS)})")
     return "hf"
 
@@ -348,8 +370,7 @@ def load_external(spec: str, device: str = "cpu", batch_size: int = 64) -> Exter
     if kind == "open_clip":
         model, tokenize, transform = _open_clip_loader(spec)
     elif kind == "hf":
-        mtype = json.loads((Path(spec) / CONFIG_NAME).read_text())["model_type"]
-        model, tokenize, transform = _hf_loader(spec, mtype)
+        model, tokenize, transform = _hf_loader(spec, hf_config(spec)["model_type"])
     else:
         raise SpecError(f"{spec}: our own model format, load it with Embedder.load")
     return ExternalEmbedder(model, tokenize, transform, device=device, batch_size=batch_size, name=spec)

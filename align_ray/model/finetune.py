@@ -32,7 +32,6 @@ plus the processor; open_clip as a ``local-dir:`` folder (``open_clip_config.jso
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -252,7 +251,7 @@ def build_model(cfg, vocab_size: int) -> nn.Module:
     if kind == "open_clip":
         model, _, _ = external._open_clip_loader(cfg.init_from)
         return TrainableOpenClip(model.model, tmin)
-    mtype = json.loads((Path(cfg.init_from) / "config.json").read_text())["model_type"]
+    mtype = external.hf_config(cfg.init_from)["model_type"]
     from transformers import AutoTokenizer
 
     use_mask = "attention_mask" in AutoTokenizer.from_pretrained(cfg.init_from).model_input_names

@@ -117,9 +117,9 @@ def test_malformed_hf_dirs_exit_2(command, eval_parquet, tmp_path_factory, capsy
     assert siglip  # the donor of the wrong weights
 
     _exit_2([command, "--model", str(base / "nothing-here"), *extra], capsys, "not a saved model")
-    # a hub name is not fetched (README "Bring your own model"): the message says what to do
-    _exit_2([command, "--model", "kakaobrain/align-base", *extra], capsys, "not a saved model",
-            "hub name is not fetched", "huggingface-cli download")
+    # a hub name not in the hub cache, offline (tests/conftest.py): said so
+    _exit_2([command, "--model", "no-such-org/no-such-model", *extra], capsys,
+            "as a Hugging Face hub name its config.json could not be had")
 
 
 @pytest.mark.parametrize("command", ["eval", "index", "serve"])
@@ -155,5 +155,36 @@ def test_resolve_spec_survives_the_builders_abspath(tmp_path, monkeypatch):
     assert resolve_spec(os.path.abspath(spec)) == want
     assert resolve_spec(os.path.abspath("open_clip:hf-hub:org/repo")) == "open_clip:hf-hub:org/repo"
     assert resolve_spec("open_clip:ViT-B-32") == "open_clip:ViT-B-32"
-    assert resolve_spec("runs/model") == f"{cwd}/runs/model"
+    os.makedirs("runs/model")
+    assert resolve_spec("runs/model") == f"{cwd}/runs/model"          # a local dir wins
+    assert resolve_spec("org/model") == "org/model"                    # else a hub name
+    assert resolve_spec("runs/r1/model") == f"{cwd}/runs/r1/model"    # a path, never a name
     assert resolve_spec("s3://bucket/model") == "s3://bucket/model"
+
+
+def test_a_hub_name_loads_from_the_hub_cache(rows):
+    """``--model ORG/NAME``: a Hugging Face hub name, read through the hub cache (offline here:
+    the test puts a snapshot where huggingface_hub keeps one, as a download would)."""
+    import uuid
+
+    from pathlib import Path
+
+    from huggingface_hub import constants
+
+    from align_ray.model.external import resolve_spec
+    from tests.model.external_models import build_clip
+
+    name = f"align-ray-test/tiny-clip-{uuid.uuid4().hex[:8]}"
+    repo = Path(constants.HF_HUB_CACHE) / f"models--{name.replace('/', '--')}"
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    try:
+        local = build_clip(repo / "snapshots" / rev)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(rev)
+        assert resolve_spec(name) == name
+        assert check_model_spec(name) == load_embedder(local).dim
+        texts = rows["text"][:4]
+        np.testing.assert_allclose(load_embedder(name).embed_texts(texts),
+                                   load_embedder(local).embed_texts(texts), atol=1e-6)
+    finally:
+        shutil.rmtree(repo, ignore_errors=True)

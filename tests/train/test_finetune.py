@@ -202,6 +202,7 @@ def test_malformed_init_from_exits_2(pairs, tmp_path, capsys):
 
     exit_2(["--init-from", str(tmp_path / "nothing")], "init_from", "not a saved model",
            "open_clip:ARCH[:CHECKPOINT]")
+    exit_2(["--init-from", "no-such-org/no-such-model"], "as a Hugging Face hub name")
     clip = Path(BUILDERS["clip"](tmp_path / "clip"))
     cfg = json.loads((clip / "config.json").read_text())
     (clip / "config.json").write_text(json.dumps({**cfg, "model_type": "blip"}))
