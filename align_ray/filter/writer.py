@@ -66,6 +66,8 @@ class ShardWriter:
         if CANDIDATES in verdicts.column_names:   # the near-duplicate search's count, every row
             cands = dict(zip(verdicts.column("key_id").to_pylist(),
                              verdicts.column(CANDIDATES).to_pylist()))
+            if CANDIDATES in rows.column_names:   # an input that was filtered before: renewed
+                rows = rows.drop_columns([CANDIDATES])
             rows = rows.append_column(CANDIDATES, pa.array([cands[k] for k in keys], pa.int64()))
         if self.hook is not None:
             self._apply_hook(rows, reasons, details)

@@ -156,6 +156,14 @@ def test_band_search_equals_brute_force_on_planted_hashes(ray_cluster, tmp_path)
     assert "near_duplicate (pHash <= 4 bits" in stats["report"]
     # an identical copy meets its base in every band
     assert stats["near_duplicate"]["candidates_per_image"]["max"] >= d + 1
+    # filtered again (its output as input): nothing more goes, and nd_candidates is renewed,
+    # not doubled
+    again = pipeline.run(FilterConfig(input=str(tmp_path / "out"), output=str(tmp_path / "again"),
+                                      disabled_rules=OTHER_RULES, near_dup_distance=d,
+                                      write_webdataset=False))
+    assert again["stages"]["filter"]["dropped"] == {}
+    kept = read_dir(tmp_path / "again", "parquet")
+    assert kept.column_names.count(neardup.CANDIDATES) == 1
 
 
 def _reencode(data: bytes, size: int, quality: int) -> bytes:
