@@ -45,6 +45,11 @@ STAGE_TITLES = {"data": "ShardDownloader", "train": "RayTrainWorker", "index": "
 def isolated(s3):
     """A head (CPU 0, with the job API) + cpu_worker + two gpu_train nodes, no disk shared."""
     c = LocalCluster(private_disks=True)
+    # the resubmitted job uploads the same working dir: Ray skips the upload of a package the
+    # GCS holds, and deletes it when the first job's pin expires (600 s after upload, shorter
+    # than the first job on a slow box): the second job then failed RUNTIME_ENV_SETUP_FAILURE
+    # ("Failed to download runtime_env file package", CI 2026-12-06). Ray's own knob: pin longer
+    c.env["RAY_RUNTIME_ENV_TEMPORARY_REFERENCE_EXPIRATION_S"] = "7200"
     try:
         c.start_head(dashboard=True)
         for typ in ("cpu_worker", "gpu_train", "gpu_train"):
