@@ -12,6 +12,8 @@ unhandled exception: a 500, or a client that waits for ever on a call nobody wil
   (back-pressure), the client gets **503** with ``Retry-After``: a status, fast, never a 500.
 * A call that takes longer than ``timeout_s`` (a replica on a node that is dying but not yet
   declared dead can stop answering without failing) is cancelled and answered 503 as well.
+  ``timeout_s`` bounds the whole call, retry included: a first attempt that fails late must not
+  give the retry a fresh budget, or the client waits up to twice the timeout it configured.
 
 Why not in Serve itself: Serve's handles do not retry a request whose replica died mid-call,
 and the proxy cannot tell a lost replica from a bug in our code; only the caller knows that the
@@ -46,11 +48,14 @@ class Unavailable(APIError):
 
 async def call(method: Any, *args: Any, what: str, timeout_s: float) -> Any:
     """``await method.remote(*args)`` (a DeploymentHandle method), retried once on a lost
-    replica; 503 (:class:`Unavailable`) when it still fails, is refused, or times out."""
+    replica; 503 (:class:`Unavailable`) when it still fails, is refused, or the whole call
+    (retry included) outlasts ``timeout_s``."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
     for attempt in (1, 2):
         response = method.remote(*args)
         try:
-            return await asyncio.wait_for(_result(response), timeout_s)
+            left = deadline - asyncio.get_running_loop().time()
+            return await asyncio.wait_for(_result(response), max(left, 0.0))
         except BackPressureError as e:
             raise Unavailable(f"{what} is overloaded (every replica's queue is full); "
                               "retry later") from e
