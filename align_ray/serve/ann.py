@@ -98,11 +98,22 @@ def _faiss():
     return faiss
 
 
+def _empty(spec: str, dim: int):
+    """The untrained ``spec`` index.  faiss's factory turns on polysemous training for PQ codes
+    (a slow annealing of the code order, 10x the k-means time on a small sample); it only serves
+    polysemous (Hamming-filtered) search, which we never enable, so it is turned off."""
+    faiss = _faiss()
+    index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+    if hasattr(index, "do_polysemous_training"):      # IVF..,PQ.. and PQ.. (downcast types)
+        index.do_polysemous_training = False
+    return index
+
+
 def _train(spec: str, emb: np.ndarray, rng: np.random.Generator):
     """The empty index, trained on a sample of ``emb``: in a Ray task when Ray is up (the
     driver of ``align-ray index`` may sit on a CPU-0 head), else here."""
     faiss = _faiss()
-    index = faiss.index_factory(emb.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
+    index = _empty(spec, emb.shape[1])
     if index.is_trained:
         return index
     nlist = faiss.extract_index_ivf(index).nlist if spec.startswith("IVF") else 0
@@ -120,7 +131,7 @@ def _train(spec: str, emb: np.ndarray, rng: np.random.Generator):
 def _train_sample(spec: str, sample: np.ndarray) -> np.ndarray:
     """A Ray task: the empty ``spec`` index trained on ``sample``, serialized."""
     faiss = _faiss()
-    index = faiss.index_factory(sample.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
+    index = _empty(spec, sample.shape[1])
     index.train(sample)
     return faiss.serialize_index(index)
 
@@ -266,10 +277,23 @@ def build(out: str, manifest: dict[str, Any], cfg: AnnConfig, parts: int = 1) ->
     return section
 
 
+def read_flags(mmap: bool) -> int:
+    """faiss ``read_index`` flags that map the whole index file rather than copy it.
+
+    ``IO_FLAG_MMAP`` maps only an IVF index's inverted lists: an HNSW index (what ``auto`` picks
+    above ``exact_below`` without a tight budget) was read into every replica's RAM.
+    ``IO_FLAG_MMAP_IFC`` (in the faiss we pin) reads codes, vectors and graph links in place from the
+    mapped file, for every index kind we build, so the replicas on a node share those pages."""
+    faiss = _faiss()
+    if not mmap:
+        return 0
+    return getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP)
+
+
 def load(index_dir: str, modality: str, section: dict[str, Any], mmap: bool = True):
-    """The stored index with its stored search setting (memory-mapped where faiss can)."""
+    """The stored index with its stored search setting (memory-mapped: :func:`read_flags`)."""
     faiss = _faiss()
     path = os.path.join(index_dir, section[modality]["file"])
-    index = faiss.read_index(path, faiss.IO_FLAG_MMAP if mmap else 0)
+    index = faiss.read_index(path, read_flags(mmap))
     set_param(index, section[modality][param_name(index)])
     return index

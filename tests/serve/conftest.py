@@ -118,14 +118,53 @@ def index_dir(ray_cluster, tiny_model, corpus, tmp_path_factory) -> str:
     return str(out)
 
 
+ANN_ROWS, ANN_DIM = 6000, 128      # ANN_DIM: the tiny model's embed_dim
+
+
+def _ann_index(out, kind: str, seed: int) -> str:
+    """A synthetic index dir of ``ANN_ROWS`` clustered vectors (captions near their image, as a
+    trained model places them) with a tuned ``kind`` ANN index: big enough that a narrow
+    nprobe / ef loses recall, which the 48-row model index (exact, far below ``exact_below``)
+    cannot show."""
+    import json
+
+    from align_ray.serve import ann
+    from align_ray.serve.config import AnnConfig
+
+    rng = np.random.default_rng(seed)
+    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    centers = rng.standard_normal((60, ANN_DIM))
+    image = unit(centers[rng.integers(0, 60, ANN_ROWS)] + 0.35 * rng.standard_normal((ANN_ROWS, ANN_DIM)))
+    text = unit(image + 0.25 * rng.standard_normal(image.shape))
+    out.mkdir(parents=True)
+    np.save(out / "image_embeddings.npy", image)
+    np.save(out / "text_embeddings.npy", text)
+    pq.write_table(pa.table({"id": np.arange(ANN_ROWS), "text": [f"row {i}" for i in range(ANN_ROWS)],
+                             "url": [f"http://example.invalid/{i}" for i in range(ANN_ROWS)]}),
+                   out / "metadata.parquet")
+    manifest = {"format": 1, "count": ANN_ROWS, "dim": ANN_DIM, "modalities": ["image", "text"]}
+    manifest["ann"] = ann.build(str(out), manifest, AnnConfig(kind=kind, exact_below=1,
+                                                              recall_queries=200))
+    (out / "index.json").write_text(json.dumps(manifest))
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def ann_indexes(tmp_path_factory) -> dict[str, str]:
+    """Named index dirs served beside the main one: ``hnsw`` and ``ivf``."""
+    root = tmp_path_factory.mktemp("ann")
+    return {"hnsw": _ann_index(root / "hnsw", "hnsw", 1), "ivf": _ann_index(root / "ivf", "ivf", 2)}
+
+
 TEST_LIMITS = dict(max_body_bytes=1 << 20, max_image_bytes=256 << 10, max_texts=16,
                    max_text_chars=200, max_images=4, max_pixels=4_000_000, max_k=100,
                    max_labels=8, max_templates=3)
 
 
 @pytest.fixture(scope="package")
-def serve_app(ray_cluster, tiny_model, index_dir):
-    """One running app for the package: yields (AlignClient, ServeConfig)."""
+def serve_app(ray_cluster, tiny_model, index_dir, ann_indexes):
+    """One running app for the package: yields (AlignClient, ServeConfig).  It serves the
+    model's index (the default) and the synthetic ``ann_indexes`` by name."""
     from ray import serve
 
     from align_ray.client import AlignClient
@@ -136,7 +175,8 @@ def serve_app(ray_cluster, tiny_model, index_dir):
     # CPU count (2 in CI), and the in-session index builds still need whole CPUs for their tasks
     enc = dict(min_replicas=1, max_replicas=1, num_cpus=0.1, max_batch_size=8,
                batch_wait_timeout_s=0.01, max_ongoing_requests=16, target_ongoing_requests=4)
-    cfg = ServeConfig.from_dict(dict(model=tiny_model, index=index_dir, port=free_port(),
+    cfg = ServeConfig.from_dict(dict(model=tiny_model, index=index_dir, indexes=ann_indexes,
+                                     port=free_port(),
                                      image_encoder=enc, text_encoder=enc, limits=TEST_LIMITS,
                                      router={"num_cpus": 0.1}, app_name="align-test",
                                      # clip-retrieval's image_url queries fetch from the

@@ -174,3 +174,82 @@ def test_a_latency_budget_caps_the_tuned_setting(tmp_path):
     assert none["within_latency_budget"] is False and "max_query_ms" not in free
     with pytest.raises(ValueError, match="max_query_ms"):
         AnnConfig(max_query_ms=-1)
+
+
+@pytest.mark.parametrize("kind, quantization, n, dim, spec", [
+    ("hnsw", "none", 4000, 32, "HNSW32"), ("hnsw", "fp16", 4000, 32, "HNSW32,SQfp16"),
+    ("hnsw", "sq8", 4000, 32, "HNSW32,SQ8"), ("ivf", "sq8", 4000, 32, "IVF256,SQ8"),
+    ("ivf", "pq", 2000, 16, "IVF128,PQ4x8"),       # PQ's k-means is the slow one: a smaller case
+])
+def test_each_code_is_built_searched_and_served_memory_mapped(tmp_path, kind, quantization, n,
+                                                              dim, spec):
+    """Every index kind and code ``plan`` can choose is built, reports its recall, is smaller in
+    proportion to its code, and is served from the mapped file (the replicas on a node share its
+    pages) with the results of the same index read into RAM."""
+    out, manifest = _index_dir(tmp_path, n, dim, seed=6)
+    cfg = AnnConfig(kind=kind, quantization=quantization, exact_below=1, recall_queries=200)
+    section = ann.build(out, manifest, cfg)
+    assert section["kind"] == spec
+    assert not getattr(ann._empty(spec, dim), "do_polysemous_training", False)
+    s = section["image"]
+    assert 0 < s["recall"] <= 1 and s["queries"] == 100 and s["bytes"] > 0
+    if "PQ" not in spec:               # 4 bytes for 16 dimensions: recall is what it is
+        assert s["recall"] >= 0.85, s
+    code = ann._code_bytes(spec.split(",")[1] if "," in spec else "Flat", dim)
+    links = ann.HNSW_LINK_BYTES if kind == "hnsw" else 8
+    assert s["bytes"] < n * (code + links) * 1.25 + 256 * dim * 4 + 65536, (s["bytes"], code)
+
+    mapped = ann.load(out, "image", section)
+    in_ram = ann.load(out, "image", section, mmap=False)
+    path = os.path.join(out, s["file"])
+    maps = open("/proc/self/maps").read()
+    assert path in maps, f"{spec} is not memory-mapped"
+    q = np.load(os.path.join(out, "text_embeddings.npy"))[:50]
+    assert np.array_equal(mapped.search(q, 10)[1], in_ram.search(q, 10)[1])
+
+
+def test_a_request_s_nprobe_or_ef_reaches_the_served_index_over_http(serve_app, ann_indexes):
+    """``/v1/search`` and ``/knn-service`` on the app's ANN indexes (conftest ``ann_indexes``):
+    ``/healthz`` reports each stored setting; a request's own ``ef`` (HNSW) or ``nprobe`` (IVF)
+    is what faiss searches with: the hits equal the store's at that setting, a wide one finds
+    the exact top 10, a narrow one loses recall; the knob an index does not have is ignored."""
+    import requests
+
+    from align_ray.serve.store import IndexStore
+
+    client, _ = serve_app
+    health = client.request("GET", "/healthz").json()["indexes"]
+    for name, knob, other, narrow, wide in (("hnsw", "ef", "nprobe", 10, 2048),
+                                            ("ivf", "nprobe", "ef", 1, 65536)):
+        path = ann_indexes[name]
+        stored = json.load(open(os.path.join(path, "index.json")))["ann"]["image"]
+        assert health[name]["search"]["image"][knob] == stored[knob]
+        store = IndexStore(path)
+        queries = np.load(os.path.join(path, "text_embeddings.npy"))[-30:]
+        _, truth = topk_exact(np.load(os.path.join(path, "image_embeddings.npy")), queries, 10)
+
+        def served(value, route="/v1/search", extra=None):
+            found = []
+            for q in queries:
+                body = ({"embedding": q.tolist(), "modality": "image", "k": 10, "index": name}
+                        if route == "/v1/search" else
+                        {"embedding_input": q.tolist(), "modality": "image", "num_images": 10,
+                         "indice_name": name, "deduplicate": False})
+                r = requests.post(client.base_url + route, json={**body, knob: value, **(extra or {})},
+                                  timeout=60)
+                assert r.status_code == 200, r.text
+                rows = r.json()["results"] if route == "/v1/search" else r.json()
+                found.append([h["id"] for h in rows])
+            return found           # ragged: a narrow IVF probe may find fewer than 10
+
+        def local(value):
+            hits = store.search_many([(q, "image", 10, False, (value, None) if knob == "nprobe"
+                                       else (None, value)) for q in queries])
+            return [[h["id"] for h in hs] for hs in hits]
+
+        got_narrow, got_wide = served(narrow), served(wide)
+        assert got_narrow == local(narrow) and got_wide == local(wide)
+        assert ann.recall_at_k(got_wide, truth) >= 0.99, name
+        assert ann.recall_at_k(got_narrow, truth) < ann.recall_at_k(got_wide, truth) - 0.05, name
+        assert served(narrow, "/knn-service") == got_narrow
+        assert served(narrow, extra={other: 4096}) == got_narrow             # ignored

@@ -112,7 +112,8 @@ def test_clip_client_queries_equal_v1_search(serve_app, clip_client_module, stat
 
 def test_result_ids_metadata_and_indices_list(serve_app):
     client, cfg = serve_app
-    assert client.request("GET", "/indices-list").json() == [_name(cfg)]
+    # the default index first, then the named ones (conftest ann_indexes)
+    assert client.request("GET", "/indices-list").json() == [_name(cfg), "hnsw", "ivf"]
     body = {"text": "smiling face", "modality": "image", "num_images": 3, "num_result_ids": 12,
             "indice_name": _name(cfg), "deduplicate": False, "use_safety_model": True,
             "aesthetic_score": "", "aesthetic_weight": ""}
