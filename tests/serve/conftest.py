@@ -181,7 +181,8 @@ def serve_app(ray_cluster, tiny_model, index_dir, ann_indexes):
                                      router={"num_cpus": 0.1}, app_name="align-test",
                                      # clip-retrieval's image_url queries fetch from the
                                      # tests' own 127.0.0.1 server; other private ranges stay refused
-                                     url_fetch={"allow_cidr": ["127.0.0.1/32"]}))
+                                     # (a 3 s deadline: test_knn_service's slow host)
+                                     url_fetch={"allow_cidr": ["127.0.0.1/32"], "timeout_total": 3}))
     url = app.start(cfg)
     try:
         yield AlignClient(url, timeout=60, retries=0), cfg

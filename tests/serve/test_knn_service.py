@@ -16,6 +16,7 @@ import http.server
 import importlib.util
 import json
 import threading
+import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +25,7 @@ import numpy as np
 import pytest
 import requests
 
-from tests.serve.conftest import wait
+from tests.serve.conftest import TEST_LIMITS, wait
 
 
 def _package_dir() -> Path:
@@ -43,9 +44,17 @@ def clip_client_module():
     return module
 
 
+SLOW_S = 6.0      # /slow.png answers after this: past the app's url_fetch deadline (conftest: 3 s)
+
+
 class _Quiet(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):
         pass
+
+    def do_GET(self):
+        if self.path.startswith("/slow"):     # a host that accepts, then answers too late
+            time.sleep(SLOW_S)
+        super().do_GET()
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +67,13 @@ def static(tmp_path_factory, corpus, serve_app):
     root = tmp_path_factory.mktemp("static")
     (root / "query.png").write_bytes(corpus["rows"][4]["image"])
     (root / "notes.txt").write_text("not an image")
+    (root / "slow.png").write_bytes(corpus["rows"][4]["image"])
+    # one byte over the app's max_image_bytes, and a bomb: 25 Mpx of one colour in a few KB
+    (root / "big.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(TEST_LIMITS["max_image_bytes"] - 7))
+    from PIL import Image
+
+    Image.new("L", (5000, 5000)).save(root / "bomb.png")
+    assert (root / "bomb.png").stat().st_size < TEST_LIMITS["max_image_bytes"]
     front = root / "front"
     front.mkdir()
     for item in (_package_dir().parent / "front" / "build").iterdir():
@@ -158,6 +174,10 @@ BAD = [
     ("image_url garbage", {"image_url": "http://"}, 400),
     ("image_url 404", {"image_url": "{base}/missing.png"}, 400),
     ("image_url not an image", {"image_url": "{base}/notes.txt"}, 400),
+    # the download stage's guards, on the server's fetch: byte cap, bomb guard, deadline
+    ("image_url over the byte cap", {"image_url": "{base}/big.png"}, 413),
+    ("image_url a decompression bomb", {"image_url": "{base}/bomb.png"}, 413),
+    ("image_url past the deadline", {"image_url": "{base}/slow.png"}, 400),
     ("text too long", {"text": "x" * 5000}, 413),
 ]
 
@@ -170,7 +190,8 @@ def test_bad_knn_requests_get_4xx_concurrently(serve_app, static):
         name, body, want = case
         body = {k: (v.format(base=base) if isinstance(v, str) else v) for k, v in body.items()}
         r = client.request("POST", "/knn-service", data=json.dumps(body))
-        return name, want, r.status_code, r.json().get("detail")
+        js = r.json()
+        return name, want, r.status_code, js.get("detail") if isinstance(js, dict) else js
 
     raw = [("malformed JSON", "{not json", 400), ("array body", "[1, 2]", 422),
            ("metadata id out of range", None, 404), ("metadata ids not ints", None, 422)]
