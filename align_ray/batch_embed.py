@@ -51,7 +51,7 @@ def actor_embedder(model: str, device: str, threads: int = 1):
     return load_embedder(model, device=device)
 
 
-def decode(data: bytes | None, draft: int):
+def decode(data: bytes | None, draft: int | None):
     """(PIL image, None) or (None, why it does not decode), decoded exactly as ImageEncoder
     decodes a query, so the same bytes embed the same everywhere."""
     from align_ray.model.transforms import decode_rgb
@@ -77,10 +77,10 @@ class Embedded:
 def embed_pairs(embedder: Any, images: Sequence[bytes | None],
                 texts: Sequence[str | None]) -> Embedded:
     """Decode every image, embed the decodable pairs (L2-normalised float32 rows)."""
-    size = embedder.image_size
+    draft = embedder.decode_draft
     keep, pils, failed = [], [], {}
     for j, data in enumerate(images):
-        im, why = decode(data, size)
+        im, why = decode(data, draft)
         if im is None:
             failed[j] = why
         else:

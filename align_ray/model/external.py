@@ -234,7 +234,7 @@ class ExternalEmbedder(Embedder):
         self.tokenizer = self.cfg = None  # no ModelConfig: the library owns these
         probe = self.transform(Image.new("RGB", (32, 32)))
         packing = getattr(model, "packing", None)
-        if packing is not None:     # SigLIP 2: one packed vector; decode drafts at the max side
+        if packing is not None:     # SigLIP 2: one packed vector
             if probe.shape != (packing.size,):
                 raise SpecError(f"{name}: packed NaFlex input has shape {probe.shape}, "
                                 f"expected ({packing.size},)")
@@ -259,6 +259,13 @@ class ExternalEmbedder(Embedder):
     @property
     def image_size(self) -> int:
         return self._image_size
+
+    @property
+    def decode_draft(self) -> None:
+        """Every pixel: the contract is the library's own embeddings, and the library's processor
+        resizes a fully decoded image.  A DCT draft hands it other pixels (a large JPEG's
+        embedding moved; tests/model/test_external.py), so the faster decode is not used."""
+        return None
 
     def embed_texts(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
         texts = [t if isinstance(t, str) else "" for t in texts]
@@ -301,7 +308,7 @@ def _hf_loader(spec: str, model_type: str) -> tuple[nn.Module, Callable, Callabl
     if model_type == "siglip2":
         packing = NaFlexPacking(improc.max_num_patches, improc.patch_size ** 2 * 3)
         encoder = HFDualEncoder(model, model_type, packing)
-        # the longest side a square image is resized to: JPEG drafts at least this large
+        # the side a square image is resized to: the square crops a fine-tune trains on
         encoder.image_size_hint = improc.patch_size * int(improc.max_num_patches ** 0.5)
 
         def image_transform(img: Image.Image):

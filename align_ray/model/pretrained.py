@@ -146,6 +146,13 @@ class Embedder:
     def image_size(self) -> int:
         return int(self.cfg.image_size)
 
+    @property
+    def decode_draft(self) -> int | None:
+        """The smallest side a JPEG may be decoded at (libjpeg's DCT scaling, ``decode_rgb``'s
+        ``draft``) before this model's preprocessing; None = decode every pixel.  Our models'
+        preprocessing is ours, so it may start from the draft."""
+        return self.image_size
+
     def _empty(self) -> np.ndarray:
         return np.zeros((0, self.dim), dtype=np.float32)
 
@@ -165,7 +172,7 @@ class Embedder:
         arrs = []
         for j, item in enumerate(images):
             try:
-                img = item if isinstance(item, Image.Image) else decode_rgb(item, draft=self.image_size)
+                img = item if isinstance(item, Image.Image) else decode_rgb(item, draft=self.decode_draft)
                 arrs.append(self.transform(img))
             except ValueError as e:
                 raise ValueError(f"image at index {start + j}: {e}") from e

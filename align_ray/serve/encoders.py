@@ -130,7 +130,7 @@ class ImageEncoder(_EncoderBase):
         arrs = []
         for j, data in enumerate(images):
             try:
-                img = decode_rgb(data, max_pixels=self.max_pixels, draft=self.embedder.image_size)
+                img = decode_rgb(data, max_pixels=self.max_pixels, draft=self.embedder.decode_draft)
                 arrs.append(self.embedder.transform(img))
             except ValueError as e:
                 return f"images[{j}]: {e}"

@@ -100,9 +100,10 @@ class Preprocess:
         # training rows with an ``aug_seed`` (RankStream) get their own seeded augmentation
         self.seeded = (lambda s: train_transform(image_size, *ident, seed=s, **aug)) \
             if train else None
-        # validation rows decode like the Embedder that serves the model (JPEG DCT draft at the
-        # model size), so train-time val metrics and served embeddings see the same pixels
-        self.draft = None if train else image_size
+        # validation rows decode like the Embedder that serves the model (``decode_draft``: our
+        # models from a JPEG DCT draft at the model size, a library model (text_spec) every
+        # pixel), so train-time val metrics and served embeddings see the same pixels
+        self.draft = None if train or text_spec else image_size
         self.word_drop = word_drop if train else 0.0
         self._text_rng = np.random.default_rng()  # rows without an aug_seed (not RankStream)
         self.bad_total = 0

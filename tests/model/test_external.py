@@ -46,6 +46,37 @@ def test_embeddings_are_the_librarys_own(external_spec, rows):
     assert check_model_spec(external_spec) == emb.dim
 
 
+def _large_jpeg(seed: int) -> bytes:
+    """A JPEG 8x the model's input side (SIZE): large enough for a DCT draft at 1/4 or 1/8."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 255, size=(8 * SIZE + 16, 8 * SIZE, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(arr).save(out, format="JPEG", quality=95)
+    return out.getvalue()
+
+
+def test_a_large_jpeg_embeds_as_the_library_embeds_it(external_spec, rows):
+    """A user of the library decodes every pixel and hands the image to its processor; our
+    decode must not start from a smaller DCT draft (other pixels, another embedding)."""
+    import io
+
+    from PIL import Image
+
+    jpegs = [_large_jpeg(100 + i) for i in range(4)]
+    emb = load_embedder(external_spec)
+    ref, _ = reference(external_spec, [Image.open(io.BytesIO(j)).convert("RGB") for j in jpegs],
+                       rows["text"][:4])
+    for ours in (emb.embed_images(jpegs), emb.embed_pixels(emb.preprocess(jpegs))):
+        assert (ours * ref).sum(1).min() >= 0.9999
+    # the draft the test guards against gives another embedding (else it could not fail)
+    drafted = np.stack([emb.transform(decode_rgb(j, draft=emb.image_size)) for j in jpegs])
+    assert (emb.embed_pixels(drafted) * ref).sum(1).min() < 0.9999
+
+
 def test_temperature_reproduces_the_librarys_logits(external_spec, rows):
     """/v1/classify scores cosine / temperature: the library's own logits, less SigLIP's bias
     (a softmax over labels does not see a constant bias)."""

@@ -142,18 +142,41 @@ def _set_temperature(src: str) -> None:
     save_file(state, path, metadata={"format": "pt"})
 
 
+@pytest.fixture
+def hub_snapshot():
+    """Where huggingface_hub keeps a downloaded snapshot of ``NAME``: yields (name, its
+    snapshot dir); the cache entry is removed afterwards.  The hub is unreachable here (and the
+    tests run with HF_HUB_OFFLINE=1), so a model placed there is what a download would leave."""
+    import uuid
+
+    from huggingface_hub import constants
+
+    name = f"align-ray-test/tiny-align-{uuid.uuid4().hex[:8]}"
+    repo = Path(constants.HF_HUB_CACHE) / f"models--{name.replace('/', '--')}"
+    rev = "89abcdef0123456789abcdef0123456789abcdef"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(rev)
+    try:
+        yield name, repo / "snapshots" / rev
+    finally:
+        shutil.rmtree(repo, ignore_errors=True)
+
+
 @pytest.mark.parametrize("name", list(LOCKS))
-def test_finetune_each_kind(name, ray_cluster, pairs, tmp_path):
+def test_finetune_each_kind(name, ray_cluster, pairs, tmp_path, hub_snapshot):
     src = (_ours(tmp_path / "src", pairs) if name == "ours"
-           else BUILDERS[name](tmp_path / "src"))
+           else BUILDERS[name](hub_snapshot[1] if name == "align" else tmp_path / "src"))
     _set_temperature(src)
+    # ALIGN is fine-tuned from a hub name (``--init-from ORG/NAME``), read through the hub cache
+    # by the driver and by every Ray Train worker; the others from a local dir
+    init_from = hub_snapshot[0] if name == "align" else src
     assert float(load_embedder(src).model.temperature.detach()) == pytest.approx(T0, rel=1e-5)
     def config(steps: int) -> TrainConfig:
         return TrainConfig(data=[pairs["path"]], image_col="image", text_col="text",
                            output=str(tmp_path / "run"), workers=2, batch_size=4, steps=steps,
                            lr=2e-3, warmup_steps=0, schedule="constant", log_every=1,
                            checkpoint_every=2, data_workers=1, data_batch_size=8,
-                           shuffle_buffer=0, hflip=0.0, init_from=src, **LOCKS[name])
+                           shuffle_buffer=0, hflip=0.0, init_from=init_from, **LOCKS[name])
 
     cfg = config(4)
     kind = finetune.kind_of(cfg)
