@@ -73,11 +73,15 @@ def latency(fn, queries: np.ndarray, concurrency: int) -> dict:
             "p50_ms": round(statistics.median(lat), 3), "p99_ms": round(lat[int(0.99 * (len(lat) - 1))], 3)}
 
 
-def rss_child(index_path: str, mmap: bool, queries_path: str) -> dict:
-    """RSS of a fresh process that loads the index (mmap or not) and runs the queries."""
+def rss_child(index_path: str, mmap: bool | str, queries_path: str) -> dict:
+    """RSS of a fresh process that loads the index (mmap or not, with serving's flags; or the
+    faiss flag named by a string) and runs the queries."""
+    flags = f"faiss.{mmap}" if isinstance(mmap, str) else f"read_flags({mmap})"
     code = f"""
+import sys; sys.path.insert(0, {str(REPO)!r})
 import numpy as np, faiss, json
-index = faiss.read_index({index_path!r}, faiss.IO_FLAG_MMAP if {mmap} else 0)
+from align_ray.serve.ann import read_flags
+index = faiss.read_index({index_path!r}, {flags})
 q = np.load({queries_path!r})
 index.search(q, 10)
 fields = {{}}
@@ -148,6 +152,9 @@ def main() -> None:
         "exact_search": [latency(lambda q: topk_exact(image, q, 10), queries[:200], c) for c in (1, 32)],
         "memory": {"mmap": rss_child(str(work / "image.faiss"), True, str(work / "queries.npy")),
                    "in_ram": rss_child(str(work / "image.faiss"), False, str(work / "queries.npy")),
+                   # what serving used before: maps only IVF lists (an HNSW index is copied)
+                   "IO_FLAG_MMAP": rss_child(str(work / "image.faiss"), "IO_FLAG_MMAP",
+                                             str(work / "queries.npy")),
                    "index_file_mb": round(os.path.getsize(work / "image.faiss") / 2**20, 1)},
         "load_avg": os.getloadavg(),
     }

@@ -268,7 +268,9 @@ class AnnConfig:
     ``auto`` = the widest codes within the budget (float32, fp16, 8-bit scalar, PQ).  The index is
     tuned to the smallest nprobe / efSearch with recall@``k`` >= ``target_recall`` on
     ``recall_queries`` held-out queries (the other modality's embeddings), within
-    ``max_query_ms`` per single query when that latency budget is set (0 = none)."""
+    ``max_query_ms`` per single query when that latency budget is set (0 = none).  When ``auto``'s
+    HNSW misses ``target_recall`` at ``max_ef``, an IVF index (if it fits the budget) is built and
+    tuned too, and the one with the higher recall is kept; ``index.json`` records both."""
 
     kind: str = field(default="auto", metadata={"choices": ANN_KINDS})
     exact_below: int = 200_000
@@ -276,6 +278,7 @@ class AnnConfig:
     quantization: str = field(default="auto", metadata={"choices": QUANTIZATIONS})
     target_recall: float = 0.95
     max_query_ms: float = 0.0      # latency budget per single query (the build box's CPU)
+    max_ef: int = 1024             # the widest efSearch an HNSW index is tuned up to
     recall_queries: int = 1000
     k: int = 10
     add_parts: int = 0             # parallel add tasks for IVF; 0 = the cluster's CPUs (max 8)
@@ -286,9 +289,9 @@ class AnnConfig:
             raise ValueError(f"ann.kind must be one of {ANN_KINDS} and ann.quantization one of "
                              f"{QUANTIZATIONS}")
         if not 0 < self.target_recall <= 1 or self.k < 1 or self.recall_queries < 1 \
-                or self.max_query_ms < 0:
+                or self.max_query_ms < 0 or self.max_ef < 1:
             raise ValueError("ann: need 0 < target_recall <= 1, k >= 1, recall_queries >= 1, "
-                             "max_query_ms >= 0")
+                             "max_query_ms >= 0, max_ef >= 1")
 
 
 @dataclass

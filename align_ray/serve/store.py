@@ -185,7 +185,7 @@ class IndexStore:
         out: dict[str, Any] = {}
         for m, index in self.indexes.items():
             if index.approximate and m in section:
-                out[m] = {"kind": section["kind"],
+                out[m] = {"kind": section[m].get("kind", section["kind"]),
                           **{k: section[m][k] for k in ("nprobe", "ef", "recall") if k in section[m]},
                           "recall_at": section.get("k")}
             else:

@@ -253,3 +253,35 @@ def test_a_request_s_nprobe_or_ef_reaches_the_served_index_over_http(serve_app, 
         assert ann.recall_at_k(got_narrow, truth) < ann.recall_at_k(got_wide, truth) - 0.05, name
         assert served(narrow, "/knn-service") == got_narrow
         assert served(narrow, extra={other: 4096}) == got_narrow             # ignored
+
+
+def test_auto_falls_back_to_ivf_when_hnsw_misses_the_target(tmp_path):
+    """``auto``'s HNSW that cannot reach the target within ``max_ef`` (here 16, so that a small
+    corpus shows it) is replaced by the IVF index that reaches it, per modality: on this corpus
+    the image index (searched by noisy captions) needs the fallback, the text index (searched by
+    the images themselves) does not.  ``index.json`` names each modality's kind and keeps the
+    HNSW figures; the store serves each index with its own kind."""
+    from align_ray.serve.store import IndexStore
+
+    out, manifest = _index_dir(tmp_path, 6000, 32, seed=7)
+    cfg = AnnConfig(exact_below=1000, recall_queries=200, target_recall=0.99, max_ef=16)
+    manifest["ann"] = section = ann.build(out, manifest, cfg)
+    image, text = section["image"], section["text"]
+    assert image["kind"].startswith("IVF") and image["recall_tuning"] >= 0.99, image
+    assert image["instead_of"]["kind"] == "HNSW32" and image["instead_of"]["ef"] == 16
+    assert image["instead_of"]["recall_tuning"] < 0.99
+    assert text["kind"] == "HNSW32" and text["recall_tuning"] >= 0.99 and "instead_of" not in text
+    assert section["kind"] == "mixed"
+    (tmp_path / "index.json").write_text(json.dumps(manifest))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": np.arange(6000)}), tmp_path / "metadata.parquet")
+    info = IndexStore(out).search_info()
+    assert info["image"]["kind"] == image["kind"] and info["image"]["nprobe"] == image["nprobe"]
+    assert info["text"]["kind"] == "HNSW32" and info["text"]["ef"] == 16
+    # forced HNSW is kept as asked, whatever its recall
+    forced = ann.build(out, manifest, AnnConfig(kind="hnsw", exact_below=1000, recall_queries=200,
+                                                target_recall=0.99, max_ef=16))
+    assert forced["image"]["kind"] == "HNSW32" and forced["image"]["recall_tuning"] < 0.99
+    assert "fallback_tried" not in forced["image"] and "instead_of" not in forced["image"]
