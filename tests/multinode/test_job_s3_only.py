@@ -135,20 +135,15 @@ def test_job_submit_runs_the_workflow_s3_only(isolated, s3):
     port = free_port()
     s3.put_object(Bucket=BUCKET, Key="conf/run.yaml", Body=yaml.safe_dump(
         {"serve": {"proxy_location": "HeadOnly", "port": port}}).encode())
-    sid = f"e2e-mn-{uuid.uuid4().hex[:8]}"
     t0 = time.monotonic()
-    _submit(isolated, sid, ["python", "workflows/end_to_end.py", "--smoke", "--serve",
-                            "--bootstrap",
-                            "--config", f"s3://{BUCKET}/conf/run.yaml",
-                            "--output", f"s3://{BUCKET}/run"])
-    client = JobSubmissionClient(isolated.dashboard)
     timeline: list[dict] = []
-    deadline = time.monotonic() + 900
-    while (status := client.get_job_status(sid)) not in (
-            JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-        assert time.monotonic() < deadline, client.get_job_logs(sid)[-6000:]
-        timeline.append({"t": round(time.monotonic() - t0, 1), **_sample(isolated)})
-        time.sleep(1)
+    client = JobSubmissionClient(isolated.dashboard)
+    sid, status = _run_job(isolated, client, f"e2e-mn-{uuid.uuid4().hex[:8]}",
+                           ["python", "workflows/end_to_end.py", "--smoke", "--serve",
+                            "--bootstrap", "--config", f"s3://{BUCKET}/conf/run.yaml",
+                            "--output", f"s3://{BUCKET}/run"], 900,
+                           lambda: timeline.append({"t": round(time.monotonic() - t0, 1),
+                                                    **_sample(isolated)}))
     logs = client.get_job_logs(sid)
     assert status == JobStatus.SUCCEEDED, _why(client, sid)
     timeline.append({"t": round(time.monotonic() - t0, 1), **_sample(isolated)})
@@ -242,6 +237,39 @@ def _why(client, sid: str) -> str:
             f"{client.get_job_logs(sid)[-6000:]}")
 
 
+def _package_lost(client, sid: str) -> bool:
+    """Ray's own intermittent start failure (ray-project/ray#36703, open): the job's working-dir
+    package is missing from the GCS when a node's runtime-env agent fetches it, seconds after a
+    successful upload, and the job fails RUNTIME_ENV_SETUP_FAILURE before our code runs."""
+    info = client.get_job_info(sid)
+    return ("RUNTIME_ENV_SETUP_FAILURE" in str(info.error_type)
+            and "Failed to download runtime_env file package" in (info.message or ""))
+
+
+def _run_job(cluster: LocalCluster, client, sid: str, entrypoint: list[str], timeout_s: float,
+             tick=None):
+    """Submit, wait for the end; (submission id, status).  A job that Ray failed before it
+    started (:func:`_package_lost`) is submitted once more under a new id, as README
+    "Troubleshooting" tells users to; any other failure, or a second one, stands."""
+    from ray.job_submission import JobStatus
+
+    for attempt in (1, 2):
+        _submit(cluster, sid, entrypoint)
+        deadline = time.monotonic() + timeout_s
+        while (status := client.get_job_status(sid)) not in (
+                JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            assert time.monotonic() < deadline, client.get_job_logs(sid)[-6000:]
+            if tick:
+                tick()
+            time.sleep(1)
+        if attempt == 2 or status != JobStatus.FAILED or not _package_lost(client, sid):
+            return sid, status
+        print(f"ray lost job {sid}'s working-dir package before it started (ray#36703); "
+              "submitting it again:", _why(client, sid)[:400])
+        sid += "-again"
+    raise AssertionError("unreachable")
+
+
 def _submit(cluster: LocalCluster, sid: str, entrypoint: list[str]) -> None:
     cmd = [f"{VENV_BIN}/ray", "job", "submit", "--no-wait", "--address", cluster.dashboard,
            "--submission-id", sid, "--working-dir", str(REPO),
@@ -264,16 +292,11 @@ def test_a_resubmitted_job_skips_what_s3_holds(isolated, s3):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     first = json.loads(s3.get_object(Bucket=BUCKET, Key="run/workflow.json")["Body"].read())
-    sid = f"e2e-mn-rerun-{uuid.uuid4().hex[:8]}"
-    _submit(isolated, sid, ["python", "workflows/end_to_end.py", "--smoke",
-                            "--stages", "data,filter,train,eval,index",
-                            "--output", f"s3://{BUCKET}/run"])
     client = JobSubmissionClient(isolated.dashboard)
-    deadline = time.monotonic() + 600
-    while (status := client.get_job_status(sid)) not in (
-            JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-        assert time.monotonic() < deadline, client.get_job_logs(sid)[-6000:]
-        time.sleep(1)
+    sid, status = _run_job(isolated, client, f"e2e-mn-rerun-{uuid.uuid4().hex[:8]}",
+                           ["python", "workflows/end_to_end.py", "--smoke",
+                            "--stages", "data,filter,train,eval,index",
+                            "--output", f"s3://{BUCKET}/run"], 600)
     assert status == JobStatus.SUCCEEDED, _why(client, sid)
     record = json.loads(s3.get_object(Bucket=BUCKET, Key="run/workflow.json")["Body"].read())
     assert {n: s["status"] for n, s in record["stages"].items()} == {
