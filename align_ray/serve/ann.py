@@ -16,8 +16,10 @@ part each, merged with ``merge_from``; HNSW: one process, faiss's own threads), 
 recall@k against exact search on held-out queries: the *other* modality's embeddings (text
 queries for the image index and the reverse), which is how the index is used.  It sweeps
 ``nprobe`` (IVF) or ``efSearch`` (HNSW) upwards and stores the smallest setting that reaches
-``target_recall``, with the recall and latency it measured, in ``index.json``.  Serving uses
-those settings; a request may pass its own ``nprobe`` / ``ef``.
+``target_recall``, with the recall and latency it measured, in ``index.json``.  When ``auto``'s
+HNSW misses the target at the widest efSearch, that modality's IVF index is built and tuned too,
+and the one with the higher recall is kept.  Serving memory-maps the files and uses the stored
+settings; a request may pass its own ``nprobe`` / ``ef``.
 """
 
 from __future__ import annotations
@@ -312,8 +314,9 @@ def read_flags(mmap: bool) -> int:
 
     ``IO_FLAG_MMAP`` maps only an IVF index's inverted lists: an HNSW index (what ``auto`` picks
     above ``exact_below`` without a tight budget) was read into every replica's RAM.
-    ``IO_FLAG_MMAP_IFC`` (in the faiss we pin) reads codes, vectors and graph links in place from the
-    mapped file, for every index kind we build, so the replicas on a node share those pages."""
+    ``IO_FLAG_MMAP_IFC`` (in the faiss we pin) reads codes, vectors and graph links in place
+    from the mapped file, for every index kind we build, so the replicas on a node share those
+    pages."""
     faiss = _faiss()
     if not mmap:
         return 0
