@@ -121,6 +121,16 @@ def index_dir(ray_cluster, tiny_model, corpus, tmp_path_factory) -> str:
 ANN_ROWS, ANN_DIM = 6000, 128      # ANN_DIM: the tiny model's embed_dim
 
 
+def clustered_pairs(n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Clustered unit "image" embeddings and "captions" near their image, like a trained
+    model's space (the ANN tests' corpus)."""
+    rng = np.random.default_rng(seed)
+    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    centers = rng.standard_normal((max(8, n // 100), dim))
+    image = unit(centers[rng.integers(0, len(centers), n)] + 0.35 * rng.standard_normal((n, dim)))
+    return image, unit(image + 0.25 * rng.standard_normal((n, dim)))
+
+
 def _ann_index(out, kind: str, seed: int) -> str:
     """A synthetic index dir of ``ANN_ROWS`` clustered vectors (captions near their image, as a
     trained model places them) with a tuned ``kind`` ANN index: big enough that a narrow
@@ -131,11 +141,7 @@ def _ann_index(out, kind: str, seed: int) -> str:
     from align_ray.serve import ann
     from align_ray.serve.config import AnnConfig
 
-    rng = np.random.default_rng(seed)
-    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
-    centers = rng.standard_normal((60, ANN_DIM))
-    image = unit(centers[rng.integers(0, 60, ANN_ROWS)] + 0.35 * rng.standard_normal((ANN_ROWS, ANN_DIM)))
-    text = unit(image + 0.25 * rng.standard_normal(image.shape))
+    image, text = clustered_pairs(ANN_ROWS, ANN_DIM, seed)
     out.mkdir(parents=True)
     np.save(out / "image_embeddings.npy", image)
     np.save(out / "text_embeddings.npy", text)

@@ -12,23 +12,15 @@ import pytest
 from align_ray.serve import ann
 from align_ray.serve.config import AnnConfig
 from align_ray.serve.search import topk_exact
+from tests.serve.conftest import clustered_pairs
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def _corpus(n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Clustered image embeddings and captions near their image, like a real embedding space."""
-    rng = np.random.default_rng(seed)
-    centers = rng.standard_normal((max(8, n // 100), dim))
-    image = _unit(centers[rng.integers(0, len(centers), n)] + 0.35 * rng.standard_normal((n, dim)))
-    text = _unit(image + 0.25 * rng.standard_normal((n, dim)))
-    return image, text
-
-
 def _index_dir(tmp_path, n: int, dim: int, seed: int = 0) -> tuple[str, dict]:
-    image, text = _corpus(n, dim, seed)
+    image, text = clustered_pairs(n, dim, seed)
     np.save(tmp_path / "image_embeddings.npy", image)
     np.save(tmp_path / "text_embeddings.npy", text)
     return str(tmp_path), {"format": 1, "count": n, "dim": dim, "modalities": ["image", "text"]}
