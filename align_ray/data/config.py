@@ -31,6 +31,11 @@ class DataConfig:
     threads: int = 64                     # in-flight downloads per actor
     decode_threads: int = 2               # decode/resize threads per actor (cv2 releases the GIL)
     shards_per_actor: int = 2             # shards an actor works on at once (hides stragglers)
+    # host partitioning (README, "Politeness"): the manifest groups rows by a hash of their
+    # host, a shard holds one group's rows, and all shards of a group run in one actor call,
+    # so every host is owned by one actor and the per-host limits below hold cluster-wide
+    partition_by_host: bool = False
+    host_groups: int = 0                  # groups when partitioning; 0 = 4 per download actor
     # network
     timeout_connect: float = 5.0
     timeout_read: float = 10.0            # between two reads, and before the headers
@@ -46,7 +51,8 @@ class DataConfig:
     verify_tls: bool = True
     # politeness (align_ray/data/politeness.py).  Every limit holds per download actor: a host
     # whose rows reach N actors can see N x max_per_host connections and N x max_host_rate
-    # requests/s (README, "Politeness").  Rows that wait for their host hold no download slot.
+    # requests/s, unless partition_by_host makes N = 1 (README, "Politeness").  Rows that wait
+    # for their host hold no download slot.
     max_per_host: int = 4                 # requests in flight to one host; <= 0: no cap
     max_host_rate: float = 0.0            # request starts/s to one host (token bucket); 0: off
     host_backoff_failures: int = 5        # 429/503 answers in a row that pause a host
@@ -75,6 +81,8 @@ class DataConfig:
             raise ValueError("image_size, shard_size and threads must be positive")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError("jpeg_quality must be in 1..100")
+        if self.host_groups < 0:
+            raise ValueError("host_groups must be >= 0 (0 = 4 per download actor)")
         if self.max_host_rate < 0 or self.host_pause_s < 0 or self.robots_max_bytes <= 0:
             raise ValueError("max_host_rate and host_pause_s must be >= 0, "
                              "robots_max_bytes positive")

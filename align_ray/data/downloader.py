@@ -1,4 +1,4 @@
-"""The Ray Data UDF: one call = one shard, read -> download -> decode/resize -> hash -> write.
+"""The Ray Data UDF: one shard at a time, read -> download -> decode/resize -> hash -> write.
 
 A shard is the unit of work *and* of atomicity: its files are written, then its marker; a killed
 run leaves at most unmarked shards, which the rerun redoes from scratch, so the final key set is
@@ -34,7 +34,7 @@ from align_ray import storage
 
 
 class ShardDownloader:
-    """Callable class for ``Dataset.map_batches``: a batch holds shard specs."""
+    """Callable class for ``Dataset.map_batches``: a batch holds work items of shard specs."""
 
     def __init__(self, cfg: DataConfig):
         self.cfg = cfg
@@ -57,10 +57,14 @@ class ShardDownloader:
         except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to report to
             return
 
-    def __call__(self, batch: dict) -> dict:
-        stats = [self.process(str(s), int(f), int(g), bool(r)) for s, f, g, r in zip(
-            batch["shard"], batch["file_idx"], batch["row_group"], batch["retry"])]
-        return {"shard": [s["shard"] for s in stats], "stats": [json.dumps(s) for s in stats]}
+    def __call__(self, batch: dict):
+        """A batch holds work items; an item is a JSON list of shard specs (shard id, file
+        index, row group, retry) run in order (pipeline.work_items).  Yields one row per shard
+        as it is done."""
+        for specs in batch["specs"]:
+            for s, f, g, r in json.loads(str(specs)):
+                info = self.process(str(s), int(f), int(g), bool(r))
+                yield {"shard": [info["shard"]], "stats": [json.dumps(info)]}
 
     def process(self, shard: str, file_idx: int, row_group: int, retry: bool) -> dict:
         t0 = time.time()

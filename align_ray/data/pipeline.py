@@ -35,16 +35,41 @@ def ensure_plan(cfg: DataConfig, layout: Layout) -> dict:
                              f"({ {k: plan[k] for k in key} }); use a new --output, or "
                              "--overwrite to start over")
         return plan
+    groups = (cfg.host_groups or 4 * _actors(cfg)) if cfg.partition_by_host else 0
     build = ray.remote(num_cpus=1, max_retries=2)(reader.build_manifest)
-    refs = [build.remote(cfg.input, f, i, cfg, reader.manifest_path(layout, i))
+    refs = [build.remote(cfg.input, f, i, cfg, reader.manifest_path(layout, i), groups)
             for i, f in enumerate(files)]
     try:
         entries = ray.get(refs)
     except Exception as e:  # noqa: BLE001 - re-raised, unwrapped from Ray's task error
         raise _unwrap(e) from None
-    plan = {**key, "files": entries, "input_rows": sum(e["rows"] for e in entries)}
+    plan = {**key, "files": entries, "input_rows": sum(e["rows"] for e in entries),
+            **({"host_groups": groups} if groups else {})}
     reader.save_plan(layout, plan)
     return plan
+
+
+def _actors(cfg: DataConfig) -> int:
+    return cfg.processes or max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def work_items(plan: dict, markers: dict[str, dict], retry_failed: bool) -> list[dict]:
+    """The Ray Data items of this run: each holds the shard specs one actor call runs, in
+    order.  Unpartitioned, one shard per item.  Partitioned by host, one host group per item
+    (its first-time shards and its retry passes alike), so a host is only ever talked to from
+    the one actor that runs its group."""
+    todo = [(grp, [s, f, g, False]) for s, f, g, grp in reader.shard_ids(plan)
+            if s not in markers]
+    if retry_failed:
+        group_of = {s: grp for s, _, _, grp in reader.shard_ids(plan)}
+        todo += [(group_of.get(s), [s, 0, 0, True]) for s, m in sorted(markers.items())
+                 if m.get("retryable_dropped", 0) > 0]
+    if "host_groups" not in plan:
+        return [{"specs": json.dumps([spec])} for _, spec in todo]
+    by_group: dict[int, list] = {}
+    for grp, spec in todo:
+        by_group.setdefault(grp, []).append(spec)
+    return [{"specs": json.dumps(specs)} for _, specs in sorted(by_group.items())]
 
 
 def _collect_garbage(layout: Layout, markers: dict[str, dict]) -> None:
@@ -90,20 +115,16 @@ def run(cfg: DataConfig) -> dict:
     plan = ensure_plan(cfg, layout)
     markers = layout.markers()
     _collect_garbage(layout, markers)
-    todo = [{"shard": s, "file_idx": f, "row_group": g, "retry": False}
-            for s, f, g in reader.shard_ids(plan) if s not in markers]
-    if cfg.retry_failed:
-        todo += [{"shard": s, "file_idx": 0, "row_group": 0, "retry": True}
-                 for s, m in sorted(markers.items()) if m.get("retryable_dropped", 0) > 0]
+    todo = work_items(plan, markers, cfg.retry_failed)
     rows_todo = 0
     if todo:
-        workers = cfg.processes or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        workers = min(workers, len(todo))
+        workers = min(_actors(cfg), len(todo))
         ds = ray.data.from_items(todo, override_num_blocks=len(todo))
         spa = max(1, cfg.shards_per_actor)
-        # a fixed pool; each actor gets at most `spa` shards at a time (so no actor hoards the
+        # a fixed pool; each actor gets at most `spa` items at a time (so no actor hoards the
         # queue while another idles) and really runs them concurrently (threads; the work is
-        # in asyncio, OpenCV and I/O, which release the GIL)
+        # in asyncio, OpenCV and I/O, which release the GIL).  A call yields each shard's
+        # stats as the shard finishes, so a host group's long call still shows progress.
         pool = ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=spa,
                                           max_concurrent_calls_per_actor=spa,
                                           enable_true_multi_threading=True)

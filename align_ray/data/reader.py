@@ -7,20 +7,30 @@ gets the key ``f"{f:05d}{r:09d}"``, so a rerun over the same input produces the 
 Each input file is copied once (one Ray task per file) into ``_manifest/FFFFF.parquet`` holding
 only key, url, text and the extra columns, in row groups of ``shard_size`` rows: row group ``g``
 of file ``f`` is shard ``FFFFF_GGGGG``.  Shards then read their rows in O(shard) from any node.
+
+With ``partition_by_host`` the rows of a file are first stably ordered by their *host group*
+(a hash of the URL's host, modulo the plan's ``host_groups``) and each row group holds the rows
+of one host group only; the plan records each shard's group, and the stage runs all shards of
+a group in one actor call.  Keys still come from the input row number, so the key set (and
+every row's key) is the same as without partitioning.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import posixpath
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.json as pjson
 import pyarrow.parquet as pq
+from yarl import URL
 
 from align_ray import storage
+from align_ray.data.blocklist import normalize_host
 from align_ray.data.config import DataConfig
 from align_ray.data.errors import InputError
 from align_ray.layout import Layout
@@ -113,9 +123,47 @@ def _as_strings(table: pa.Table, col: str, path: str) -> pa.Array:
         raise InputError(f"{path}: column {col!r} must hold text, got {arr.type}: {e}") from None
 
 
+def url_host(url: str | None) -> str:
+    """The host the politeness gate keys a URL by ("" when it has none or does not parse)."""
+    try:
+        return normalize_host(URL(url.strip()).raw_host or "") if url else ""
+    except (ValueError, TypeError):
+        return ""
+
+
+def host_group(url: str | None, groups: int) -> int:
+    # a stable hash (not Python's salted hash()): a resumed run must rebuild the same groups
+    digest = hashlib.blake2b(url_host(url).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % groups
+
+
+def _write_row_groups(manifest: pa.Table, cfg: DataConfig, host_groups: int,
+                      sink: io.BytesIO) -> list[int] | None:
+    """Write ``manifest`` as row groups of ``shard_size`` rows; partitioned, each row group
+    holds one host group's rows, and the list of those groups is returned."""
+    if not host_groups:
+        pq.write_table(manifest, sink, row_group_size=cfg.shard_size)
+        return None
+    group = pa.array([host_group(u, host_groups) for u in manifest.column("url").to_pylist()],
+                     pa.int64())
+    order = pc.sort_indices(pa.table({"g": group, "i": pa.array(range(len(group)))}),
+                            sort_keys=[("g", "ascending"), ("i", "ascending")])
+    manifest, group = manifest.take(order), group.take(order).to_numpy()
+    starts = [0] + [i for i in range(1, len(group)) if group[i] != group[i - 1]] + [len(group)]
+    groups = []
+    with pq.ParquetWriter(sink, manifest.schema) as writer:
+        for a, b in zip(starts, starts[1:]):
+            for lo in range(a, b, cfg.shard_size):   # one write = its own row group
+                hi = min(lo + cfg.shard_size, b)
+                writer.write_table(manifest.slice(lo, hi - lo), row_group_size=cfg.shard_size)
+                groups.append(int(group[a]))
+    return groups
+
+
 def build_manifest(input_uri: str, path: str, file_idx: int, cfg: DataConfig,
-                   out_path: str) -> dict:
-    """Read one input file, validate it, write its keyed manifest; returns its plan entry."""
+                   out_path: str, host_groups: int = 0) -> dict:
+    """Read one input file, validate it, write its keyed manifest; returns its plan entry.
+    ``host_groups`` > 0 partitions its rows by host (module docstring)."""
     table = _read_table(input_uri, path)
     check_columns(table.column_names, cfg, path)
     if table.num_rows == 0:
@@ -126,16 +174,21 @@ def build_manifest(input_uri: str, path: str, file_idx: int, cfg: DataConfig,
                          **{c: table.column(c) for c in cfg.extra_cols}})
     fs, _ = storage.filesystem(cfg.output)
     sink = io.BytesIO()
-    pq.write_table(manifest, sink, row_group_size=cfg.shard_size)
+    groups = _write_row_groups(manifest, cfg, host_groups, sink)
     storage.write_bytes(fs, out_path, sink.getvalue())
-    shards = -(-table.num_rows // cfg.shard_size)
-    return {"path": path, "rows": table.num_rows, "shards": shards}
+    entry = {"path": path, "rows": table.num_rows,
+             "shards": -(-table.num_rows // cfg.shard_size) if groups is None else len(groups)}
+    if groups is not None:
+        entry["host_groups"] = groups
+    return entry
 
 
 def plan_key(cfg: DataConfig, files: list[str]) -> dict:
     """What a manifest depends on; a rerun must match it to resume."""
     return {"inputs": files, "url_col": cfg.url_col, "text_col": cfg.text_col,
-            "extra_cols": list(cfg.extra_cols), "shard_size": cfg.shard_size}
+            "extra_cols": list(cfg.extra_cols), "shard_size": cfg.shard_size,
+            **({"partition_by_host": True, "host_groups_setting": cfg.host_groups}
+               if cfg.partition_by_host else {})}
 
 
 def load_plan(layout: Layout) -> dict | None:
@@ -154,9 +207,9 @@ def manifest_path(layout: Layout, file_idx: int) -> str:
     return layout.manifest(f"{file_idx:05d}.parquet")
 
 
-def shard_ids(plan: dict) -> list[tuple[str, int, int]]:
-    """(shard id, file index, row group) for every shard of the plan."""
-    return [(f"{i:05d}_{g:05d}", i, g)
+def shard_ids(plan: dict) -> list[tuple[str, int, int, int | None]]:
+    """(shard id, file index, row group, host group or None) for every shard of the plan."""
+    return [(f"{i:05d}_{g:05d}", i, g, entry["host_groups"][g] if "host_groups" in entry else None)
             for i, entry in enumerate(plan["files"]) for g in range(entry["shards"])]
 
 

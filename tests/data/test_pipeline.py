@@ -174,3 +174,16 @@ def test_bad_file_inside_a_folder_names_the_file(ray_cluster, tmp_path):
     with pytest.raises(InputError, match=r"b\.csv: not valid UTF-8"):
         run(tmp_path / "in", tmp_path / "out")
     assert not (tmp_path / "out" / "stats.json").exists()
+
+
+def test_work_items_keep_a_host_group_in_one_item():
+    plan = {"host_groups": 2, "files": [
+        {"shards": 3, "host_groups": [0, 0, 1]}, {"shards": 2, "host_groups": [0, 1]}]}
+    markers = {"00000_00000": {"retryable_dropped": 2}, "00001_00001": {"retryable_dropped": 0}}
+    items = [json.loads(i["specs"]) for i in pipeline.work_items(plan, markers, True)]
+    assert items == [[["00000_00001", 0, 1, False], ["00001_00000", 1, 0, False],
+                      ["00000_00000", 0, 0, True]],
+                     [["00000_00002", 0, 2, False]]]
+    plain = {"files": [{"shards": 2}]}
+    assert [json.loads(i["specs"]) for i in pipeline.work_items(plain, {}, False)] == [
+        [["00000_00000", 0, 0, False]], [["00000_00001", 0, 1, False]]]

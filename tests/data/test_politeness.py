@@ -236,3 +236,32 @@ def test_stage_accounts_every_politeness_reason(ray_cluster, tmp_path):
                                         **{**FAST, **opts}))
         assert again["output_rows"] == 17 and "host_backoff" not in again["dropped"], again["dropped"]
         assert accounting(out, keys)
+
+
+@pytest.mark.timeout(300)
+def test_partition_by_host_holds_the_cap_across_actors(ray_cluster, tmp_path):
+    """Two download actors, three slow hosts whose rows are interleaved.  Without partitioning
+    every shard holds every host, so both actors talk to each host at once and a host sees
+    up to 2 x the cap; partitioned by host, one actor owns each host and the cap holds."""
+    def stage(name: str, hosts: list[Host], **kw) -> None:
+        rows = [{"url": h.url(f"/img/{i}.jpg"), "caption": f"{h.addr} {i}"}
+                for i in range(30) for h in hosts]
+        src = tmp_path / f"{name}.jsonl"
+        src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        out = tmp_path / name
+        stats = pipeline.run(DataConfig(input=str(src), output=str(out), **{
+            **FAST, "processes": 2, "shard_size": 6, "max_per_host": 2,
+            "respect_robots_txt": False, **kw}))
+        samples, _ = accounting(out, [f"00000{i:09d}" for i in range(len(rows))])
+        assert len(samples) == len(rows), stats["dropped"]
+        return stats
+
+    with Host("127.0.0.2", delay=0.5) as a, Host("127.0.0.3", delay=0.5) as b, \
+            Host("127.0.0.4", delay=0.5) as c:
+        stage("plain", [a, b, c])
+        assert max(h.peak for h in (a, b, c)) > 2, [h.peak for h in (a, b, c)]
+    with Host("127.0.0.2", delay=0.5) as a, Host("127.0.0.3", delay=0.5) as b, \
+            Host("127.0.0.4", delay=0.5) as c:
+        stats = stage("by_host", [a, b, c], partition_by_host=True, host_groups=3)
+        assert [h.peak for h in (a, b, c)] == [2, 2, 2]
+        assert stats["config"]["partition_by_host"] is True

@@ -117,3 +117,47 @@ def test_cli_malformed_input_exit_code_and_message(tmp_path, capsys, content, me
     assert main(["data", "--input", str(src), "--output", str(tmp_path / "o")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing was started or written
+
+
+def test_partition_by_host_groups_rows_by_host_and_keeps_keys(tmp_path):
+    hosts = ["a.test", "B.test", "c.test:8080", "d.test", "xn--caf-dma.test", "e.test"]
+    urls = [f"http://{hosts[i % 6]}/{i}.jpg" for i in range(60)] + [None, "not a url"]
+    src = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": urls, "caption": [f"t{i}" for i in range(len(urls))]}), src)
+    cfg = DataConfig(input=str(src), output=str(tmp_path / "out"), shard_size=4,
+                     partition_by_host=True)
+    out = str(tmp_path / "m.parquet")
+    entry = reader.build_manifest(str(src), str(src), 0, cfg, out, host_groups=3)
+    pf = pq.ParquetFile(out)
+    assert entry["shards"] == pf.num_row_groups == len(entry["host_groups"])
+    seen = {}
+    for g, grp in enumerate(entry["host_groups"]):
+        rows = pf.read_row_group(g)
+        assert 0 < rows.num_rows <= 4
+        for key, url in zip(rows.column("key").to_pylist(), rows.column("url").to_pylist()):
+            assert reader.host_group(url, 3) == grp      # one host group per shard
+            # the key is still the input row number, whatever the new position
+            assert urls[int(key[5:])] == url
+            seen[key] = reader.url_host(url)
+    assert sorted(seen) == [f"00000{i:09d}" for i in range(len(urls))]
+    # a host is in exactly one group; case and ports as the politeness gate keys them
+    by_host = {}
+    for g, grp in enumerate(entry["host_groups"]):
+        for url in pf.read_row_group(g).column("url").to_pylist():
+            by_host.setdefault(reader.url_host(url), set()).add(grp)
+    assert all(len(v) == 1 for v in by_host.values())
+    assert "b.test" in by_host and "" in by_host
+    assert len(set(entry["host_groups"])) > 1         # 7 hosts do not all hash alike
+    # the host groups come in order, and the rows of a group keep their input order
+    assert entry["host_groups"] == sorted(entry["host_groups"])
+    keys = pf.read().column("key").to_pylist()
+    for grp in set(entry["host_groups"]):
+        mine = [k for k in keys if reader.host_group(urls[int(k[5:])], 3) == grp]
+        assert mine == sorted(mine)
+    # the same input unpartitioned gives the same key set
+    plain = reader.build_manifest(str(src), str(src), 0, cfg, str(tmp_path / "p.parquet"))
+    assert "host_groups" not in plain
+    assert sorted(pq.read_table(tmp_path / "p.parquet").column("key").to_pylist()) == sorted(seen)
+    # resuming with partitioning switched on or off is refused (the plan key differs)
+    off = DataConfig(input=str(src), output=str(tmp_path / "out"), shard_size=4)
+    assert reader.plan_key(off, [str(src)]) != reader.plan_key(cfg, [str(src)])
