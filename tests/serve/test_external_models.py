@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -127,5 +128,29 @@ def test_index_and_serve_match_the_librarys_embeddings(external_spec, ext_corpus
 
         info = serve.get_deployment_handle("TextEncoder", name).info.remote().result(timeout_s=60)
         assert info["dim"] == ref_txt.shape[1] and info["temperature"] > 0
+
+        # dynamic batching holds for this kind too: 16 single-item requests at once share
+        # forward passes (max_batch_size 4), and each still gets exactly its own vector
+        def one(i: int) -> np.ndarray:
+            return np.asarray(AlignClient(url, timeout=60, retries=0).embed_text([texts[i % N]]))
+
+        # the counters are per replica (max_replicas 2): sum them over every replica seen
+        handle = serve.get_deployment_handle("TextEncoder", name)
+
+        def counters() -> dict[int, tuple[int, int]]:
+            seen = {}
+            for _ in range(12):
+                i = handle.info.remote().result(timeout_s=60)
+                seen[i["pid"]] = (i["requests"], i["batches"])
+            return seen
+
+        before = counters()
+        with ThreadPoolExecutor(16) as pool:
+            got_txt = np.concatenate(list(pool.map(one, range(16))))
+        assert _cos_rows(got_txt, ref_txt[[i % N for i in range(16)]]).min() >= 0.9999
+        after = counters()
+        requests = sum(r - before.get(p, (0, 0))[0] for p, (r, _) in after.items())
+        batches = sum(b - before.get(p, (0, 0))[1] for p, (_, b) in after.items())
+        assert requests >= 16 and batches < requests, (requests, batches, before, after)
     finally:
         serve.delete(name)
