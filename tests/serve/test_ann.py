@@ -277,3 +277,27 @@ def test_auto_falls_back_to_ivf_when_hnsw_misses_the_target(tmp_path):
                                                 target_recall=0.99, max_ef=16))
     assert forced["image"]["kind"] == "HNSW32" and forced["image"]["recall_tuning"] < 0.99
     assert "fallback_tried" not in forced["image"] and "instead_of" not in forced["image"]
+
+
+def test_auto_keeps_hnsw_when_the_ivf_fallback_does_no_better(tmp_path):
+    """The other branch: HNSW misses the target, the IVF fallback is built and tuned, and it
+    does worse, so HNSW stays and ``fallback_tried`` records what the IVF index reached.  A
+    latency budget no setting can meet holds each kind to its narrowest setting (efSearch 16,
+    nprobe 1), and on vectors spread evenly over the sphere one probed list of 256 finds far
+    fewer true neighbours than a 16-wide graph search."""
+    rng = np.random.default_rng(3)
+    for m in ("image", "text"):
+        v = rng.standard_normal((6000, 32)).astype(np.float32)
+        np.save(tmp_path / f"{m}_embeddings.npy", v / np.linalg.norm(v, axis=1, keepdims=True))
+    manifest = {"format": 1, "count": 6000, "dim": 32, "modalities": ["image", "text"]}
+    cfg = AnnConfig(exact_below=1000, recall_queries=200, target_recall=0.99, max_ef=16,
+                    max_query_ms=1e-6)
+    section = ann.build(str(tmp_path), manifest, cfg)
+    for m in ("image", "text"):
+        entry = section[m]
+        assert entry["kind"] == "HNSW32" and entry["ef"] == 16 and "instead_of" not in entry
+        tried = entry["fallback_tried"]
+        assert tried["kind"] == "IVF256,Flat" and tried["nprobe"] == 1, tried
+        assert tried["recall_tuning"] < entry["recall_tuning"] < 0.99, (tried, entry)
+        assert entry["within_latency_budget"] is False
+    assert section["kind"] == "HNSW32"
