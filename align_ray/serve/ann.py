@@ -204,6 +204,15 @@ def _single_query_ms(index, queries: np.ndarray, k: int) -> float:
     return float(np.median(times)) * 1000
 
 
+def candidates(index, k: int, max_ef: int = 1024) -> list[int]:
+    """The efSearch (HNSW) or nprobe (IVF) values tuning tries, narrowest first."""
+    if hasattr(index, "hnsw"):
+        return [v for v in (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+                if k <= v <= max_ef] or [max(k, max_ef)]
+    nlist = _faiss().extract_index_ivf(index).nlist
+    return sorted({min(nlist, 2 ** i) for i in range(0, int(math.log2(nlist)) + 1)} | {nlist})
+
+
 def tune(index, queries: np.ndarray, truth: np.ndarray, target: float,
          max_query_ms: float = 0.0, max_ef: int = 1024) -> dict[str, Any]:
     """The smallest nprobe / efSearch reaching ``target`` recall@k on ``queries``.
@@ -212,12 +221,7 @@ def tune(index, queries: np.ndarray, truth: np.ndarray, target: float,
     setting whose single query takes longer is not taken, so the widest one within the budget
     is kept when the target recall needs more, and the recorded recall says what it costs."""
     k = truth.shape[1]
-    if hasattr(index, "hnsw"):
-        values = [v for v in (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
-                  if k <= v <= max_ef] or [max(k, max_ef)]
-    else:
-        nlist = _faiss().extract_index_ivf(index).nlist
-        values = sorted({min(nlist, 2 ** i) for i in range(0, int(math.log2(nlist)) + 1)} | {nlist})
+    values = candidates(index, k, max_ef)
     best: dict[str, Any] = {}
     over_budget = False
     for v in values:
@@ -246,6 +250,23 @@ def tune(index, queries: np.ndarray, truth: np.ndarray, target: float,
     return best
 
 
+def recall_queries(embs: dict[str, np.ndarray], modality: str, cfg: AnnConfig,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Queries for ``modality``'s index (a sample of the *other* modality's embeddings) and
+    their exact top ``cfg.k`` ids."""
+    emb = embs[modality]
+    other = embs.get("text" if modality == "image" else "image", emb)
+    q_ids = rng.choice(len(other), min(cfg.recall_queries, len(other)), replace=False)
+    queries = np.ascontiguousarray(other[np.sort(q_ids)], dtype=np.float32)
+    return queries, topk_exact(emb, queries, cfg.k)[1]
+
+
+def halves(n: int) -> tuple[slice, slice]:
+    """(tuning, held-out) halves of ``n`` queries: a setting chosen to pass on the tuning half
+    would flatter itself there."""
+    return (slice(0, None, 2), slice(1, None, 2)) if n > 1 else (slice(None), slice(None))
+
+
 def build(out: str, manifest: dict[str, Any], cfg: AnnConfig, parts: int = 1) -> dict[str, Any]:
     """ANN index files next to the embeddings in the local index dir ``out``; returns the
     ``index.json`` section describing them (``{"kind": "flat"}`` when exact search is chosen)."""
@@ -267,10 +288,7 @@ def build(out: str, manifest: dict[str, Any], cfg: AnnConfig, parts: int = 1) ->
         except ValueError as e:              # IVF does not fit the budget either
             log.info("ann: no IVF index to fall back on: %s", e)
     for m, emb in embs.items():
-        other = embs.get("text" if m == "image" else "image", emb)
-        q_ids = rng.choice(len(other), min(cfg.recall_queries, len(other)), replace=False)
-        queries = np.ascontiguousarray(other[np.sort(q_ids)], dtype=np.float32)
-        _, truth = topk_exact(emb, queries, cfg.k)
+        queries, truth = recall_queries(embs, m, cfg, rng)
         chosen, index, entry = spec, *_build_tuned(spec, emb, queries, truth, cfg, parts, rng)
         if fallback and entry["recall_tuning"] < cfg.target_recall:
             log.warning("ann: %s index %s reaches recall@%d %.3f < %.3f at the widest efSearch; "
@@ -299,8 +317,7 @@ def _build_tuned(spec: str, emb: np.ndarray, queries: np.ndarray, truth: np.ndar
     t0 = time.perf_counter()
     index = _add(_train(spec, emb, rng), emb, parts)
     built = time.perf_counter() - t0
-    tune_on = slice(0, None, 2) if len(queries) > 1 else slice(None)
-    held = slice(1, None, 2) if len(queries) > 1 else slice(None)
+    tune_on, held = halves(len(queries))
     tuned = tune(index, queries[tune_on], truth[tune_on], cfg.target_recall, cfg.max_query_ms,
                  cfg.max_ef)
     tuned["recall_tuning"] = tuned.pop("recall")

@@ -99,11 +99,12 @@ class Catalog:
         return Served(name, path, store, NaturalBatcher(store.search_many))
 
     def info(self, served: Served) -> dict[str, Any]:
+        from align_ray.serve import ann_shards
+
         store = served.store
         return {"name": served.name, "path": served.path, "count": len(store), "dim": store.dim,
                 "modalities": list(store.modalities), "backend": self.cfg.backend,
                 "shards": len(self.shards) or 1,
-                "search": (store.search_info() if not self.shards
-                           else {m: {"kind": f"{'faiss' if self.cfg.backend == 'faiss' else 'exact'}, sharded"}
-                              for m in store.modalities}),
+                "search": (store.search_info() if not self.shards else ann_shards.info(
+                    store.manifest, len(self.shards), self.cfg.backend)),
                 "search_batches": served.searches.batches, "searches": served.searches.items}

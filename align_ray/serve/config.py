@@ -270,7 +270,9 @@ class AnnConfig:
     ``recall_queries`` held-out queries (the other modality's embeddings), within
     ``max_query_ms`` per single query when that latency budget is set (0 = none).  When ``auto``'s
     HNSW misses ``target_recall`` at ``max_ef``, an IVF index (if it fits the budget) is built and
-    tuned too, and the one with the higher recall is kept; ``index.json`` records both."""
+    tuned too, and the one with the higher recall is kept; ``index.json`` records both.
+    ``shards`` > 1: one index per row range of that many ``IndexShard`` deployments instead of
+    one over all rows, tuned on their merged result (:mod:`align_ray.serve.ann_shards`)."""
 
     kind: str = field(default="auto", metadata={"choices": ANN_KINDS})
     exact_below: int = 200_000
@@ -282,6 +284,7 @@ class AnnConfig:
     recall_queries: int = 1000
     k: int = 10
     add_parts: int = 0             # parallel add tasks for IVF; 0 = the cluster's CPUs (max 8)
+    shards: int = 0                # > 1: per-shard indexes for serving with index_shards = this
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -289,9 +292,9 @@ class AnnConfig:
             raise ValueError(f"ann.kind must be one of {ANN_KINDS} and ann.quantization one of "
                              f"{QUANTIZATIONS}")
         if not 0 < self.target_recall <= 1 or self.k < 1 or self.recall_queries < 1 \
-                or self.max_query_ms < 0 or self.max_ef < 1:
+                or self.max_query_ms < 0 or self.max_ef < 1 or self.shards < 0:
             raise ValueError("ann: need 0 < target_recall <= 1, k >= 1, recall_queries >= 1, "
-                             "max_query_ms >= 0, max_ef >= 1")
+                             "max_query_ms >= 0, max_ef >= 1, shards >= 0")
 
 
 @dataclass

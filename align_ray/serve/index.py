@@ -146,7 +146,15 @@ def build(cfg: IndexConfig) -> dict[str, Any]:
     try:
         manifest = assemble(stage, shards, model=model, source=cfg.data, rows_in=rows_in,
                             fs=out_fs)
-        manifest["ann"] = ann.build(stage, manifest, cfg.ann, parts=_add_parts(cfg))
+        if cfg.ann.shards > 1:    # per-shard indexes instead of one (serve/ann_shards.py)
+            from align_ray.serve import ann_shards
+
+            sharded = ann_shards.build(stage, manifest, cfg.ann, parts=_add_parts(cfg))
+            manifest["ann"] = {"kind": "flat", "recall_at_k": 1.0}
+            if sharded is not None:
+                manifest[ann_shards.SECTION] = sharded
+        else:
+            manifest["ann"] = ann.build(stage, manifest, cfg.ann, parts=_add_parts(cfg))
         manifest["seconds"] = round(time.time() - t0, 2)
         if remote:
             for name in sorted(os.listdir(stage)):

@@ -13,8 +13,10 @@ recently used beyond ``keep`` are dropped), so a hot swap (the Router's ``reconf
 no shard redeploy: the Router warms every shard on the new path before it switches over.
 Each shard is its own deployment (``IndexShard0``, ``IndexShard1``, ...), autoscaled on its own.
 
-Search inside a shard is exact (or ``backend: faiss``, built per shard from ``faiss_factory``);
-the tuned ANN index ``align-ray index`` stores covers all rows and is used only unsharded.
+Search inside a shard (``backend: auto``) uses the shard's own tuned ANN index when the index
+was built with ``ann.shards`` equal to the app's ``index_shards``
+(:mod:`align_ray.serve.ann_shards`), else it is exact; ``backend: faiss`` builds one per shard
+from ``faiss_factory`` at load.  The whole-index ANN file serves only unsharded apps.
 """
 
 from __future__ import annotations
@@ -38,16 +40,23 @@ def row_range(shard: int, num_shards: int, count: int) -> tuple[int, int]:
 class ShardIndex:
     """Rows ``[lo, hi)`` of one index directory's vectors (memory-mapped), with global ids."""
 
-    def __init__(self, index_dir: str, shard: int, num_shards: int, backend: str = "exact",
+    def __init__(self, index_dir: str, shard: int, num_shards: int, backend: str = "auto",
                  faiss_factory: str = "Flat"):
+        from align_ray.serve import ann_shards
+
         manifest = read_manifest(index_dir)
-        local = localize(index_dir, manifest, ann=False)   # a shard searches its rows exactly
+        tuned = backend == "auto" and ann_shards.usable(manifest, num_shards)
+        # the whole-index ANN file is of no use here; this shard's own one is (if built)
+        local = localize(index_dir, manifest, ann=False,
+                         extra=ann_shards.files_of(manifest, shard) if tuned else ())
         self.lo, self.hi = row_range(shard, num_shards, int(manifest["count"]))
-        kind = "faiss" if backend == "faiss" else "exact"
+        kind = "faiss" if backend == "faiss" or tuned else "exact"
         self.indexes: dict[str, VectorIndex] = {}
         for m in manifest["modalities"]:
             emb = np.load(os.path.join(local, embeddings_file(m)), mmap_mode="r")
-            self.indexes[m] = VectorIndex(emb[self.lo:self.hi], kind, faiss_factory)
+            prebuilt = ann_shards.load(local, manifest, m, shard) if tuned else None
+            self.indexes[m] = VectorIndex(emb[self.lo:self.hi], kind, faiss_factory,
+                                          prebuilt=prebuilt)
 
     def search(self, queries: np.ndarray, modality: str, k: int,
                knobs: tuple = (None, None)) -> tuple[np.ndarray, np.ndarray]:
@@ -62,7 +71,7 @@ class ShardIndex:
 @serve.deployment(name="IndexShard", health_check_period_s=10, graceful_shutdown_wait_loop_s=2,
                   graceful_shutdown_timeout_s=20)
 class IndexShard:
-    def __init__(self, shard: int, num_shards: int, backend: str = "exact",
+    def __init__(self, shard: int, num_shards: int, backend: str = "auto",
                  faiss_factory: str = "Flat", keep: int = 4):
         self.shard, self.num_shards = shard, num_shards
         self.backend, self.faiss_factory, self.keep = backend, faiss_factory, keep

@@ -51,15 +51,16 @@ def read_manifest(index_dir: str) -> dict[str, Any]:
     return meta
 
 
-def localize(index_dir: str, manifest: dict[str, Any] | None = None, ann: bool = True) -> str:
+def localize(index_dir: str, manifest: dict[str, Any] | None = None, ann: bool = True,
+             extra: tuple[str, ...] | list[str] = ()) -> str:
     """An ``s3://`` index is copied to a local temp dir once (memory-mapped from there), with
     the ANN index files its manifest's ``ann`` section names unless ``ann=False`` (a caller that
-    searches the vectors themselves)."""
+    searches the vectors themselves), and the ``extra`` files (an index shard's own)."""
     if "://" not in index_dir:
         return index_dir
     section = ((manifest or read_manifest(index_dir)).get("ann") or {}) if ann else {}
     ann_files = [section[m]["file"] for m in MODALITIES
-                 if isinstance(section.get(m), dict) and section[m].get("file")]
+                 if isinstance(section.get(m), dict) and section[m].get("file")] + list(extra)
     fs, base = storage.filesystem(index_dir)
     local = tempfile.mkdtemp(prefix="align-index-")
     for name in (META_FILE, "metadata.parquet", "thumbs.parquet",

@@ -178,3 +178,34 @@ def test_pool_size_leaves_room_for_the_tasks_that_feed_it(free, cfg, expect):
     from align_ray.serve.index import pool_size
 
     assert pool_size(IndexConfig(model="m", data="d", output="o", **cfg), free) == expect
+
+
+def test_build_with_ann_shards_on_s3_each_shard_fetches_its_own_file(ray_cluster, tiny_model,
+                                                                      corpus, s3):
+    """``ann.shards: 2``: ``align-ray index`` writes per-shard ANN files and an ``ann_shards``
+    section instead of the whole-index ANN; an ``IndexShard`` of a 2-shard app copies only its
+    own files from S3 and searches them; an unsharded store searches exactly."""
+    from align_ray.serve import ann_shards, index, store
+    from align_ray.serve.shards import ShardIndex
+
+    s3.create_bucket(Bucket="index-shards")
+    uri = "s3://index-shards/idx"
+    ann = AnnConfig(kind="hnsw", exact_below=1, recall_queries=40, k=5, shards=2)
+    manifest = index.build(IndexConfig(model=tiny_model, data=corpus["path"], output=uri,
+                                       batch_size=16, concurrency=1, num_cpus=0.5,
+                                       thumbnails=False, ann=ann))
+    section = manifest["ann_shards"]
+    assert manifest["ann"] == {"kind": "flat", "recall_at_k": 1.0}
+    assert section["kind"] == "HNSW32" and section["shards"] == 2
+    assert section["text"]["recall"] >= 0.9
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="index-shards", Prefix="idx/")["Contents"]}
+    assert {f"idx/{m}.shard{s}of2.faiss" for m in ("image", "text") for s in (0, 1)} <= keys
+    assert "idx/image.faiss" not in keys
+    shard = ShardIndex(uri, 1, 2)
+    assert shard.indexes["text"].approximate
+    local = store.localize(uri, manifest, ann=False, extra=ann_shards.files_of(manifest, 1))
+    assert sorted(f for f in os.listdir(local) if f.endswith(".faiss")) == [
+        "image.shard1of2.faiss", "text.shard1of2.faiss"]
+    q = np.load(os.path.join(local, "text_embeddings.npy"))[shard.hi - 1]
+    assert shard.search(q, "text", 1)[1][0, 0] == shard.hi - 1      # the vector itself
+    assert not IndexStore(uri).indexes["text"].approximate

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 
+from align_ray.serve.search import topk_exact
 from tests.serve.conftest import TEST_LIMITS, wait_running
 
 APP, PREFIX, SMALL_ROWS = "align-shard", "/sharded", 29
@@ -65,14 +66,38 @@ def small_index(index_dir, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def sharded(serve_app, tiny_model, index_dir, small_index):
+def tuned_index(tmp_path_factory) -> str:
+    """A synthetic index (conftest's ANN corpus) with per-shard HNSW indexes for 2 shards."""
+    import pyarrow as pa
+
+    from align_ray.serve import ann_shards
+    from align_ray.serve.config import AnnConfig
+    from tests.serve.conftest import ANN_DIM, ANN_ROWS, clustered_pairs
+
+    out = tmp_path_factory.mktemp("tuned")
+    image, text = clustered_pairs(ANN_ROWS, ANN_DIM, 9)
+    np.save(out / "image_embeddings.npy", image)
+    np.save(out / "text_embeddings.npy", text)
+    pq.write_table(pa.table({"id": np.arange(ANN_ROWS), "text": [f"row {i}" for i in range(ANN_ROWS)]}),
+                   out / "metadata.parquet")
+    manifest = {"format": 1, "count": ANN_ROWS, "dim": ANN_DIM, "modalities": ["image", "text"],
+                "ann": {"kind": "flat", "recall_at_k": 1.0}}
+    manifest[ann_shards.SECTION] = ann_shards.build(
+        str(out), manifest, AnnConfig(kind="hnsw", exact_below=1, recall_queries=200, shards=2))
+    (out / "index.json").write_text(json.dumps(manifest))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def sharded(serve_app, tiny_model, index_dir, small_index, tuned_index):
     """(base URL of the sharded app, its args, base URL of the unsharded reference app)."""
     from ray import serve
 
     client, cfg = serve_app
     tiny = dict(min_replicas=1, max_replicas=1, num_cpus=0.05, max_batch_size=8,
                 batch_wait_timeout_s=0.01, max_ongoing_requests=16, target_ongoing_requests=4)
-    args = dict(model=tiny_model, index=index_dir, index_name="main", indexes={"small": small_index},
+    args = dict(model=tiny_model, index=index_dir, index_name="main",
+                indexes={"small": small_index, "tuned": tuned_index},
                 index_shards=2, index_shard=dict(min_replicas=1, max_replicas=2, num_cpus=0.05,
                                                  target_ongoing_requests=4, max_ongoing_requests=16),
                 image_encoder=tiny, text_encoder=tiny, router={"num_cpus": 0.05},
@@ -144,7 +169,7 @@ def test_named_indexes(sharded, small_index):
     from align_ray.serve.store import IndexStore
 
     url, _, _ = sharded
-    assert requests.get(url + "/indices-list", timeout=30).json() == ["main", "small"]
+    assert requests.get(url + "/indices-list", timeout=30).json() == ["main", "small", "tuned"]
     vec = np.random.default_rng(3).standard_normal(128).astype(np.float32)
     want = [(h["id"], h["score"], h["text"]) for h in IndexStore(small_index).search(vec, "image", 44)]
     body = {"embedding": vec.tolist(), "k": 44, "modality": "image"}
@@ -165,6 +190,39 @@ def test_named_indexes(sharded, small_index):
         payload = {"embedding": vec.tolist()} if path == "/v1/search" else {"embedding_input": vec.tolist()}
         resp = _post(url, path, {**payload, **extra} if path != "/metadata" else extra)
         assert resp.status_code == 404 and "nope" in resp.json()["detail"], (path, resp.text)
+
+
+def test_each_shard_searches_its_own_tuned_index(sharded, tuned_index):
+    """An index built with ``ann.shards: 2`` is searched by each shard with its own HNSW file at
+    the stored efSearch: ``/healthz`` says so, the answers equal the shards' merged local
+    search, a request's ``ef`` reaches every shard (wide: the exact top 10; narrow: less)."""
+    from align_ray.serve import ann
+    from align_ray.serve.shards import ShardIndex, merge
+
+    url, _, _ = sharded
+    stored = json.load(open(os.path.join(tuned_index, "index.json")))["ann_shards"]["image"]
+    health = requests.get(url + "/healthz", timeout=30).json()["indexes"]["tuned"]
+    assert health["shards"] == 2
+    assert health["search"]["image"] == {"kind": "HNSW32, sharded", "ef": stored["ef"],
+                                         "recall": stored["recall"], "recall_at": 10}
+    queries = np.load(os.path.join(tuned_index, "text_embeddings.npy"))[-30:]
+    _, truth = topk_exact(np.load(os.path.join(tuned_index, "image_embeddings.npy")), queries, 10)
+    local_shards = [ShardIndex(tuned_index, s, 2) for s in range(2)]
+
+    def served(ef=None) -> list[list[int]]:
+        extra = {} if ef is None else {"ef": ef}
+        return [[h[0] for h in _hits(_post(url, "/v1/search", {
+            "embedding": q.tolist(), "modality": "image", "k": 10, "index": "tuned", **extra}))]
+            for q in queries]
+
+    def local(ef=None) -> list[list[int]]:
+        ids = merge([s.search(queries, "image", 10, (None, ef)) for s in local_shards], 10)[1]
+        return ids.tolist()
+
+    for ef in (None, 10, 2048):
+        assert served(ef) == local(ef), ef
+    assert ann.recall_at_k(np.array(served(2048)), truth) >= 0.99
+    assert ann.recall_at_k(np.array(served(10)), truth) < ann.recall_at_k(np.array(served(2048)), truth)
 
 
 def test_hot_swap_answers_every_query(sharded, small_index):
