@@ -5,6 +5,11 @@
 
     .venv/bin/python benchmarks/bench_retrieval_http.py --json benchmarks/results/retrieval-http-DATE.json
 
+``--shards N`` serves the index over N ``IndexShard`` deployments (``index_shards: N``) and
+builds it as ``align-ray index`` with ``ann.shards: N`` does (one tuned index per shard,
+align_ray/serve/ann_shards.py): ``auto`` is then those per-shard indexes, ``exact`` each
+shard's matrix product over its rows (what sharded serving did before they existed).
+
 ``--ingress proxy haproxy`` compares Serve's two HTTP ingresses (align_ray/serve/ingress.py):
 the Python proxy (Ray's default) and HAProxy.  Ray reads that choice when its processes start,
 so each (round, ingress) runs in a child process of this script with a Ray of its own, the
@@ -128,9 +133,12 @@ def run_backend(backend: str, model: str, index: Path, queries: np.ndarray, trut
     from align_ray.serve.config import ServeConfig
     from bench_serve import texts
 
+    shards = dict(index_shards=args.shards,   # one replica a shard, a quarter CPU each
+                  index_shard=dict(min_replicas=1, max_replicas=1, num_cpus=0.25)) \
+        if args.shards > 1 else {}
     cfg = ServeConfig.from_dict(dict(model=model, index=str(index), port=args.port,
                                      backend=backend, app_name="bench-http", index_name="bench",
-                                     ingress=args.ingress[0]))
+                                     ingress=args.ingress[0], **shards))
     t0 = time.perf_counter()
     base = app.start(cfg)
     deadline = time.monotonic() + 300
@@ -210,6 +218,7 @@ def compare_ingresses(args) -> int:
                    "--queries", str(args.queries), "--kind", args.kind, "--seconds",
                    str(args.seconds), "--concurrency", *map(str, args.concurrency), "--rounds", "1",
                    "--backends", *args.backends, "--ingress", ing, "--work", str(work),
+                   "--shards", str(args.shards),
                    "--json", str(out)]
             subprocess.run(cmd, check=True)
             child = json.loads(out.read_text())
@@ -239,6 +248,8 @@ def main() -> int:
     p.add_argument("--backends", nargs="+", default=["auto", "exact"])
     p.add_argument("--ingress", nargs="+", default=["proxy"], choices=["proxy", "haproxy"],
                    help="Serve's HTTP ingress(es); several: one child process per round and ingress")
+    p.add_argument("--shards", type=int, default=1,
+                   help="> 1: per-shard ANN indexes, served over that many IndexShard deployments")
     p.add_argument("--work", help="reuse an index dir built by an earlier run")
     p.add_argument("--json", required=True)
     args = p.parse_args()
@@ -265,20 +276,30 @@ def main() -> int:
     result: dict = {"command": " ".join(sys.argv), "machine": machine(), "n": args.n,
                     "dim": args.dim, "load_avg_start": os.getloadavg()}
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-http-", dir="/tmp"))
-    if not (work / "index.json").exists() or "ann" not in json.loads((work / "index.json").read_text()):
+    section = "ann_shards" if args.shards > 1 else "ann"
+    if not (work / "index.json").exists() or section not in json.loads((work / "index.json").read_text()):
         work.mkdir(parents=True, exist_ok=True)
         image, text = corpus(args.n + args.queries, args.dim, seed=0)
         np.save(work / "queries.npy", text[args.n:])
         manifest = write_index(work, image[:args.n], text[:args.n])
         del image, text
         t0 = time.perf_counter()
-        manifest["ann"] = ann.build(str(work), manifest,
-                                    AnnConfig(kind=args.kind, exact_below=1), parts=2)
+        if args.shards > 1:
+            from align_ray.serve import ann_shards
+
+            manifest["ann"] = {"kind": "flat", "recall_at_k": 1.0}
+            manifest[section] = ann_shards.build(
+                str(work), manifest, AnnConfig(kind=args.kind, exact_below=1, shards=args.shards),
+                parts=2)
+        else:
+            manifest["ann"] = ann.build(str(work), manifest,
+                                        AnnConfig(kind=args.kind, exact_below=1), parts=2)
         result["build_both_modalities_s"] = round(time.perf_counter() - t0, 1)
         (work / "index.json").write_text(json.dumps(manifest))
         build_model(str(work / "model"), args.dim, 384, 6)
     manifest = json.loads((work / "index.json").read_text())
-    result["ann"] = manifest["ann"]
+    result["ann"] = manifest[section]
+    result["shards"] = args.shards
     queries = np.load(work / "queries.npy")[:args.queries]
     _, truth = topk_exact(np.load(work / "image_embeddings.npy", mmap_mode="r"), queries, 10)
 
