@@ -18,7 +18,8 @@ and given back before decoding.
   (retryable: ``--retry-failed`` tries them again), without a request.
 
 Everything here is per actor: a host whose rows reach N actors sees up to N x the cap and
-N x the rate, unless ``partition_by_host`` gives each host to one actor (README, "Politeness").  Time is the loop's monotonic clock.
+N x the rate, unless ``partition_by_host`` gives each host to one actor (README,
+"Politeness").  Time is the loop's monotonic clock.
 """
 
 from __future__ import annotations

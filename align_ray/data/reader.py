@@ -22,6 +22,7 @@ import io
 import json
 import posixpath
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
@@ -149,7 +150,7 @@ def _write_row_groups(manifest: pa.Table, cfg: DataConfig, host_groups: int,
     order = pc.sort_indices(pa.table({"g": group, "i": pa.array(range(len(group)))}),
                             sort_keys=[("g", "ascending"), ("i", "ascending")])
     manifest, group = manifest.take(order), group.take(order).to_numpy()
-    starts = [0] + [i for i in range(1, len(group)) if group[i] != group[i - 1]] + [len(group)]
+    starts = [0, *(np.flatnonzero(np.diff(group)) + 1).tolist(), len(group)]
     groups = []
     with pq.ParquetWriter(sink, manifest.schema) as writer:
         for a, b in zip(starts, starts[1:]):
