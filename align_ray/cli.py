@@ -271,7 +271,10 @@ def _run_serve(args: argparse.Namespace) -> int:
         app.check_paths(cfg)
     except (ValueError, FileNotFoundError, OSError) as e:
         return _error("serve", e)
-    return app.run(cfg, args.ray_address)
+    try:
+        return app.run(cfg, args.ray_address)
+    except ValueError as e:            # app.check_fits: the app cannot start on this Ray
+        return _error("serve", e)
 
 
 COMMANDS = {"data": _run_data, "filter": _run_filter, "score": _run_score, "train": _run_train,

@@ -216,3 +216,18 @@ def test_a_closed_output_pipe_ends_the_command(ray2, work):
         proc.kill()
         pytest.fail(f"still running 90 s after its output pipe closed; it had printed {head}")
     assert rc == -signal.SIGPIPE, rc
+
+
+def test_serve_that_cannot_fit_the_machine_exits_2_at_once(trained, index, work):
+    """On a local Ray of this machine's CPUs (2 in CI), two index shards at the default 0.5 CPU
+    each do not fit beside the encoders and the Router: exit 2 naming the shares, no hang."""
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "align_ray.cli", "serve", "--model",
+                           str(trained["model"]), "--index", str(index), "--index-shards",
+                           str(os.cpu_count() * 2), "--port", str(free_port()),
+                           "--ray-address", "local"],
+                          cwd=work, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "IndexShard0 0.5" in proc.stderr and "index_shard: {num_cpus: 0.25}" in proc.stderr
+    print(f"refused in {time.monotonic() - t0:.0f} s")

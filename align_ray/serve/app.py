@@ -118,12 +118,53 @@ def start(cfg: ServeConfig, access_log: bool = False, log_level: str = "WARNING"
     return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
 
 
+def startup_demand(cfg: ServeConfig) -> dict[str, dict[str, float]]:
+    """CPUs / GPUs each deployment takes before the app can answer: its starting replicas
+    (an encoder's ``initial_replicas``, else ``min_replicas``, at least 1; the Router's
+    ``num_replicas``; each shard's ``min_replicas``, at least 1) times its resources."""
+    def first(enc) -> int:
+        return max(1, enc.initial_replicas if enc.initial_replicas is not None
+                   else enc.min_replicas)
+
+    out = {name: {"CPU": first(enc) * enc.num_cpus, "GPU": first(enc) * enc.num_gpus}
+           for name, enc in (("ImageEncoder", cfg.image_encoder),
+                             ("TextEncoder", cfg.text_encoder))}
+    out["Router"] = {"CPU": cfg.router.num_replicas * cfg.router.num_cpus, "GPU": 0.0}
+    if cfg.index_shards > 1:
+        for i in range(cfg.index_shards):
+            out[f"IndexShard{i}"] = {"CPU": max(1, cfg.index_shard.min_replicas)
+                                     * cfg.index_shard.num_cpus, "GPU": 0.0}
+    return out
+
+
+def check_fits(cfg: ServeConfig, total: dict[str, float]) -> None:
+    """Refuse, with what to change, an app that cannot start on a cluster of fixed size
+    ``total``: Serve would wait for resources that never come (e.g. ``--index-shards 2`` with
+    the default 0.5 CPU per replica asks 2.5 CPUs of a 2-CPU machine)."""
+    demand = startup_demand(cfg)
+    for res in ("CPU", "GPU"):
+        need, have = sum(d[res] for d in demand.values()), float(total.get(res, 0.0))
+        if need > have + 1e-9:
+            parts = ", ".join(f"{n} {d[res]:g}" for n, d in demand.items() if d[res])
+            raise ValueError(
+                f"the app needs {need:g} {res} to start ({parts}) and this local Ray has "
+                f"{have:g}, with no autoscaler to add more: lower num_cpus / num_gpus in the "
+                "image_encoder, text_encoder, router or index_shard sections (--config YAML, "
+                "e.g. `index_shard: {num_cpus: 0.25}`), or join a bigger cluster with "
+                "--ray-address")
+
+
 def run(cfg: ServeConfig, ray_address: str | None = None) -> int:
-    """``align-ray serve``: deploy, print the URL, block until SIGINT/SIGTERM, shut Serve down."""
+    """``align-ray serve``: deploy, print the URL, block until SIGINT/SIGTERM, shut Serve down.
+    On a local Ray it starts itself, an app that cannot fit is refused (:func:`check_fits`)."""
+    import ray
+
     from align_ray import ray_env
 
     check_paths(cfg)
     ray_env.init(ray_address)
+    if ray_env.starts_local(ray_address):
+        check_fits(cfg, ray.cluster_resources())
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

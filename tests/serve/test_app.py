@@ -106,3 +106,30 @@ def test_serve_controller_gives_a_starting_proxy_30_s(serve_app):
         assert env.get("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S") == want, p
         seen += 1
     assert seen
+
+
+def test_an_app_that_cannot_fit_a_local_ray_is_refused_with_what_to_change():
+    """``align-ray serve --index-shards 2`` with the default 0.5 CPU per replica asks 2.5 CPUs;
+    on a 2-CPU local Ray (no autoscaler) Serve would wait for them forever.  ``check_fits``
+    refuses it, naming every deployment's share; 0.25 CPU per shard fits."""
+    from align_ray.serve import app
+    from align_ray.serve.config import ServeConfig
+
+    cfg = ServeConfig.from_dict({"model": "m", "index_shards": 2})
+    demand = app.startup_demand(cfg)
+    assert {n: d["CPU"] for n, d in demand.items()} == {
+        "ImageEncoder": 0.5, "TextEncoder": 0.5, "Router": 0.5, "IndexShard0": 0.5,
+        "IndexShard1": 0.5}
+    with pytest.raises(ValueError, match=r"needs 2.5 CPU .*IndexShard1 0.5.* has 2, "):
+        app.check_fits(cfg, {"CPU": 2.0})
+    app.check_fits(ServeConfig.from_dict({"model": "m", "index_shards": 2,
+                                          "index_shard": {"num_cpus": 0.25}}), {"CPU": 2.0})
+    app.check_fits(ServeConfig.from_dict({"model": "m"}), {"CPU": 2.0})    # the default fits
+    # starting replicas count: initial_replicas, else min_replicas, at least one
+    big = ServeConfig.from_dict({"model": "m", "text_encoder": {"initial_replicas": 2,
+                                                               "max_replicas": 3},
+                                 "image_encoder": {"min_replicas": 0, "num_gpus": 0.5}})
+    demand = app.startup_demand(big)
+    assert demand["TextEncoder"]["CPU"] == 1.0 and demand["ImageEncoder"]["GPU"] == 0.5
+    with pytest.raises(ValueError, match="needs 0.5 GPU"):
+        app.check_fits(big, {"CPU": 8.0})
