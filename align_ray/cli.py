@@ -275,6 +275,12 @@ def _run_serve(args: argparse.Namespace) -> int:
         return app.run(cfg, args.ray_address)
     except ValueError as e:            # app.check_fits: the app cannot start on this Ray
         return _error("serve", e)
+    except app.StartupTimeout as e:    # what it waited on, as for a stalled stage
+        print(f"align-ray serve: error: {e}", file=sys.stderr)
+        return 3
+    except RuntimeError as e:          # a replica failed to start (Serve's DEPLOY_FAILED)
+        print(f"align-ray serve: error: {e}", file=sys.stderr)
+        return 1
 
 
 COMMANDS = {"data": _run_data, "filter": _run_filter, "score": _run_score, "train": _run_train,

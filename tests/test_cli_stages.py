@@ -231,3 +231,21 @@ def test_serve_that_cannot_fit_the_machine_exits_2_at_once(trained, index, work)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "IndexShard0 0.5" in proc.stderr and "index_shard: {num_cpus: 0.25}" in proc.stderr
     print(f"refused in {time.monotonic() - t0:.0f} s")
+
+
+def test_serve_on_a_joined_cluster_that_never_places_a_replica_exits_3_saying_why(
+        ray2, trained, index, work):
+    """A joined cluster is not refused up front (an autoscaler may add nodes), but the start is
+    bounded: a GPU image encoder on this CPU-only cluster gives up after ``--startup-timeout-s``,
+    exit 3, naming the deployment, what it asks and what is free; the app is gone afterwards."""
+    cfg = work / "gpu-serve.yaml"
+    cfg.write_text("image_encoder: {num_gpus: 1}\n")
+    cmd = [sys.executable, "-m", "align_ray.cli", "serve", "--model", str(trained["model"]),
+           "--index", str(index), "--port", str(free_port()), "--config", str(cfg),
+           "--startup-timeout-s", "5", "--ray-address", ray2]
+    proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "align-ray serve: error: the Serve app 'align' did not start in 5 s" in proc.stderr
+    assert "ImageEncoder UPDATING" in proc.stderr and "ask 0.5 CPU, 1 GPU" in proc.stderr
+    assert proc.stderr.rstrip().endswith(" 0 GPU"), proc.stderr[-2000:]

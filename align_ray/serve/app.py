@@ -11,12 +11,13 @@ import logging
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import HTTPOptions
-from ray.serve.schema import LoggingConfig
+from ray.serve.schema import ApplicationStatus, LoggingConfig
 
 from align_ray.serve.config import EncoderConfig, ServeConfig
 from align_ray.serve.encoders import ImageEncoder, TextEncoder
@@ -109,13 +110,77 @@ _CONTROLLER_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S":
 
 def start(cfg: ServeConfig, access_log: bool = False, log_level: str = "WARNING") -> str:
     """Start Serve's HTTP proxy on ``cfg.host:cfg.port`` (Ray must be initialised) and deploy the
-    app; returns its base URL once every deployment is running."""
+    app; returns its base URL once every deployment is running (:func:`wait_running`)."""
     serve.start(proxy_location=cfg.proxy_location,
                 http_options=HTTPOptions(host=cfg.host, port=cfg.port),
                 controller_options={"runtime_env": {"env_vars": _CONTROLLER_ENV}})
-    serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False,
-              logging_config=LoggingConfig(enable_access_log=access_log, log_level=log_level))
+    # serve.run waits for RUNNING with no deadline: replicas that no node can hold (a GPU
+    # encoder on a CPU cluster, an autoscaler that never adds the node) would hang the caller
+    serve.run_many([serve.RunTarget(build_app(cfg), name=cfg.app_name,
+                                    route_prefix=cfg.route_prefix,
+                                    logging_config=LoggingConfig(enable_access_log=access_log,
+                                                                 log_level=log_level))],
+                   wait_for_applications_running=False)
+    wait_running(cfg.app_name, cfg.startup_timeout_s, startup_demand(cfg))
     return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+
+
+class StartupTimeout(TimeoutError):
+    """The app did not reach RUNNING in ``startup_timeout_s``; the message says what it waits on."""
+
+
+def _word(state) -> str:
+    return str(getattr(state, "value", state))
+
+
+def _waiting_on(app, demand: dict[str, dict[str, float]] | None = None) -> str:
+    """What each deployment not yet healthy waits on: its replica states, Serve's own message
+    (after 30 s it names a replica's resources and the cluster's), what its starting replicas
+    ask for (:func:`startup_demand`), and what the cluster has free now."""
+    import ray
+
+    out = []
+    for name, dep in app.deployments.items():
+        if _word(dep.status) != "HEALTHY":
+            states = ", ".join(f"{n} {_word(s).lower()}" for s, n in dep.replica_states.items())
+            asks = ", ".join(f"{v:g} {r}" for r, v in (demand or {}).get(name, {}).items() if v)
+            out.append(f"{name} {_word(dep.status)} ({states or 'no replicas yet'}"
+                       + (f"; its starting replicas ask {asks}" if asks else "") + ")"
+                       + (f": {dep.message}" if dep.message else ""))
+    free = ray.available_resources()
+    return ("; ".join(out) or app.message or _word(app.status)) + ". Free in the cluster: " + \
+        ", ".join(f"{free.get(r, 0.0):g} {r}" for r in ("CPU", "GPU"))
+
+
+def wait_running(name: str, timeout_s: float, demand: dict[str, dict[str, float]] | None = None,
+                 report_every_s: float = 30.0) -> None:
+    """Wait until the Serve app ``name`` is RUNNING.  Says every ``report_every_s`` what it waits
+    on; after ``timeout_s`` deletes the app (nothing half-deployed keeps holding or asking for
+    resources) and raises :class:`StartupTimeout`; a failed deploy raises RuntimeError.
+    ``demand``: :func:`startup_demand`, named in the report."""
+    t0 = time.monotonic()
+    next_report = t0 + report_every_s
+    while True:
+        app = serve.status().applications.get(name)
+        if app is None:
+            raise RuntimeError(f"the Serve app {name!r} disappeared while starting (deleted or "
+                               "replaced by another deploy)")
+        if _word(app.status) == ApplicationStatus.RUNNING.value:
+            return
+        if _word(app.status) == ApplicationStatus.DEPLOY_FAILED.value:
+            raise RuntimeError(f"deploying the Serve app {name!r} failed: {app.message}")
+        now = time.monotonic()
+        if now - t0 > timeout_s:
+            waits = _waiting_on(app, demand)
+            serve.delete(name)
+            raise StartupTimeout(
+                f"the Serve app {name!r} did not start in {timeout_s:g} s (startup_timeout_s), "
+                f"so it was deleted. Still waiting on: {waits}")
+        if now >= next_report:
+            print(f"[serve] app {name!r} starting for {now - t0:.0f} s, waiting on: "
+                  f"{_waiting_on(app, demand)}", flush=True)
+            next_report = now + report_every_s
+        time.sleep(0.5)
 
 
 def startup_demand(cfg: ServeConfig) -> dict[str, dict[str, float]]:

@@ -205,6 +205,9 @@ class ServeConfig:
     index_name: str = ""
     cors_origins: list[str] = field(default_factory=lambda: ["*"])
     url_fetch: UrlFetchConfig = field(default_factory=UrlFetchConfig)
+    # seconds for every deployment to run before the app is deleted and the start fails, saying
+    # what it waits on (Serve itself waits forever); an autoscaler adding a GPU node needs minutes
+    startup_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         self.image_encoder.validate("image_encoder")
@@ -220,6 +223,8 @@ class ServeConfig:
             raise ValueError("router.call_timeout_s must be > 0")
         if self.index_shards < 1:
             raise ValueError(f"index_shards must be >= 1, got {self.index_shards}")
+        if not self.startup_timeout_s > 0:
+            raise ValueError(f"startup_timeout_s must be > 0, got {self.startup_timeout_s}")
         self.index_shard.options()
         if not isinstance(self.indexes, dict) or not all(
                 isinstance(k, str) and k and isinstance(v, str) and v for k, v in self.indexes.items()):

@@ -140,7 +140,24 @@ def main(argv: list[str] | None = None) -> int:
 
     run = stages.Run(cfg)
     print(f"align-ray end to end -> {cfg.output} (stages: {','.join(args.stages)})", flush=True)
+    if "serve" in args.stages:
+        from align_ray.serve import ingress
+
+        ingress.prepare(cfg.serve.ingress, args.ray_address)  # before Ray, as align-ray serve
     owned = init_ray(cfg, args.ray_address)
+    if owned and "serve" in args.stages:
+        # now, not after the training: this Ray has no autoscaler, and Serve would wait for
+        # resources that never come (the serve stage's own deadline is startup_timeout_s)
+        import ray
+
+        from align_ray.serve import app
+
+        try:
+            app.check_fits(cfg.serve, ray.cluster_resources())
+        except ValueError as e:
+            print(f"end_to_end: error: serve: {e}", file=sys.stderr)
+            ray.shutdown()
+            return 2
     from align_ray.workflow.nodes import NodeTimeline
 
     run.timeline = NodeTimeline().start()

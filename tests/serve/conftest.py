@@ -233,15 +233,9 @@ def wait(driver, condition, timeout=60):
 
 
 def wait_running(app: str, timeout: float) -> None:
-    """Wait for Serve app ``app`` to be RUNNING, with a deadline of the test's own (the Serve
-    client's ``_blocking=True`` gives up after a fixed 60 s, which new replicas overran on a
-    slow CI runner); a DEPLOY_FAILED app fails at once."""
-    import time
+    """``app.wait_running`` with a deadline of the test's own (the Serve client's
+    ``_blocking=True`` gives up after a fixed 60 s, which new replicas overran on a slow CI
+    runner); a DEPLOY_FAILED app fails at once."""
+    from align_ray.serve.app import wait_running as wait
 
-    from ray import serve
-
-    deadline = time.monotonic() + timeout
-    while (st := serve.status().applications.get(app)) is None or st.status != "RUNNING":
-        assert st is None or st.status != "DEPLOY_FAILED", st
-        assert time.monotonic() < deadline, f"{app} not running after {timeout} s: {st}"
-        time.sleep(0.5)
+    wait(app, timeout)

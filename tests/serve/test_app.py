@@ -133,3 +133,32 @@ def test_an_app_that_cannot_fit_a_local_ray_is_refused_with_what_to_change():
     assert demand["TextEncoder"]["CPU"] == 1.0 and demand["ImageEncoder"]["GPU"] == 0.5
     with pytest.raises(ValueError, match="needs 0.5 GPU"):
         app.check_fits(big, {"CPU": 8.0})
+
+
+def test_an_app_whose_replicas_never_place_is_deleted_after_its_deadline_saying_why(serve_app):
+    """Serve waits for RUNNING for ever; a replica no node can hold (here a GPU image encoder on
+    this CPU-only cluster, as on a cluster whose autoscaler never adds the GPU node) would hang
+    ``align-ray serve`` and the workflow.  ``app.start`` gives up after ``startup_timeout_s``,
+    names the deployment, what it asks and what is free, and deletes the half-started app; the
+    app beside it is untouched."""
+    from ray import serve
+
+    from align_ray.serve import app
+    from align_ray.serve.config import ServeConfig
+
+    client, running = serve_app
+    raw = running.to_dict()
+    raw.update(app_name="align-unplaceable", route_prefix="/unplaceable", startup_timeout_s=5,
+               image_encoder={**raw["image_encoder"], "num_gpus": 1})
+    t = time.monotonic()
+    with pytest.raises(app.StartupTimeout) as err:
+        app.start(ServeConfig.from_dict(raw))
+    took = time.monotonic() - t
+    print(f"gave up after {took:.1f} s")
+    msg = str(err.value)
+    assert "did not start in 5 s" in msg and "ImageEncoder" in msg, msg
+    assert "ImageEncoder UPDATING (1 starting; its starting replicas ask 0.1 CPU, 1 GPU)" in msg
+    assert "Free in the cluster: " in msg and msg.endswith(" 0 GPU"), msg
+    assert took < 60, took
+    assert "align-unplaceable" not in serve.status().applications
+    assert client.healthz()["status"] == "ok"
