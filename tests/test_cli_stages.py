@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -249,3 +250,5 @@ def test_serve_on_a_joined_cluster_that_never_places_a_replica_exits_3_saying_wh
     assert "align-ray serve: error: the Serve app 'align' did not start in 5 s" in proc.stderr
     assert "ImageEncoder UPDATING" in proc.stderr and "ask 0.5 CPU, 1 GPU" in proc.stderr
     assert proc.stderr.rstrip().endswith(" 0 GPU"), proc.stderr[-2000:]
+    assert re.search(r"\[serve\] app 'align' starting for \d s, waiting on: ImageEncoder",
+                     proc.stdout), proc.stdout[-2000:]

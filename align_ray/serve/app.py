@@ -154,11 +154,12 @@ def _waiting_on(app, demand: dict[str, dict[str, float]] | None = None) -> str:
 
 def wait_running(name: str, timeout_s: float, demand: dict[str, dict[str, float]] | None = None,
                  report_every_s: float = 30.0) -> None:
-    """Wait until the Serve app ``name`` is RUNNING.  Says every ``report_every_s`` what it waits
-    on; after ``timeout_s`` deletes the app (nothing half-deployed keeps holding or asking for
-    resources) and raises :class:`StartupTimeout`; a failed deploy raises RuntimeError.
-    ``demand``: :func:`startup_demand`, named in the report."""
+    """Wait until the Serve app ``name`` is RUNNING.  Says every ``report_every_s`` (at most half
+    the deadline) what it waits on; after ``timeout_s`` deletes the app (nothing half-deployed
+    keeps holding or asking for resources) and raises :class:`StartupTimeout`; a failed deploy
+    raises RuntimeError.  ``demand``: :func:`startup_demand`, named in the report."""
     t0 = time.monotonic()
+    report_every_s = min(report_every_s, timeout_s / 2)
     next_report = t0 + report_every_s
     while True:
         app = serve.status().applications.get(name)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import time
 from pathlib import Path
 
@@ -135,7 +136,8 @@ def test_an_app_that_cannot_fit_a_local_ray_is_refused_with_what_to_change():
         app.check_fits(big, {"CPU": 8.0})
 
 
-def test_an_app_whose_replicas_never_place_is_deleted_after_its_deadline_saying_why(serve_app):
+def test_an_app_whose_replicas_never_place_is_deleted_after_its_deadline_saying_why(serve_app,
+                                                                                    capsys):
     """Serve waits for RUNNING for ever; a replica no node can hold (here a GPU image encoder on
     this CPU-only cluster, as on a cluster whose autoscaler never adds the GPU node) would hang
     ``align-ray serve`` and the workflow.  ``app.start`` gives up after ``startup_timeout_s``,
@@ -154,11 +156,14 @@ def test_an_app_whose_replicas_never_place_is_deleted_after_its_deadline_saying_
     with pytest.raises(app.StartupTimeout) as err:
         app.start(ServeConfig.from_dict(raw))
     took = time.monotonic() - t
-    print(f"gave up after {took:.1f} s")
     msg = str(err.value)
     assert "did not start in 5 s" in msg and "ImageEncoder" in msg, msg
     assert "ImageEncoder UPDATING (1 starting; its starting replicas ask 0.1 CPU, 1 GPU)" in msg
     assert "Free in the cluster: " in msg and msg.endswith(" 0 GPU"), msg
     assert took < 60, took
+    # on the way, what it waits on (every 30 s; here, half-way to the 5 s deadline)
+    out = capsys.readouterr().out
+    assert re.search(r"\[serve\] app 'align-unplaceable' starting for \d s, waiting on: "
+                     r"ImageEncoder UPDATING", out), out
     assert "align-unplaceable" not in serve.status().applications
     assert client.healthz()["status"] == "ok"
