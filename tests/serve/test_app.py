@@ -167,3 +167,24 @@ def test_an_app_whose_replicas_never_place_is_deleted_after_its_deadline_saying_
                      r"ImageEncoder UPDATING", out), out
     assert "align-unplaceable" not in serve.status().applications
     assert client.healthz()["status"] == "ok"
+
+
+def test_an_app_whose_replicas_fail_to_construct_fails_at_once(serve_app, tmp_path):
+    """A model directory that exists but does not load: the encoders' constructors raise,
+    Serve marks the app DEPLOY_FAILED, and ``app.start`` says so at once (``align-ray serve``
+    exits 1) instead of waiting out ``startup_timeout_s``."""
+    from align_ray.serve import app
+    from align_ray.serve.config import ServeConfig
+
+    _, running = serve_app
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{ not json")
+    raw = running.to_dict()
+    raw.update(app_name="align-broken", route_prefix="/broken", model=str(broken), index=None,
+               indexes={}, startup_timeout_s=600)
+    t = time.monotonic()
+    with pytest.raises(RuntimeError, match="deploying the Serve app 'align-broken' failed"):
+        app.start(ServeConfig.from_dict(raw))
+    print(f"failed after {time.monotonic() - t:.0f} s")
+    assert time.monotonic() - t < 120
