@@ -240,7 +240,7 @@ def test_serve_on_a_joined_cluster_that_never_places_a_replica_exits_3_saying_wh
     bounded: a GPU image encoder on this CPU-only cluster gives up after ``--startup-timeout-s``,
     exit 3, naming the deployment, what it asks and what is free; the app is gone afterwards."""
     cfg = work / "gpu-serve.yaml"
-    cfg.write_text("image_encoder: {num_gpus: 1}\n")
+    cfg.write_text("image_encoder: {num_gpus: 1, graceful_shutdown_timeout_s: 1}\n")
     cmd = [sys.executable, "-m", "align_ray.cli", "serve", "--model", str(trained["model"]),
            "--index", str(index), "--port", str(free_port()), "--config", str(cfg),
            "--startup-timeout-s", "5", "--ray-address", ray2]

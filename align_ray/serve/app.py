@@ -43,7 +43,8 @@ def _model_spec(spec: str | None) -> str | None:
 
 def _encoder_options(enc: EncoderConfig) -> dict[str, Any]:
     out = dict(autoscaling_config=enc.autoscaling_config(), ray_actor_options=enc.ray_actor_options(),
-               max_ongoing_requests=enc.max_ongoing_requests, user_config=enc.user_config())
+               max_ongoing_requests=enc.max_ongoing_requests, user_config=enc.user_config(),
+               graceful_shutdown_timeout_s=enc.graceful_shutdown_timeout_s)
     if enc.max_replicas_per_node is not None:
         out["max_replicas_per_node"] = enc.max_replicas_per_node
     return out

@@ -44,6 +44,9 @@ class EncoderConfig:
     # at most this many replicas on one node (None: no limit): spreads the replicas so that one
     # lost node does not take them all, or keeps one replica per GPU node
     max_replicas_per_node: int | None = None
+    # how long a stopping replica may drain its requests before Serve kills it (Serve's own
+    # default); a replica that never got a node also waits this long before it is removed
+    graceful_shutdown_timeout_s: float = 20.0
     max_batch_size: int = 32
     # Serve starts a batch when max_batch_size requests wait or this long after the first one:
     # the latency / throughput trade-off (Triton's max_queue_delay). 5 ms suits an interactive
@@ -77,6 +80,8 @@ class EncoderConfig:
             raise ValueError(f"{name}: num_cpus, num_gpus, batch_wait_timeout_s must be >= 0")
         if self.max_replicas_per_node is not None and self.max_replicas_per_node < 1:
             raise ValueError(f"{name}: max_replicas_per_node must be >= 1 (or unset)")
+        if self.graceful_shutdown_timeout_s < 0:
+            raise ValueError(f"{name}: graceful_shutdown_timeout_s must be >= 0")
 
     @property
     def device(self) -> str:

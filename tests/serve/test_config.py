@@ -32,6 +32,8 @@ def test_nested_sections_and_defaults():
     ({"backend": "annoy"}, "backend"),
     ({"text_encoder": {"gil_switch_interval_s": 0}}, "gil_switch_interval_s"),
     ({"router": 3}, "expected a mapping"),
+    ({"image_encoder": {"graceful_shutdown_timeout_s": -1}}, "graceful_shutdown_timeout_s"),
+    ({"startup_timeout_s": 0}, "startup_timeout_s must be > 0"),
 ])
 def test_invalid_configs_are_refused(bad, match):
     with pytest.raises(ValueError, match=match):
