@@ -44,9 +44,9 @@ def _load(cls: type, args: argparse.Namespace, *required: str):
     return cfg
 
 
-def _error(command: str, e: Exception) -> int:
+def _error(command: str, e: Exception, code: int = 2) -> int:
     print(f"align-ray {command}: error: {e}", file=sys.stderr)
-    return 2
+    return code
 
 
 def _parsers(sub: argparse._SubParsersAction) -> None:
@@ -276,11 +276,9 @@ def _run_serve(args: argparse.Namespace) -> int:
     except ValueError as e:            # app.check_fits: the app cannot start on this Ray
         return _error("serve", e)
     except app.StartupTimeout as e:    # what it waited on, as for a stalled stage
-        print(f"align-ray serve: error: {e}", file=sys.stderr)
-        return 3
+        return _error("serve", e, 3)
     except RuntimeError as e:          # a replica failed to start (Serve's DEPLOY_FAILED)
-        print(f"align-ray serve: error: {e}", file=sys.stderr)
-        return 1
+        return _error("serve", e, 1)
 
 
 COMMANDS = {"data": _run_data, "filter": _run_filter, "score": _run_score, "train": _run_train,
