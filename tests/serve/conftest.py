@@ -231,11 +231,3 @@ def wait(driver, condition, timeout=60):
 
     return WebDriverWait(driver, timeout, poll_frequency=0.2).until(condition)
 
-
-def wait_running(app: str, timeout: float) -> None:
-    """``app.wait_running`` with a deadline of the test's own (the Serve client's
-    ``_blocking=True`` gives up after a fixed 60 s, which new replicas overran on a slow CI
-    runner); a DEPLOY_FAILED app fails at once."""
-    from align_ray.serve.app import wait_running as wait
-
-    wait(app, timeout)

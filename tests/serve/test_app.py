@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.serve.conftest import wait_running
+from align_ray.serve.app import wait_running
 
 YAML = Path(__file__).resolve().parents[2] / "align_ray" / "serve" / "serve_config.yaml"
 APP = "align-declarative"
@@ -38,7 +38,9 @@ def _config(tiny_model: str, index_dir: str) -> dict:
 
 
 def _deploy(raw: dict, timeout: float = 300) -> None:
-    """``serve deploy``'s declarative apply, then a wait for RUNNING (``wait_running``)."""
+    """``serve deploy``'s declarative apply, then a wait for RUNNING with the test's own
+    deadline (``wait_running``; the Serve client's ``_blocking=True`` gives up after a fixed
+    60 s, which new replicas overran on a slow CI runner)."""
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 

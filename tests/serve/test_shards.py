@@ -21,8 +21,9 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 
+from align_ray.serve.app import wait_running
 from align_ray.serve.search import topk_exact
-from tests.serve.conftest import TEST_LIMITS, wait_running
+from tests.serve.conftest import TEST_LIMITS
 
 APP, PREFIX, SMALL_ROWS = "align-shard", "/sharded", 29
 
