@@ -213,9 +213,10 @@ def _run_train(args: argparse.Namespace) -> int:
 
     try:
         cfg = _load(TrainConfig, args, "data", "output")
-        from align_ray.train.ingest import resolve_inputs
+        from align_ray.train.ingest import check_columns
+        from align_ray.train.selection import selections
 
-        resolve_inputs(cfg.data)  # fail fast, before starting Ray
+        check_columns(cfg, *selections(cfg))  # fail fast on inputs and columns, before Ray
         if cfg.init_from:  # a malformed --init-from exits 2 here, naming what was expected
             from align_ray.model.finetune import prepare
 

@@ -153,6 +153,22 @@ def parquet_files(uri: str) -> tuple[pafs.FileSystem, list[str]]:
     return fs, files
 
 
+def column_names(fs: pafs.FileSystem, files: list[str]) -> set[str]:
+    """The columns of a stage's parquet files (read from the first: one stage, one schema)."""
+    return set(pq.read_schema(files[0], filesystem=fs).names)
+
+
+def require_columns(where: str, names: set[str] | list[str], wanted: list[str | None],
+                    hint: str) -> None:
+    """ValueError naming the ``wanted`` columns (None: not asked for) missing from ``names``,
+    the columns there are, and ``hint`` (which option names them): a stage checks this before
+    it starts any Ray work, so a wrong column is one clear line, not a worker's KeyError."""
+    missing = [c for c in dict.fromkeys(wanted) if c is not None and c not in names]
+    if missing:
+        raise ValueError(f"{where}: no column {', '.join(map(repr, missing))} "
+                         f"(columns: {sorted(names)}); {hint}")
+
+
 def parquet_bytes(table: pa.Table) -> bytes:
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd")

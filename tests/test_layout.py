@@ -82,3 +82,16 @@ def test_parquet_bytes_round_trip():
 def test_dropped_columns_lead_the_schema_with_extras_after():
     s = layout.schema(layout.DROPPED_FIELDS, {"noise": pa.string(), "key": pa.string()})
     assert s.names == layout.DROPPED_COLUMNS + ["noise"]
+
+
+def test_column_names_and_require_columns(tmp_path):
+    out = Layout(str(tmp_path / "stage"))
+    out.write_samples("00000", _samples(["a"]), parquet=True, webdataset=False)
+    fs, files = layout.parquet_files(out.uri)
+    names = layout.column_names(fs, files)
+    assert names == set(layout.SAMPLE_COLUMNS)
+    layout.require_columns(out.uri, names, ["jpg", "text", None], "hint")   # None: not asked
+    with pytest.raises(ValueError, match=r"stage: no column 'image', 'caption' \(columns: "
+                                         r"\[.*'jpg'.*\]\); set --image-col"):
+        layout.require_columns(out.uri, names, ["image", "text", "caption", "image"],
+                               "set --image-col")

@@ -78,12 +78,10 @@ def plan(cfg: ScoreConfig) -> dict:
     files = [f for s in shards for f in s["files"]]
     if not files:
         raise InputError(f"{cfg.input}: no rows to score")
-    names = set(pq.read_schema(files[0], filesystem=src.fs).names)
+    names = layout.column_names(src.fs, files)
     image_col = cfg.image_col or ("jpg" if "jpg" in names else "image")
-    for col in (image_col, cfg.text_col):
-        if col not in names:
-            raise ValueError(f"{files[0]}: no column {col!r} (columns: {sorted(names)}); "
-                             "set --image-col / --text-col")
+    layout.require_columns(files[0], names, [image_col, cfg.text_col],
+                           "set --image-col / --text-col")
     if cfg.write_webdataset and not {"key", "jpg", "text"} <= names:
         raise ValueError("write_webdataset needs key, jpg and text columns")
     models = [resolve_spec(m) for m in cfg.models]

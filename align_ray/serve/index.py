@@ -38,13 +38,10 @@ META_COLUMNS = ("key", "url", "phash", "text_hash", "sha256", "width", "height")
 def resolve_input(cfg: IndexConfig) -> tuple[list[str], Any, str, list[str]]:
     """(files, filesystem, image column, extra metadata columns) of ``cfg.data``."""
     fs, files = layout.parquet_files(cfg.data)
-    schema = pq.read_schema(files[0], filesystem=fs)
-    names = set(schema.names)
+    names = layout.column_names(fs, files)
     image_col = cfg.image_col or ("jpg" if "jpg" in names else "image")
-    for col in (image_col, cfg.text_col):
-        if col not in names:
-            raise ValueError(f"{files[0]}: no column {col!r} (columns: {sorted(names)}); "
-                             "set image_col / text_col")
+    layout.require_columns(files[0], names, [image_col, cfg.text_col],
+                           "set --image-col / --text-col")
     extra = [c for c in META_COLUMNS if c in names and c not in (image_col, cfg.text_col)]
     return files, fs, image_col, extra
 

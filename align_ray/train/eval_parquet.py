@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow.dataset as pads
 
+from align_ray import layout
 from align_ray.train.evaluate import DEFAULT_TEMPLATES, retrieval_metrics, zero_shot_classify
 
 if TYPE_CHECKING:  # EvalConfig is imported by every CLI parser: no torch/Ray at import time
@@ -80,9 +81,8 @@ def evaluate(cfg: EvalConfig, embedder: Embedder | None = None,
     cols = list(dict.fromkeys([cfg.image_col, cfg.text_col, *selection.columns(),
                                *[c for c in (cfg.match_col, cfg.classify_col) if c]]))
     dataset = pads.dataset(files, filesystem=fs, format="parquet")
-    missing = [c for c in cols if c not in dataset.schema.names]
-    if missing:
-        raise ValueError(f"column(s) {missing} not in {cfg.data}; have {dataset.schema.names}")
+    layout.require_columns(str(cfg.data), dataset.schema.names, cols,
+                           "set --image-col / --text-col (and the split, match or class column)")
     imgs, txts, match, labels, skipped, n = [], [], [], [], 0, 0
     for rb in dataset.to_batches(columns=cols, batch_size=cfg.batch_size):
         d = rb.to_pydict()

@@ -86,6 +86,20 @@ def resolve_inputs(paths: list[str]) -> tuple[pafs.FileSystem, list[str]]:
     return fs0, sorted(dict.fromkeys(files))
 
 
+def check_columns(cfg, train: tuple[list[str], Selection],
+                  val: tuple[list[str], Selection] | None) -> None:
+    """ValueError, before any Ray work, when an input of ``selection.selections(cfg)`` lacks a
+    column that the config names: otherwise the first sign is a KeyError in every Ray Train
+    worker, after the whole worker group has started."""
+    hint = "set --image-col / --text-col (and --split-col / --val-match-col where used)"
+    for (paths, sel), extra in ((train, []), *([(val, [cfg.val_match_col])] if val else [])):
+        resolve_inputs(paths)  # none given, none found, or local and s3:// mixed
+        for path in paths:
+            fs, files = layout.parquet_files(path)
+            layout.require_columns(path, layout.column_names(fs, files),
+                                   [cfg.image_col, cfg.text_col, *sel.columns(), *extra], hint)
+
+
 def iter_texts(paths: list[str], text_col: str, selection: Selection,
                batch_size: int = 4096) -> Iterator[str]:
     """Captions of the selected rows, streamed (only the text and split columns are read)."""

@@ -179,6 +179,7 @@ def _run(cfg: TrainConfig, out: Path, *, step_hook, address, data_hook) -> dict[
     t0 = time.perf_counter()
     finetune.prepare(cfg)  # --init-from: the source's architecture, preprocessing and loss
     (train_paths, train_sel), val = selection.selections(cfg)
+    ingest.check_columns(cfg, (train_paths, train_sel), val)
     if cfg.init_from:  # the source's own tokenizer (None for a library model: ingest loads it)
         tokenizer, tok_files = finetune.source_tokenizer(cfg)
     else:

@@ -18,6 +18,26 @@ def test_train_rejects_missing_inputs(tmp_path, capsys):
     assert main(["train", "--output", str(tmp_path / "run")]) == 2
 
 
+def test_train_names_a_missing_column_before_ray_starts(small_parquet, tmp_path, capsys):
+    """A column the flags name but the data lacks exits 2 with the columns there are, checked
+    before Ray (else each Ray Train worker failed with a KeyError after the group started)."""
+    import ray
+
+    base = ["train", "--data", small_parquet, "--output", str(tmp_path / "run"), "--steps", "2",
+            "--image-col", "image", "--text-col", "alt_text"]
+    for extra, missing in ((["--text-col", "txt"], "'txt'"), (["--image-col", "jpg"], "'jpg'"),
+                           (["--split-col", "split"], "'split'"),
+                           (["--val-fraction", "0.2", "--val-match-col", "concepts"],
+                            "'concepts'"),
+                           (["--val-data", small_parquet, "--val-match-col", "nope"], "'nope'")):
+        was_up = ray.is_initialized()
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert f"no column {missing}" in err and "'alt_text'" in err and "--image-col" in err, err
+        assert ray.is_initialized() == was_up           # nothing started for a bad column
+    assert not (tmp_path / "run").exists()
+
+
 def test_eval_prints_one_json(small_parquet, tmp_path, capsys):
     tok = train_wordpiece(["grinning face", "red apple", "a photo of a cat"], 200, 32)
     cfg = ModelConfig.tiny(embed_dim=16, max_length=32)
@@ -58,3 +78,6 @@ def test_eval_takes_a_config_and_flags_win(small_parquet, tmp_path, capsys):
     assert "--model" in capsys.readouterr().err
     assert main(["eval", "--model", "m", "--data", "d", "--split", "val"]) == 2
     assert "go together" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tmp_path / "m"), "--data", small_parquet,
+                 "--text-col", "alt_text", "--match-col", "concepts"]) == 2   # a missing column
+    assert "no column 'concepts'" in capsys.readouterr().err
