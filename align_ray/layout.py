@@ -153,20 +153,28 @@ def parquet_files(uri: str) -> tuple[pafs.FileSystem, list[str]]:
     return fs, files
 
 
-def column_names(fs: pafs.FileSystem, files: list[str]) -> set[str]:
-    """The columns of a stage's parquet files (read from the first: one stage, one schema)."""
-    return set(pq.read_schema(files[0], filesystem=fs).names)
+def schema_of(fs: pafs.FileSystem, files: list[str]) -> pa.Schema:
+    """The schema of a stage's parquet files (read from the first: one stage, one schema)."""
+    return pq.read_schema(files[0], filesystem=fs)
 
 
-def require_columns(where: str, names: set[str] | list[str], wanted: list[str | None],
-                    hint: str) -> None:
-    """ValueError naming the ``wanted`` columns (None: not asked for) missing from ``names``,
-    the columns there are, and ``hint`` (which option names them): a stage checks this before
-    it starts any Ray work, so a wrong column is one clear line, not a worker's KeyError."""
+def require_columns(where: str, schema: pa.Schema, wanted: list[str | None], hint: str, *,
+                    image_col: str | None = None) -> None:
+    """ValueError naming the ``wanted`` columns (None: not asked for) missing from ``schema``,
+    the columns there are, and ``hint`` (which option names them); also when ``image_col``
+    holds something other than bytes.  A stage checks this before it starts any Ray work, so
+    a wrong column is one clear line, not a KeyError or TypeError in every worker."""
+    names = schema.names
     missing = [c for c in dict.fromkeys(wanted) if c is not None and c not in names]
     if missing:
         raise ValueError(f"{where}: no column {', '.join(map(repr, missing))} "
                          f"(columns: {sorted(names)}); {hint}")
+    if image_col is not None:
+        t = schema.field(image_col).type
+        if not (pa.types.is_binary(t) or pa.types.is_large_binary(t)
+                or pa.types.is_binary_view(t)):
+            raise ValueError(f"{where}: column {image_col!r} holds {t}, not image bytes "
+                             f"(encoded JPEG, PNG, WebP...); {hint}")
 
 
 def parquet_bytes(table: pa.Table) -> bytes:

@@ -84,14 +84,19 @@ def test_dropped_columns_lead_the_schema_with_extras_after():
     assert s.names == layout.DROPPED_COLUMNS + ["noise"]
 
 
-def test_column_names_and_require_columns(tmp_path):
+def test_require_columns_names_what_is_missing_and_what_is_not_bytes(tmp_path):
     out = Layout(str(tmp_path / "stage"))
     out.write_samples("00000", _samples(["a"]), parquet=True, webdataset=False)
     fs, files = layout.parquet_files(out.uri)
-    names = layout.column_names(fs, files)
-    assert names == set(layout.SAMPLE_COLUMNS)
-    layout.require_columns(out.uri, names, ["jpg", "text", None], "hint")   # None: not asked
+    schema = layout.schema_of(fs, files)
+    assert set(schema.names) == set(layout.SAMPLE_COLUMNS)
+    layout.require_columns(out.uri, schema, ["jpg", "text", None], "hint",   # None: not asked
+                           image_col="jpg")
     with pytest.raises(ValueError, match=r"stage: no column 'image', 'caption' \(columns: "
                                          r"\[.*'jpg'.*\]\); set --image-col"):
-        layout.require_columns(out.uri, names, ["image", "text", "caption", "image"],
+        layout.require_columns(out.uri, schema, ["image", "text", "caption", "image"],
                                "set --image-col")
+    with pytest.raises(ValueError, match=r"column 'text' holds string, not image bytes"):
+        layout.require_columns(out.uri, schema, ["text"], "set --image-col", image_col="text")
+    large = pa.schema([("img", pa.large_binary())])
+    layout.require_columns(out.uri, large, ["img"], "", image_col="img")

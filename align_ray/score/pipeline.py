@@ -78,10 +78,11 @@ def plan(cfg: ScoreConfig) -> dict:
     files = [f for s in shards for f in s["files"]]
     if not files:
         raise InputError(f"{cfg.input}: no rows to score")
-    names = layout.column_names(src.fs, files)
+    schema = layout.schema_of(src.fs, files)
+    names = set(schema.names)
     image_col = cfg.image_col or ("jpg" if "jpg" in names else "image")
-    layout.require_columns(files[0], names, [image_col, cfg.text_col],
-                           "set --image-col / --text-col")
+    layout.require_columns(files[0], schema, [image_col, cfg.text_col],
+                           "set --image-col / --text-col", image_col=image_col)
     if cfg.write_webdataset and not {"key", "jpg", "text"} <= names:
         raise ValueError("write_webdataset needs key, jpg and text columns")
     models = [resolve_spec(m) for m in cfg.models]

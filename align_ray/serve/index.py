@@ -38,10 +38,11 @@ META_COLUMNS = ("key", "url", "phash", "text_hash", "sha256", "width", "height")
 def resolve_input(cfg: IndexConfig) -> tuple[list[str], Any, str, list[str]]:
     """(files, filesystem, image column, extra metadata columns) of ``cfg.data``."""
     fs, files = layout.parquet_files(cfg.data)
-    names = layout.column_names(fs, files)
+    schema = layout.schema_of(fs, files)
+    names = set(schema.names)
     image_col = cfg.image_col or ("jpg" if "jpg" in names else "image")
-    layout.require_columns(files[0], names, [image_col, cfg.text_col],
-                           "set --image-col / --text-col")
+    layout.require_columns(files[0], schema, [image_col, cfg.text_col],
+                           "set --image-col / --text-col", image_col=image_col)
     extra = [c for c in META_COLUMNS if c in names and c not in (image_col, cfg.text_col)]
     return files, fs, image_col, extra
 

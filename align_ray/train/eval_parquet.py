@@ -81,8 +81,9 @@ def evaluate(cfg: EvalConfig, embedder: Embedder | None = None,
     cols = list(dict.fromkeys([cfg.image_col, cfg.text_col, *selection.columns(),
                                *[c for c in (cfg.match_col, cfg.classify_col) if c]]))
     dataset = pads.dataset(files, filesystem=fs, format="parquet")
-    layout.require_columns(str(cfg.data), dataset.schema.names, cols,
-                           "set --image-col / --text-col (and the split, match or class column)")
+    layout.require_columns(str(cfg.data), dataset.schema, cols,
+                           "set --image-col / --text-col (and the split, match or class column)",
+                           image_col=cfg.image_col)
     imgs, txts, match, labels, skipped, n = [], [], [], [], 0, 0
     for rb in dataset.to_batches(columns=cols, batch_size=cfg.batch_size):
         d = rb.to_pydict()

@@ -96,8 +96,9 @@ def check_columns(cfg, train: tuple[list[str], Selection],
         resolve_inputs(paths)  # none given, none found, or local and s3:// mixed
         for path in paths:
             fs, files = layout.parquet_files(path)
-            layout.require_columns(path, layout.column_names(fs, files),
-                                   [cfg.image_col, cfg.text_col, *sel.columns(), *extra], hint)
+            layout.require_columns(path, layout.schema_of(fs, files),
+                                   [cfg.image_col, cfg.text_col, *sel.columns(), *extra], hint,
+                                   image_col=cfg.image_col)
 
 
 def iter_texts(paths: list[str], text_col: str, selection: Selection,
