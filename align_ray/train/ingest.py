@@ -61,6 +61,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import ray
 
@@ -89,16 +91,29 @@ def resolve_inputs(paths: list[str]) -> tuple[pafs.FileSystem, list[str]]:
 def check_columns(cfg, train: tuple[list[str], Selection],
                   val: tuple[list[str], Selection] | None) -> None:
     """ValueError, before any Ray work, when an input of ``selection.selections(cfg)`` lacks a
-    column that the config names: otherwise the first sign is a KeyError in every Ray Train
-    worker, after the whole worker group has started."""
+    column that the config names, or its split column holds no row of the split asked for:
+    otherwise the first sign is an error in every Ray Train worker (retried by Ray Train as if
+    it might pass), after the whole worker group has started."""
     hint = "set --image-col / --text-col (and --split-col / --val-match-col where used)"
     for (paths, sel), extra in ((train, []), *([(val, [cfg.val_match_col])] if val else [])):
         resolve_inputs(paths)  # none given, none found, or local and s3:// mixed
+        values: dict[str, int] = {}
         for path in paths:
             fs, files = layout.parquet_files(path)
             layout.require_columns(path, layout.schema_of(fs, files),
                                    [cfg.image_col, cfg.text_col, *sel.columns(), *extra], hint,
                                    image_col=cfg.image_col)
+            if sel.split_col:  # one column read: small beside the tokenizer's caption scan
+                col = pads.dataset(files, filesystem=fs).to_table(columns=[sel.split_col])[0]
+                for v in pc.value_counts(col).to_pylist():
+                    key = str(v["values"])  # Selection.mask compares str(value)
+                    values[key] = values.get(key, 0) + v["counts"]
+        if sel.split_col and not values.get(sel.split_value):
+            seen = ", ".join(f"{k!r} ({n} rows)" for k, n in
+                             sorted(values.items(), key=lambda kv: -kv[1])[:8])
+            raise ValueError(f"{', '.join(paths)}: no row has {sel.split_col} == "
+                             f"{sel.split_value!r}; its values: {seen or 'none'}; "
+                             "set --train-split / --val-split")
 
 
 def iter_texts(paths: list[str], text_col: str, selection: Selection,

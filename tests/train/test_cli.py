@@ -18,9 +18,12 @@ def test_train_rejects_missing_inputs(tmp_path, capsys):
     assert main(["train", "--output", str(tmp_path / "run")]) == 2
 
 
-def test_train_names_a_missing_column_before_ray_starts(small_parquet, tmp_path, capsys):
-    """A column the flags name but the data lacks exits 2 with the columns there are, checked
-    before Ray (else each Ray Train worker failed with a KeyError after the group started)."""
+def test_train_names_a_missing_column_or_split_before_ray_starts(small_parquet, tmp_path,
+                                                                 capsys):
+    """A column the flags name but the data lacks, an image column of strings, or a split value
+    no row has, exits 2 saying what is there, checked before Ray (else each Ray Train worker
+    failed, KeyError, TypeError or "no full global batch", after the group started, and Ray
+    Train retried it three times)."""
     import ray
 
     base = ["train", "--data", small_parquet, "--output", str(tmp_path / "run"), "--steps", "2",
@@ -33,11 +36,16 @@ def test_train_names_a_missing_column_before_ray_starts(small_parquet, tmp_path,
                          missing_col.format("'concepts'")),
                         (["--val-data", small_parquet, "--val-match-col", "nope"],
                          missing_col.format("'nope'")),
-                        (["--image-col", "alt_text"], "column 'alt_text' holds string, not image")):
+                        (["--image-col", "alt_text"], "column 'alt_text' holds string, not image"),
+                        (["--split-col", "dev_split", "--train-split", "training"],
+                         "no row has dev_split == 'training'; its values: 'train' (129 rows), "
+                         "'val' (32 rows); set --train-split"),
+                        (["--split-col", "dev_split", "--val-split", "test"],
+                         "no row has dev_split == 'test'")):
         was_up = ray.is_initialized()
         assert main(base + extra) == 2, extra
         err = capsys.readouterr().err
-        assert says in err and "--image-col" in err, err
+        assert says in err and "--" in err, err
         assert ray.is_initialized() == was_up           # nothing started for a bad column
     assert not (tmp_path / "run").exists()
 
