@@ -44,7 +44,15 @@ def _coerce(value: Any, tp: Any, source: str = "config") -> Any:
             raise ValueError(f"{source}: expected a mapping, got {type(value).__name__}")
         return _nested(tp, value, source)
     if tp in (int, float, str) and not isinstance(value, bool):
-        return tp(value)
+        # a typo'd value names its key, not just Python's "invalid literal for int()"; a float
+        # where an int belongs (steps: 2.5) is refused rather than cut to 2
+        if isinstance(value, (dict, list)) or (
+                tp is int and isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"{source}: expected {tp.__name__}, got {value!r}")
+        try:
+            return tp(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{source}: expected {tp.__name__}, got {value!r}") from None
     if tp is bool and isinstance(value, str):
         return value.strip().lower() in ("1", "true", "yes", "on")
     return value
@@ -61,6 +69,20 @@ def _nested(tp: type, value: dict[str, Any], source: str) -> Any:
     if not callable(factory) or str(preset).startswith("_"):
         raise ValueError(f"{source}: unknown {tp.__name__} preset {preset!r}")
     return factory(**_typed(tp, data, source))
+
+
+def check_mappings(cls: type, data: dict[str, Any], source: str = "config") -> None:
+    """ValueError where a field whose type is a dataclass (a section) holds something other
+    than a mapping, at any depth: for code that reads the sections as dicts before
+    :func:`from_dict` builds them (the workflow chains their locations first)."""
+    hints = typing.get_type_hints(cls)
+    for k, v in data.items():
+        tp = hints.get(k)
+        if v is None or not (dataclasses.is_dataclass(tp) and isinstance(tp, type)):
+            continue
+        if not isinstance(v, dict):
+            raise ValueError(f"{source}.{k}: expected a mapping, got {type(v).__name__}")
+        check_mappings(tp, v, f"{source}.{k}")
 
 
 def from_dict(cls: type[T], data: dict[str, Any], *, source: str = "config") -> T:

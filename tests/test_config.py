@@ -23,6 +23,17 @@ def test_unknown_keys_and_bad_values_are_errors(tmp_path):
         load(DataConfig, str(y))
     with pytest.raises(ValueError, match="resize_mode"):
         load(DataConfig, None, resize_mode="stretch")
+    # a value of the wrong kind names its key (not Python's "invalid literal for int()")
+    for body, says in (("image_size: big\n", "stage.yaml.image_size: expected int, got 'big'"),
+                       ("image_size: 96.5\n", "image_size: expected int, got 96.5"),
+                       ("image_size: [96]\n", "image_size: expected int, got [96]"),
+                       ("url_col: {a: 1}\n", "url_col: expected str, got {'a': 1}")):
+        y.write_text(body)
+        with pytest.raises(ValueError) as e:
+            load(DataConfig, str(y))
+        assert says in str(e.value), (body, str(e.value))
+    y.write_text("image_size: 96.0\n")                  # a whole float is still an int
+    assert load(DataConfig, str(y)).image_size == 96
 
 
 def test_a_config_may_live_on_s3(s3):

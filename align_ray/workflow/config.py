@@ -248,6 +248,7 @@ def _chain_round2(raw: dict[str, Any], b: dict[str, Any]) -> None:
 
 def build(raw: dict[str, Any]) -> RunConfig:
     """A RunConfig from a merged mapping (sections as dicts); chains locations first."""
+    config_lib.check_mappings(RunConfig, raw, "run config")
     raw = _chain(copy.deepcopy(raw))
     if not raw["data"].get("input"):
         raw["data"] = _merge(EMBEDDED_DATA, raw["data"])

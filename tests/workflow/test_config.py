@@ -62,6 +62,11 @@ def test_overrides_win_and_chain_from_the_new_root(tmp_path):
     ({"serve": {"image_encoder": {"replicas": 2}}}, "replicas"),
     ({"web": {"row": 5}}, "row"),
     ({"bootstrap": {"enabled": True, "filter": {"score_keep": 0.5}}}, "score_keep"),
+    # a section that is not a mapping, at any depth, and a value of the wrong kind
+    ({"train": [1, 2]}, r"run config\.train: expected a mapping, got list"),
+    ({"train": {"model": 3}}, r"run config\.train\.model: expected a mapping, got int"),
+    ({"bootstrap": {"enabled": True, "train": [1]}}, r"bootstrap\.train: expected a mapping"),
+    ({"train": {"steps": "abc"}}, r"run config\.train\.steps: expected int, got 'abc'"),
 ])
 def test_unknown_keys_are_errors(tmp_path, body, match):
     p = tmp_path / "run.yaml"
