@@ -139,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     from align_ray.workflow import bootstrap, report, serving, stages
 
     run = stages.Run(cfg)
+    try:  # the output root takes a write before any work: a wrong bucket or endpoint fails here
+        run.save()
+    except OSError as e:
+        print(f"end_to_end: error: cannot write the run record under {cfg.output}: {e}",
+              file=sys.stderr)
+        return 2
     print(f"align-ray end to end -> {cfg.output} (stages: {','.join(args.stages)})", flush=True)
     if "serve" in args.stages:
         from align_ray.serve import ingress
