@@ -44,6 +44,18 @@ def _load(cls: type, args: argparse.Namespace, *required: str):
     return cfg
 
 
+def _writable(*outputs: str) -> None:
+    """ValueError (exit 2) for an output folder that takes no write, checked before Ray starts:
+    a wrong bucket, endpoint or path used to be a traceback after the stage's start."""
+    from align_ray import storage
+
+    for uri in outputs:
+        try:
+            storage.check_writable(uri)
+        except OSError as e:
+            raise ValueError(f"cannot write to {uri}: {e}") from None
+
+
 def _error(command: str, e: Exception, code: int = 2) -> int:
     print(f"align-ray {command}: error: {e}", file=sys.stderr)
     return code
@@ -158,6 +170,7 @@ def _run_filter(args: argparse.Namespace) -> int:
 
     try:
         cfg = _load(FilterConfig, args, "input", "output")
+        _writable(cfg.output)
     except ValueError as e:
         return _error("filter", e)
     ray_env.init_for_command(args.ray_address)
@@ -177,6 +190,7 @@ def _run_data(args: argparse.Namespace) -> int:
         if args.filter:  # checked before any download, like the data stage's own config
             out = args.filter_output or f"{cfg.output.rstrip('/')}_filtered"
             fcfg = config_lib.load(FilterConfig, args.filter_config, input=cfg.output, output=out)
+        _writable(cfg.output, *([fcfg.output] if fcfg else []))
         pipeline.reader.validate_first(cfg)  # fail fast, before starting Ray
         ray_env.init_for_command(args.ray_address)
         stats = pipeline.run(cfg)
@@ -197,6 +211,7 @@ def _run_score(args: argparse.Namespace) -> int:
         cfg = _load(ScoreConfig, args, "input", "output")
         if not (cfg.model or cfg.fold_models):
             raise ValueError("--model (or --fold-models, two or more) required (flags or config)")
+        _writable(cfg.output)
         spipe.plan(cfg)  # fail fast on the input's columns and a bad --model, before Ray
         for spec in cfg.models:
             check_model_spec(spec)
@@ -213,6 +228,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
     try:
         cfg = _load(TrainConfig, args, "data", "output")
+        _writable(cfg.output)
         from align_ray.train.ingest import check_columns
         from align_ray.train.selection import selections
 
@@ -249,6 +265,7 @@ def _run_index(args: argparse.Namespace) -> int:
 
     try:
         cfg = _load(IndexConfig, args, "model", "data", "output")
+        _writable(cfg.output)
         index.resolve_input(cfg)  # fail fast, before starting Ray
         check_model_spec(cfg.model)
         ray_env.init(args.ray_address)

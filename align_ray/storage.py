@@ -107,6 +107,23 @@ def delete_quietly(fs: pafs.FileSystem, path: str) -> bool:
         return False
 
 
+def check_writable(uri: str) -> None:
+    """OSError unless the folder ``uri`` (local or ``s3://``) takes a write: a stage checks its
+    output before it starts Ray, so a wrong bucket, endpoint or path is one clear line at
+    once.  Leaves nothing behind (a local folder it had to create is removed again)."""
+    fs, path = filesystem(uri)
+    created, p = None, path   # the topmost local folder the write will create
+    while is_local(fs) and fs.get_file_info(p).type == pafs.FileType.NotFound:
+        created, p = p, posixpath.dirname(p)
+        if p == created:
+            break
+    probe = join(path, f".align-ray-write-check-{uuid.uuid4().hex[:8]}")
+    write_bytes(fs, probe, b"")
+    fs.delete_file(probe)
+    if created:
+        fs.delete_dir(created)
+
+
 def upload_dir(local: str | Path, uri: str, skip: tuple[str, ...] = (), last: str = "") -> None:
     """Copy a local folder to ``uri`` (files whose relative path starts with one of ``skip`` are
     left out); ``last`` (a completion marker) is written after every other file."""

@@ -73,3 +73,36 @@ def test_missing_and_unknown_exit_2_before_ray(tmp_path, capsys):
     assert cli.main(["data", "--input", "x.csv", "--output", "o", "--filter",
                      "--filter-config", str(y)]) == 2        # checked before any download
     assert "unknown key" in capsys.readouterr().err
+
+
+def test_an_output_that_takes_no_write_exits_2_before_ray(tmp_path, s3, capsys, monkeypatch):
+    """Every stage that writes checks its output first (storage.check_writable): a local path
+    under a regular file, or an S3 endpoint that does not answer, is one line and exit 2, not
+    a traceback after Ray started.  A writable output is left as it was."""
+    import ray
+
+    from align_ray import storage
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    bad = str(blocker / "out")
+    was_up = ray.is_initialized()
+    for argv in (["data", "--input", "urls.csv", "--output", bad],
+                 ["filter", "--input", "in", "--output", bad],
+                 ["score", "--model", "m", "--input", "in", "--output", bad],
+                 ["train", "--data", "d", "--output", bad],
+                 ["index", "--model", "m", "--data", "d", "--output", bad],
+                 ["train", "--data", "d", "--output", "s3://bucket/run"]):
+        with monkeypatch.context() as m:   # nothing listens on the discard port
+            m.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+            assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"align-ray {argv[0]}: error: cannot write to {argv[-1]}: " in err, err
+    assert ray.is_initialized() == was_up
+    fresh = tmp_path / "a" / "b" / "out"
+    storage.check_writable(str(fresh))                   # what it had to create, it removes
+    assert not (tmp_path / "a").exists()
+    s3.create_bucket(Bucket="writable")
+    storage.check_writable("s3://writable/run")
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="writable").get("Contents", [])]
+    assert keys in ([], ["run/"]), keys   # Arrow's S3 keeps an emptied folder as a marker
