@@ -123,6 +123,7 @@ def _parsers(sub: argparse._SubParsersAction) -> None:
                       "(repeatable)",
               "output": "run directory (model/, metrics.jsonl, curves.png, eval.json), local "
                         "or s3://",
+              "image_col": "default: jpg if present, else image",
               "batch_size": "per worker",
               "storage_path": "checkpoints (local or s3://)",
               "name": "run name under the storage path (resume key)"})
@@ -132,7 +133,8 @@ def _parsers(sub: argparse._SubParsersAction) -> None:
         "median_rank), chance, and zero_shot (top1, top5) with --classify-col.", ray=False,
         aliases={"templates": "--template"},
         help={"templates": "prompt template with {} (repeatable; default: "
-                           "'a photo of a {}.', '{}')"})
+                           "'a photo of a {}.', '{}')",
+              "image_col": "default: jpg if present, else image"})
     _stage_parser(sub, "index", IndexConfig, "embed a corpus into a search index (Ray Data batch "
                   "inference)", help={
                       "model": MODEL_HELP,

@@ -158,6 +158,12 @@ def schema_of(fs: pafs.FileSystem, files: list[str]) -> pa.Schema:
     return pq.read_schema(files[0], filesystem=fs)
 
 
+def default_image_col(names: set[str] | list[str]) -> str:
+    """The image column when none is given: ``jpg`` (what the data and filter stages write) if
+    present, else ``image`` (a common name in other parquet sets, the dev set's)."""
+    return "jpg" if "jpg" in names else "image"
+
+
 def require_columns(where: str, schema: pa.Schema, wanted: list[str | None], hint: str, *,
                     image_col: str | None = None) -> None:
     """ValueError naming the ``wanted`` columns (None: not asked for) missing from ``schema``,

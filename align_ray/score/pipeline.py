@@ -80,7 +80,7 @@ def plan(cfg: ScoreConfig) -> dict:
         raise InputError(f"{cfg.input}: no rows to score")
     schema = layout.schema_of(src.fs, files)
     names = set(schema.names)
-    image_col = cfg.image_col or ("jpg" if "jpg" in names else "image")
+    image_col = cfg.image_col or layout.default_image_col(names)
     layout.require_columns(files[0], schema, [image_col, cfg.text_col],
                            "set --image-col / --text-col", image_col=image_col)
     if cfg.write_webdataset and not {"key", "jpg", "text"} <= names:

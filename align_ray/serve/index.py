@@ -40,7 +40,7 @@ def resolve_input(cfg: IndexConfig) -> tuple[list[str], Any, str, list[str]]:
     fs, files = layout.parquet_files(cfg.data)
     schema = layout.schema_of(fs, files)
     names = set(schema.names)
-    image_col = cfg.image_col or ("jpg" if "jpg" in names else "image")
+    image_col = cfg.image_col or layout.default_image_col(names)
     layout.require_columns(files[0], schema, [image_col, cfg.text_col],
                            "set --image-col / --text-col", image_col=image_col)
     extra = [c for c in META_COLUMNS if c in names and c not in (image_col, cfg.text_col)]

@@ -136,7 +136,7 @@ class TrainConfig:
     """
 
     data: list[str] = field(default_factory=list)
-    image_col: str = "jpg"
+    image_col: str | None = None          # None: jpg if present, else image (ingest.check_columns)
     text_col: str = "text"
     val_data: list[str] = field(default_factory=list)
     split_col: str | None = None

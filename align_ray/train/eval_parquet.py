@@ -31,7 +31,7 @@ class EvalConfig:
 
     model: str = ""                       # our RUN_DIR/model, an HF save_pretrained dir, open_clip:ARCH:CKPT
     data: list[str] = field(default_factory=list)  # stage output dir, parquet file/folder/glob
-    image_col: str = "image"
+    image_col: str | None = None          # None: jpg if present, else image
     text_col: str = "text"
     match_col: str | None = None          # rows sharing this value are correct for each other
     classify_col: str | None = None       # class label column (zero-shot classification)
@@ -78,12 +78,13 @@ def evaluate(cfg: EvalConfig, embedder: Embedder | None = None,
     if selection is None:
         selection = (Selection(cfg.split_col, cfg.split) if cfg.split_col else Selection())
     fs, files = resolve_inputs(cfg.data)
-    cols = list(dict.fromkeys([cfg.image_col, cfg.text_col, *selection.columns(),
-                               *[c for c in (cfg.match_col, cfg.classify_col) if c]]))
     dataset = pads.dataset(files, filesystem=fs, format="parquet")
+    image_col = cfg.image_col or layout.default_image_col(dataset.schema.names)
+    cols = list(dict.fromkeys([image_col, cfg.text_col, *selection.columns(),
+                               *[c for c in (cfg.match_col, cfg.classify_col) if c]]))
     layout.require_columns(str(cfg.data), dataset.schema, cols,
                            "set --image-col / --text-col (and the split, match or class column)",
-                           image_col=cfg.image_col)
+                           image_col=image_col)
     imgs, txts, match, labels, skipped, n = [], [], [], [], 0, 0
     for rb in dataset.to_batches(columns=cols, batch_size=cfg.batch_size):
         d = rb.to_pydict()
@@ -96,7 +97,7 @@ def evaluate(cfg: EvalConfig, embedder: Embedder | None = None,
             if cfg.max_rows is not None and n >= cfg.max_rows:
                 break
             continue
-        emb, ok = _embed_images_skipping(embedder, [d[cfg.image_col][i] for i in idx])
+        emb, ok = _embed_images_skipping(embedder, [d[image_col][i] for i in idx])
         skipped += int((~ok).sum())
         idx = idx[ok]
         n += len(idx)

@@ -30,3 +30,25 @@ def test_the_reader_is_not_fused_into_the_decoder(ray_cluster, tmp_path, capsys)
     plan = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     assert "MapBatches(read_windows)]" in plan and "MapBatches(preprocess_batch)]" in plan
     assert "read_windows)->" not in plan
+
+
+def test_check_columns_picks_the_image_column_when_none_is_given(small_parquet, tmp_path):
+    """No --image-col: ``jpg`` (what the data and filter stages write) if the first training
+    input has it, else ``image`` (the dev set's); a given one is kept, and then checked."""
+    import pytest
+
+    from align_ray.train.config import TrainConfig
+    from align_ray.train.selection import selections
+
+    cfg = TrainConfig(data=[small_parquet], text_col="alt_text", output="o")
+    assert cfg.image_col is None
+    ingest.check_columns(cfg, *selections(cfg))
+    assert cfg.image_col == "image"
+    stage = tmp_path / "stage.parquet"
+    pq.write_table(pa.table({"jpg": [b"x"], "image": [b"y"], "text": ["a"]}), stage)
+    cfg = TrainConfig(data=[str(stage)], output="o")
+    ingest.check_columns(cfg, *selections(cfg))
+    assert cfg.image_col == "jpg"
+    cfg = TrainConfig(data=[small_parquet], text_col="alt_text", image_col="jpg", output="o")
+    with pytest.raises(ValueError, match="no column 'jpg'"):
+        ingest.check_columns(cfg, *selections(cfg))
