@@ -110,7 +110,8 @@ def delete_quietly(fs: pafs.FileSystem, path: str) -> bool:
 def check_writable(uri: str) -> None:
     """OSError unless the folder ``uri`` (local or ``s3://``) takes a write: a stage checks its
     output before it starts Ray, so a wrong bucket, endpoint or path is one clear line at
-    once.  Leaves nothing behind (a local folder it had to create is removed again)."""
+    once.  The probe file is deleted, and a local folder it had to create is removed again
+    (on S3, Arrow keeps the emptied folder as a zero-byte ``KEY/`` marker object)."""
     fs, path = filesystem(uri)
     created, p = None, path   # the topmost local folder the write will create
     while is_local(fs) and fs.get_file_info(p).type == pafs.FileType.NotFound:

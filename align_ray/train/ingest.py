@@ -92,10 +92,10 @@ def check_columns(cfg, train: tuple[list[str], Selection],
                   val: tuple[list[str], Selection] | None) -> None:
     """Sets ``cfg.image_col`` when it is None (``jpg`` if the first input has one, else
     ``image``), then raises ValueError, before any Ray work, when an input of
-    ``selection.selections(cfg)`` lacks a column that the config names, or its split column
-    holds no row of the split asked for:
-    otherwise the first sign is an error in every Ray Train worker (retried by Ray Train as if
-    it might pass), after the whole worker group has started."""
+    ``selection.selections(cfg)`` lacks a column that the config names, its image column holds
+    no bytes, or its split column holds no row of the split asked for.  Otherwise the first
+    sign is an error in every Ray Train worker, after the whole worker group has started, and
+    Ray Train retries it as if it might pass."""
     hint = "set --image-col / --text-col (and --split-col / --val-match-col where used)"
     if cfg.image_col is None:  # resolved once, here, from the first training input
         fs, files = layout.parquet_files(train[0][0]) if train[0] else resolve_inputs([])
