@@ -33,7 +33,13 @@ def test_defaults_learn_and_yaml_presets(tmp_path):
                                       ("model: {imagesize: 1}\n", "imagesize"),
                                       ("hflip: 1.5\n", "hflip"),
                                       ("color_jitter: -0.1\n", "color_jitter"),
-                                      ("grayscale: 2\n", "grayscale")])
+                                      ("grayscale: 2\n", "grayscale"),
+                                      ("lr: -1\n", "lr must be a positive number"),
+                                      ("lr: 0\n", "lr must be a positive number"),
+                                      ("lr: .nan\n", "lr must be a positive number"),
+                                      ("weight_decay: -0.1\n", "weight_decay"),
+                                      ("grad_clip: -1\n", "grad_clip"),
+                                      ("min_lr_ratio: 2\n", "min_lr_ratio")])
 def test_bad_values_are_errors(tmp_path, text, err):
     y = tmp_path / "t.yaml"
     y.write_text(text)
