@@ -239,11 +239,17 @@ def _run_train(args: argparse.Namespace) -> int:
             from align_ray.model.finetune import prepare
 
             prepare(cfg)
+        else:
+            from align_ray.model.dual_encoder import check_image_model
+
+            check_image_model(cfg.model)
         from align_ray.train.run import run
 
         summary = run(cfg, address=args.ray_address)
     except (ValueError, FileNotFoundError) as e:
         return _error("train", e)
+    except OSError as e:  # a text_model or tokenizer that cannot be loaded, storage failing
+        return _error("train", e, 1)
     print(json.dumps(summary, default=str))
     return 0
 

@@ -79,6 +79,11 @@ class ModelConfig:
             raise ValueError(f"text_pooling must be 'cls' or 'mean', got {self.text_pooling!r}")
         if not 0 < self.temperature_min <= self.temperature_init:
             raise ValueError("need 0 < temperature_min <= temperature_init")
+        for name in ("image_size", "embed_dim", "max_length", "vocab_size"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"model.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         if self.image_mean is not None:
             self.image_mean = tuple(float(v) for v in self.image_mean)
         if self.image_std is not None:

@@ -10,6 +10,7 @@ L2 norm. One learnable temperature, stored as its log and clamped below at ``tem
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from typing import Any
 
@@ -38,6 +39,15 @@ def build_image_tower(cfg: ModelConfig, init_pretrained: bool = True) -> nn.Modu
     return timm.create_model(
         cfg.image_model, pretrained=True, pretrained_cfg_overlay=dict(file=str(src)), **kwargs
     )
+
+
+def check_image_model(cfg: ModelConfig) -> None:
+    """ValueError for an image tower timm does not know, checked by ``align-ray train`` before
+    Ray starts (else ``timm.create_model`` fails in every Ray Train worker, retried)."""
+    if not timm.is_model(cfg.image_model):
+        close = difflib.get_close_matches(cfg.image_model, timm.list_models(), n=3)
+        raise ValueError(f"model.image_model {cfg.image_model!r} is not a timm model"
+                         + (f"; close names: {', '.join(close)}" if close else ""))
 
 
 def _drop_pooler(model: nn.Module) -> nn.Module:

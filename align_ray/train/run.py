@@ -32,6 +32,7 @@ from ray.train.torch import TorchTrainer
 
 from align_ray import storage
 from align_ray.model import finetune
+from align_ray.model.dual_encoder import check_image_model
 from align_ray.train import checkpoint as ckpt_lib
 from align_ray.train import ingest, lr_find, preprocess, resilience, selection
 from align_ray.train.config import TrainConfig
@@ -180,6 +181,8 @@ def _run(cfg: TrainConfig, out: Path, *, step_hook, address, data_hook) -> dict[
     finetune.prepare(cfg)  # --init-from: the source's architecture, preprocessing and loss
     (train_paths, train_sel), val = selection.selections(cfg)
     ingest.check_columns(cfg, (train_paths, train_sel), val)
+    if not cfg.init_from:
+        check_image_model(cfg.model)
     if cfg.init_from:  # the source's own tokenizer (None for a library model: ingest loads it)
         tokenizer, tok_files = finetune.source_tokenizer(cfg)
     else:

@@ -47,6 +47,14 @@ def test_train_names_a_missing_column_or_split_before_ray_starts(small_parquet, 
         err = capsys.readouterr().err
         assert says in err and "--" in err, err
         assert ray.is_initialized() == was_up           # nothing started for a bad column
+    # an image tower timm does not know: before Ray too (else timm failed in every worker)
+    y = tmp_path / "model.yaml"
+    y.write_text("model: {preset: tiny, image_model: efficientnet_b9}\n")
+    assert main(base + ["--config", str(y)]) == 2
+    err = capsys.readouterr().err
+    assert "model.image_model 'efficientnet_b9' is not a timm model; close names: " \
+        "efficientnet_b8" in err, err
+    assert ray.is_initialized() == was_up
     assert not (tmp_path / "run").exists()
 
 

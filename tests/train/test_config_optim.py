@@ -39,7 +39,11 @@ def test_defaults_learn_and_yaml_presets(tmp_path):
                                       ("lr: .nan\n", "lr must be a positive number"),
                                       ("weight_decay: -0.1\n", "weight_decay"),
                                       ("grad_clip: -1\n", "grad_clip"),
-                                      ("min_lr_ratio: 2\n", "min_lr_ratio")])
+                                      ("min_lr_ratio: 2\n", "min_lr_ratio"),
+                                      ("model: {preset: tiny, embed_dim: 0}\n",
+                                       "model.embed_dim must be positive"),
+                                      ("model: {image_size: -64}\n", "model.image_size"),
+                                      ("model: {drop_path_rate: 1}\n", "drop_path_rate")])
 def test_bad_values_are_errors(tmp_path, text, err):
     y = tmp_path / "t.yaml"
     y.write_text(text)
