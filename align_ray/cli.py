@@ -231,20 +231,9 @@ def _run_train(args: argparse.Namespace) -> int:
     try:
         cfg = _load(TrainConfig, args, "data", "output")
         _writable(cfg.output)
-        from align_ray.train.ingest import check_columns
-        from align_ray.train.selection import selections
-
-        check_columns(cfg, *selections(cfg))  # fail fast on inputs and columns, before Ray
-        if cfg.init_from:  # a malformed --init-from exits 2 here, naming what was expected
-            from align_ray.model.finetune import prepare
-
-            prepare(cfg)
-        else:
-            from align_ray.model.dual_encoder import check_image_model
-
-            check_image_model(cfg.model)
         from align_ray.train.run import run
 
+        # run() refuses a bad --init-from, input, column, split or image tower before Ray
         summary = run(cfg, address=args.ray_address)
     except (ValueError, FileNotFoundError) as e:
         return _error("train", e)

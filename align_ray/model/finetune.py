@@ -159,8 +159,8 @@ def _naflex_affine(emb) -> tuple[int, tuple, tuple]:
 def prepare(cfg) -> None:
     """Driver side, before Ray Data or Train see ``cfg``: check ``init_from`` (SpecError, a
     ValueError: the CLI's exit 2) and set ``cfg.model`` from the source: image size/mean/std,
-    text length, loss (SigLIP's bias: sigmoid loss).  Cached per spec (the CLI checks before
-    Ray starts, ``run`` again for Python callers)."""
+    text length, loss (SigLIP's bias: sigmoid loss).  Cached per spec: ``train.run.check``
+    calls it before Ray starts for every run, and a process may run several."""
     if not cfg.init_from:
         return
     from align_ray.model.config import ModelConfig

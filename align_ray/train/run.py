@@ -147,13 +147,26 @@ def build_trainer(cfg: TrainConfig, datasets: dict, vocab_size: int,
     )
 
 
+def check(cfg: TrainConfig) -> None:
+    """Everything about ``cfg`` that can be refused before Ray starts, with one line each
+    (ValueError: the CLI's exit 2): ``init_from`` (and the source's settings taken into
+    ``cfg.model``), the inputs and their columns and splits (``cfg.image_col`` resolved), the
+    image tower's name.  Each of these otherwise failed in every Ray Train worker, after the
+    group had started, and Ray Train retried it as if it might pass."""
+    if not cfg.output:
+        raise ValueError("output is required")
+    finetune.prepare(cfg)  # --init-from: the source's architecture, preprocessing and loss
+    ingest.check_columns(cfg, *selection.selections(cfg))
+    if not cfg.init_from:
+        check_image_model(cfg.model)
+
+
 def run(cfg: TrainConfig, *, step_hook: Callable[[int, int], None] | None = None,
         address: str | None = None,
         data_hook: Callable[[int, int, list], None] | None = None) -> dict[str, Any]:
     """Train (or resume) and export; returns final metrics and paths.  ``step_hook(step, rank)``
     and ``data_hook(step, rank, batches)`` run on the workers after each step (tests)."""
-    if not cfg.output:
-        raise ValueError("output is required")
+    check(cfg)
     remote = storage.is_uri(cfg.output)
     if remote:  # built here, uploaded at the end (a URI is never a local path on any node)
         cfg.output = cfg.output.rstrip("/")
@@ -178,11 +191,7 @@ def _run(cfg: TrainConfig, out: Path, *, step_hook, address, data_hook) -> dict[
     ensure_ray(address)
     fit_to_cluster(cfg)
     t0 = time.perf_counter()
-    finetune.prepare(cfg)  # --init-from: the source's architecture, preprocessing and loss
-    (train_paths, train_sel), val = selection.selections(cfg)
-    ingest.check_columns(cfg, (train_paths, train_sel), val)
-    if not cfg.init_from:
-        check_image_model(cfg.model)
+    (train_paths, train_sel), val = selection.selections(cfg)   # checked by run() -> check()
     if cfg.init_from:  # the source's own tokenizer (None for a library model: ingest loads it)
         tokenizer, tok_files = finetune.source_tokenizer(cfg)
     else:
