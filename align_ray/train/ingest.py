@@ -97,22 +97,42 @@ def check_columns(cfg, train: tuple[list[str], Selection],
     sign is an error in every Ray Train worker, after the whole worker group has started, and
     Ray Train retries it as if it might pass."""
     hint = "set --image-col / --text-col (and --split-col / --val-match-col where used)"
+    listed: dict[str, tuple] = {}  # path -> (fs, files): each path is listed once
+    counted: dict[tuple, dict[str, int]] = {}  # (split col, files) -> value counts, read once
+
+    def files_of(path):
+        if path not in listed:
+            listed[path] = layout.parquet_files(path)
+        return listed[path]
+
+    def split_counts(col_name, fs, files):
+        key = (col_name, tuple(files))
+        if key not in counted:  # one column read: small beside the tokenizer's caption scan
+            col = pads.dataset(files, filesystem=fs).to_table(columns=[col_name])[0]
+            counted[key] = {str(v["values"]): v["counts"]  # Selection.mask compares str(value)
+                            for v in pc.value_counts(col).to_pylist()}
+        return counted[key]
+
+    if not train[0]:
+        resolve_inputs([])  # raises: no input data given
     if cfg.image_col is None:  # resolved once, here, from the first training input
-        fs, files = layout.parquet_files(train[0][0]) if train[0] else resolve_inputs([])
+        fs, files = files_of(train[0][0])
         cfg.image_col = layout.default_image_col(layout.schema_of(fs, files).names)
     for (paths, sel), extra in ((train, []), *([(val, [cfg.val_match_col])] if val else [])):
-        resolve_inputs(paths)  # none given, none found, or local and s3:// mixed
-        values: dict[str, int] = {}
+        if not paths:
+            resolve_inputs(paths)
+        fs0, values = None, {}
         for path in paths:
-            fs, files = layout.parquet_files(path)
+            fs, files = files_of(path)
+            if fs0 is not None and type(fs) is not type(fs0):
+                raise ValueError("all inputs must be on one filesystem (all local or all s3://)")
+            fs0 = fs
             layout.require_columns(path, layout.schema_of(fs, files),
                                    [cfg.image_col, cfg.text_col, *sel.columns(), *extra], hint,
                                    image_col=cfg.image_col)
-            if sel.split_col:  # one column read: small beside the tokenizer's caption scan
-                col = pads.dataset(files, filesystem=fs).to_table(columns=[sel.split_col])[0]
-                for v in pc.value_counts(col).to_pylist():
-                    key = str(v["values"])  # Selection.mask compares str(value)
-                    values[key] = values.get(key, 0) + v["counts"]
+            if sel.split_col:
+                for k, n in split_counts(sel.split_col, fs, files).items():
+                    values[k] = values.get(k, 0) + n
         if sel.split_col and not values.get(sel.split_value):
             seen = ", ".join(f"{k!r} ({n} rows)" for k, n in
                              sorted(values.items(), key=lambda kv: -kv[1])[:8])

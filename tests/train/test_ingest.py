@@ -4,6 +4,7 @@ decoder).  The stream's order and resume: test_order.py; the reader itself: test
 from __future__ import annotations
 
 import pyarrow as pa
+import pytest
 import pyarrow.parquet as pq
 
 from align_ray.train import ingest
@@ -35,8 +36,6 @@ def test_the_reader_is_not_fused_into_the_decoder(ray_cluster, tmp_path, capsys)
 def test_check_columns_picks_the_image_column_when_none_is_given(small_parquet, tmp_path):
     """No --image-col: ``jpg`` (what the data and filter stages write) if the first training
     input has it, else ``image`` (the dev set's); a given one is kept, and then checked."""
-    import pytest
-
     from align_ray.train.config import TrainConfig
     from align_ray.train.selection import selections
 
@@ -51,4 +50,30 @@ def test_check_columns_picks_the_image_column_when_none_is_given(small_parquet, 
     assert cfg.image_col == "jpg"
     cfg = TrainConfig(data=[small_parquet], text_col="alt_text", image_col="jpg", output="o")
     with pytest.raises(ValueError, match="no column 'jpg'"):
+        ingest.check_columns(cfg, *selections(cfg))
+
+
+def test_check_columns_lists_each_input_and_counts_its_split_once(tmp_path, monkeypatch):
+    """With --split-col, train and val select from the same files: they are listed once and the
+    split column read once, not once per selection (a listing is a LIST call on S3)."""
+    import pyarrow.dataset as pads
+
+    from align_ray import layout
+    from align_ray.train.config import TrainConfig
+    from align_ray.train.selection import selections
+
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"image": [b"x"] * 6, "text": ["t"] * 6,
+                             "split": ["train"] * 4 + ["val"] * 2}), path)
+    listed, read = [], []
+    real_files, real_dataset = layout.parquet_files, pads.dataset
+    monkeypatch.setattr(layout, "parquet_files", lambda p: listed.append(p) or real_files(p))
+    monkeypatch.setattr(ingest.pads, "dataset",
+                        lambda *a, **k: read.append(a) or real_dataset(*a, **k))
+    cfg = TrainConfig(data=[str(path)], split_col="split", output="o")
+    ingest.check_columns(cfg, *selections(cfg))
+    assert listed == [str(path)] and len(read) == 1
+    cfg = TrainConfig(data=[str(path)], split_col="split", val_split="test", output="o")
+    with pytest.raises(ValueError, match=r"no row has split == 'test'; its values: "
+                                         r"'train' \(4 rows\), 'val' \(2 rows\)"):
         ingest.check_columns(cfg, *selections(cfg))
