@@ -75,7 +75,8 @@ class FilterConfig:
     semdedup: bool = False               # SemDeDup on image embeddings (needs `align-ray score`)
     semdedup_clusters: int = 0            # k-means k; 0 = one cluster per ~10 k rows (the paper's ratio)
     semdedup_eps: float = 0.05            # cosine distance: drop when cosine > 1 - eps to a kept pair
-    semdedup_train_rows: int = 200_000    # k-means sample (by key hash): bounds the training task
+    semdedup_train_rows: int = 200_000    # k-means start: faiss on a key-hash sample of this many rows
+    semdedup_kmeans_passes: int = 5       # Lloyd passes over every row after that start (kmeans.py); 0 = none
     # near-duplicate images across the corpus (neardup.py); None = off
     near_dup_distance: int | None = None  # pHash bits two images may differ in and be near-duplicates
     # MetaCLIP-style balancing (balance.py); "" = off
@@ -103,9 +104,9 @@ class FilterConfig:
         if self.score_keep_fraction is not None and not 0 <= self.score_keep_fraction <= 1:
             raise ValueError(f"score_keep_fraction must be in [0, 1], not {self.score_keep_fraction}")
         if (not 0 <= self.semdedup_eps < 1 or self.semdedup_clusters < 0
-                or self.semdedup_train_rows < 1):
-            raise ValueError("semdedup_eps must be in [0, 1), semdedup_clusters >= 0 and "
-                             "semdedup_train_rows >= 1")
+                or self.semdedup_train_rows < 1 or self.semdedup_kmeans_passes < 0):
+            raise ValueError("semdedup_eps must be in [0, 1), semdedup_clusters >= 0, "
+                             "semdedup_train_rows >= 1 and semdedup_kmeans_passes >= 0")
         if self.near_dup_distance is not None and not 0 <= self.near_dup_distance <= 16:
             raise ValueError(f"near_dup_distance must be in 0..16 (pHash bits), not "
                              f"{self.near_dup_distance}")

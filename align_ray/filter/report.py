@@ -181,6 +181,11 @@ def text_summary(report: dict) -> str:
         lines.append(f"  semdedup: {s['clusters']} clusters ({s['nonempty']} non-empty), sizes "
                      f"max {s['max']} median {s['median']}, eps {s['eps']}, "
                      f"{s['dropped']} dropped")
+        km = s.get("kmeans")
+        if km and km["passes"]:   # how far the passes over every row moved the sample's start
+            lines.append(f"    k-means: start from {km['train_rows']} sampled rows, "
+                         f"{km['passes']} passes over all rows, mean cosine to centroid "
+                         f"{km['mean_cosine'][0]} -> {km['mean_cosine'][-1]}")
     if report.get("near_duplicate"):
         nd = report["near_duplicate"]
         lines.append(f"  near_duplicate (pHash <= {nd['distance']} bits, bands {nd['bands']}): "

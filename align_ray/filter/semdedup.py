@@ -5,7 +5,8 @@ rule drops keeps that reason), before the per-shard writer:
 
     E  = key_id, image_embedding, pair_score of every row      [read_parquet, own columns]
     E' = E joined with the verdicts that keep the row          [task shuffle on key_id]
-    C  = spherical k-means centroids: faiss on a sample of E'  [one Ray task]
+    C  = spherical k-means centroids of E': faiss on a sample,
+         then Lloyd passes over every row                      [kmeans.py: tasks + shuffles]
     A  = E' + the nearest centroid of each row                 [map_batches, faiss IndexFlatIP]
     D  = per cluster, the greedy rule below                    [map_groups: one cluster, one task]
     V' = V left-joined with D (reason semantic_duplicate)      [task shuffle on key_id]
@@ -18,8 +19,9 @@ exact (every pair of the cluster is compared) and a pure function of the cluster
 does not depend on the block layout.  What is approximate is k-means itself: near-duplicates
 that fall into different clusters are not compared (the paper's trade-off).
 
-The k-means sample is chosen by a hash of the key (not by block order) and sorted by key, and
-faiss trains it single-threaded with a fixed seed, so the centroids are reproducible too.
+The centroids are reproducible too (:mod:`align_ray.filter.kmeans`: a key-hash sample,
+single-threaded faiss with a fixed seed, then passes that add their float64 sums in a fixed
+order).
 """
 
 from __future__ import annotations
@@ -34,14 +36,14 @@ import ray.data
 
 from align_ray import ray_env
 from align_ray.data.errors import InputError
+from align_ray.filter import kmeans
 from align_ray.filter.config import FilterConfig
-from align_ray.filter.shuffle import Agg, aggregate, join, map_groups, partition_ids
+from align_ray.filter.shuffle import Agg, aggregate, join, map_groups
 from align_ray.layout import PARQUET, Layout
 
 RULE = "semantic_duplicate"
 EMB_COL, SCORE_COL = "image_embedding", "pair_score"
 ROWS_PER_CLUSTER = 10_000   # auto k: the paper's 50 k clusters on LAION-440M are ~8.8 k rows each
-SEED = 1234
 _DROPS = pa.schema([("key_id", pa.int64()), ("sem_detail", pa.string())])
 
 
@@ -131,33 +133,14 @@ def _as_key_id(batch: pa.Table) -> pa.Table:
                      .cast(pa.float32()), EMB_COL: packed(batch.column(EMB_COL))})
 
 
-def _sample(batch: pa.Table, rate: float) -> pa.Table:
-    """A key-hash sample (the same rows whatever the blocks); 2**20 buckets."""
-    pick = partition_ids(batch, ["key_id"], 1 << 20) < rate * (1 << 20)
-    return batch.filter(pa.array(pick)).select(["key_id", EMB_COL])
-
-
-@ray.remote(num_cpus=1)
-def _train(k: int, *parts: pa.Table) -> np.ndarray:
-    import faiss
-
-    faiss.omp_set_num_threads(1)   # reproducible sums: one thread, fixed seed, sorted sample
-    table = pa.concat_tables(parts).sort_by("key_id")
-    x = np.ascontiguousarray(unit_rows(table.column(EMB_COL)))
-    km = faiss.Kmeans(x.shape[1], k, niter=20, seed=SEED, spherical=True, verbose=False,
-                      max_points_per_centroid=1 << 30)   # the sample is already the budget
-    km.train(x)
-    return km.centroids
+def emb_rows(table: pa.Table) -> np.ndarray:
+    """k-means' view of a row: its image embedding as a float32 unit row."""
+    return unit_rows(table.column(EMB_COL))
 
 
 def _assign(batch: pa.Table, centroids: np.ndarray) -> pa.Table:
-    import faiss
-
-    x = np.ascontiguousarray(unit_rows(batch.column(EMB_COL)))
-    index = faiss.IndexFlatIP(centroids.shape[1])
-    index.add(np.ascontiguousarray(centroids, np.float32))
-    _, nearest = index.search(x, 1) if len(x) else (None, np.zeros((0, 1), np.int64))
-    return batch.append_column("cluster", pa.array(nearest[:, 0].astype(np.int64)))
+    nearest, _ = kmeans.nearest(emb_rows(batch), centroids)
+    return batch.append_column("cluster", pa.array(nearest))
 
 
 def _verdict(batch: pa.Table) -> pa.Table:
@@ -169,9 +152,10 @@ def _verdict(batch: pa.Table) -> pa.Table:
     return out.append_column("reason", reason).append_column("detail", detail)
 
 
-def clusters_for(cfg: FilterConfig, rows: int, sample_rows: int) -> int:
-    k = cfg.semdedup_clusters or math.ceil(rows / ROWS_PER_CLUSTER)
-    return max(1, min(k, sample_rows))
+def clusters_for(cfg: FilterConfig, rows: int) -> int:
+    """k: the configured one, else one cluster per ~10 k rows (at most one per sampled row:
+    :func:`kmeans.fit`)."""
+    return max(1, cfg.semdedup_clusters or math.ceil(rows / ROWS_PER_CLUSTER))
 
 
 def size_summary(sizes: list[int], k: int) -> dict:
@@ -199,15 +183,8 @@ def apply(src: Layout, shards: list[dict], verdicts: ray.data.Dataset, cfg: Filt
     rows = live.count()
     if rows == 0:
         return verdicts, {**size_summary([], 0), "eps": cfg.semdedup_eps, "dropped": 0}
-    rate = min(1.0, cfg.semdedup_train_rows / rows)
-    sample = live.map_batches(_sample, fn_kwargs={"rate": rate}, batch_format="pyarrow",
-                              batch_size=None).materialize()
-    n_sample = sample.count()
-    k = clusters_for(cfg, rows, max(1, n_sample))
-    if n_sample == 0:   # a tiny rate missed every row: take them all
-        sample, n_sample = live.map_batches(_sample, fn_kwargs={"rate": 1.0},
-                                            batch_format="pyarrow", batch_size=None), rows
-    centroids = ray.get(_train.remote(k, *sample.materialize().to_arrow_refs()))
+    centroids, fit = kmeans.fit(live, clusters_for(cfg, rows), emb_rows, cfg.semdedup_train_rows,
+                                cfg.semdedup_kmeans_passes, npart)
     assigned = live.map_batches(_assign, fn_kwargs={"centroids": centroids},
                                 batch_format="pyarrow", batch_size=None).materialize()
     sizes = aggregate(assigned.select_columns(["cluster"]), ["cluster"], [Agg("n", "count")],
@@ -219,5 +196,5 @@ def apply(src: Layout, shards: list[dict], verdicts: ray.data.Dataset, cfg: Filt
     n_drop = drops.count()
     out = join(verdicts, drops, ["key_id"], "left outer", npart).map_batches(
         _verdict, batch_format="pyarrow", batch_size=None)
-    return out, {**size_summary(size_list, k), "eps": cfg.semdedup_eps,
-                 "train_rows": n_sample, "dropped": n_drop}
+    return out, {**size_summary(size_list, fit["clusters"]), "eps": cfg.semdedup_eps,
+                 "kmeans": fit, "dropped": n_drop}

@@ -13,7 +13,7 @@ import pytest
 
 from align_ray import cli
 from align_ray.data.errors import InputError
-from align_ray.filter import pipeline, semdedup
+from align_ray.filter import pipeline, report, semdedup
 from align_ray.filter.config import RULES, FilterConfig
 from tests.filter import crafted
 from tests.filter.test_pipeline import read_dir
@@ -115,8 +115,12 @@ def test_stage_drops_planted_duplicates_and_accounts_for_every_row(ray_cluster, 
     sem = stats["semdedup"]
     assert sem["clusters"] == 3 and sem["rows"] == n and sem["dropped"] == GROUPS * (COPIES - 1)
     assert sem["max"] >= sem["median"] > 0
+    km = sem["kmeans"]   # started from every row (n < semdedup_train_rows), then refined
+    assert km["train_rows"] == n and 1 <= km["passes"] == len(km["mean_cosine"]) <= 5
     rep = json.loads((tmp_path / "a" / "report.json").read_text())
     assert rep["semdedup"]["rows"] == n
+    assert f"k-means: start from {n} sampled rows, {km['passes']} passes" in \
+        report.text_summary(rep)
     assert rep["funnel"] == [{"rule": semdedup.RULE, "dropped": GROUPS * (COPIES - 1),
                               "rows_left": n - GROUPS * (COPIES - 1)}]
     dropped = read_dir(tmp_path / "a", "dropped", "0*.parquet")
@@ -141,6 +145,8 @@ def test_semdedup_needs_the_score_columns(tmp_path, capsys):
     assert not FilterConfig(semdedup=True, disabled_rules=[semdedup.RULE]).enabled(semdedup.RULE)
     with pytest.raises(ValueError, match="semdedup_eps"):
         FilterConfig(semdedup_eps=1.5)
+    with pytest.raises(ValueError, match="semdedup_kmeans_passes >= 0"):
+        FilterConfig(semdedup_kmeans_passes=-1)
 
 
 # ---- on `align-ray score`'s real output: the serve corpus re-encodes the images of rows 3 and
