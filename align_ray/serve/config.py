@@ -330,7 +330,7 @@ class IndexConfig:
     num_gpus: float = 0.0
     thumbnails: bool = True
     thumb_size: int = 256
-    limit: int | None = None
+    limit: int | None = None   # index only the first N rows (a quick try); None: every row
     overwrite: bool = False
     # Fail (exit 3, naming the stuck operator) after this long without progress; <= 0: never.
     stall_timeout_s: float = 600.0
@@ -339,5 +339,8 @@ class IndexConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or (self.concurrency is not None and self.concurrency < 1):
             raise ValueError("batch_size and concurrency must be >= 1")
+        if self.limit is not None and self.limit < 1:   # 0 used to mean "every row", silently
+            raise ValueError(f"limit must be >= 1 (leave it out to index every row), not "
+                             f"{self.limit}")
         if self.num_cpus <= 0 and self.num_gpus <= 0:
             raise ValueError("an encoder actor needs num_cpus > 0 or num_gpus > 0")

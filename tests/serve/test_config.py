@@ -88,3 +88,5 @@ def test_index_config_checks():
     assert IndexConfig(model="m", data="d", output="o").concurrency is None   # sized to the cluster
     with pytest.raises(ValueError):
         IndexConfig(batch_size=0)
+    with pytest.raises(ValueError, match="limit must be >= 1"):   # not "every row"
+        IndexConfig(limit=0)
