@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 from typing import Any
 
 import timm
@@ -41,13 +42,33 @@ def build_image_tower(cfg: ModelConfig, init_pretrained: bool = True) -> nn.Modu
     )
 
 
-def check_image_model(cfg: ModelConfig) -> None:
-    """ValueError for an image tower timm does not know, checked by ``align-ray train`` before
-    Ray starts (else ``timm.create_model`` fails in every Ray Train worker, retried)."""
+def check_towers(cfg: ModelConfig) -> None:
+    """ValueError, naming the setting, for a tower that cannot be built: an image tower timm
+    does not know, an ``image_pretrained`` file that is not there, a ``text_model`` or
+    ``tokenizer`` that is neither a loadable directory nor a hub name Hugging Face can resolve
+    (offline: one in its cache).  Checked by ``align-ray train`` before Ray starts; otherwise
+    each fails in every Ray Train worker, after the group has started, and is retried."""
     if not timm.is_model(cfg.image_model):
         close = difflib.get_close_matches(cfg.image_model, timm.list_models(), n=3)
         raise ValueError(f"model.image_model {cfg.image_model!r} is not a timm model"
                          + (f"; close names: {', '.join(close)}" if close else ""))
+    src = cfg.image_pretrained
+    if src not in (None, "hub") and not os.path.isfile(os.path.expanduser(str(src))):
+        raise ValueError(f"model.image_pretrained {src!r}: no such file (a timm checkpoint "
+                         "file, or 'hub')")
+    from align_ray.model.tokenizer import load_tokenizer
+
+    for key, name, load in (("text_model", cfg.text_model, AutoConfig.from_pretrained),
+                            ("tokenizer", cfg.tokenizer or cfg.text_model, load_tokenizer)):
+        if name is None:
+            continue
+        try:
+            load(name)
+        except (OSError, ValueError) as e:   # HF: OSError, or HFValidationError (a ValueError)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"model.{key} {name!r} cannot be loaded: a directory saved with "
+                             "save_pretrained, or a hub name (offline: one in the Hugging "
+                             f"Face cache). {first}") from None
 
 
 def _drop_pooler(model: nn.Module) -> nn.Module:

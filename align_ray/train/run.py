@@ -32,7 +32,7 @@ from ray.train.torch import TorchTrainer
 
 from align_ray import storage
 from align_ray.model import finetune
-from align_ray.model.dual_encoder import check_image_model
+from align_ray.model.dual_encoder import check_towers
 from align_ray.train import checkpoint as ckpt_lib
 from align_ray.train import ingest, lr_find, preprocess, resilience, selection
 from align_ray.train.config import TrainConfig
@@ -151,14 +151,14 @@ def check(cfg: TrainConfig) -> None:
     """Everything about ``cfg`` that can be refused before Ray starts, with one line each
     (ValueError: the CLI's exit 2): ``init_from`` (and the source's settings taken into
     ``cfg.model``), the inputs and their columns and splits (``cfg.image_col`` resolved), the
-    image tower's name.  Each of these otherwise failed in every Ray Train worker, after the
+    towers' names and files.  Each of these otherwise failed in every Ray Train worker, after the
     group had started, and Ray Train retried it as if it might pass."""
     if not cfg.output:
         raise ValueError("output is required")
     finetune.prepare(cfg)  # --init-from: the source's architecture, preprocessing and loss
     ingest.check_columns(cfg, *selection.selections(cfg))
     if not cfg.init_from:
-        check_image_model(cfg.model)
+        check_towers(cfg.model)
 
 
 def run(cfg: TrainConfig, *, step_hook: Callable[[int, int], None] | None = None,

@@ -12,6 +12,7 @@ import torch
 from transformers import BertConfig, BertModel
 
 from align_ray.model import DualEncoder, Embedder, load_pretrained, save_pretrained, tokenize
+from align_ray.model.dual_encoder import check_towers
 from tests.model.helpers import tiny_cfg
 
 
@@ -79,6 +80,7 @@ def test_saved_dir_is_self_contained(tmp_path, tokenizer, monkeypatch):
     ckpt = tmp_path / "img.pth"
     torch.save(timm.create_model("test_efficientnet", num_classes=0).state_dict(), ckpt)
     cfg = tiny_cfg(text_model=str(bert_dir), image_pretrained=str(ckpt))
+    check_towers(cfg)   # what `align-ray train` checks before Ray: these sources load
     model = DualEncoder(cfg, len(tokenizer)).eval()
     save_pretrained(model, tokenizer, cfg, tmp_path / "saved")
     shutil.rmtree(bert_dir)

@@ -55,6 +55,21 @@ def test_train_names_a_missing_column_or_split_before_ray_starts(small_parquet, 
     assert "model.image_model 'efficientnet_b9' is not a timm model; close names: " \
         "efficientnet_b8" in err, err
     assert ray.is_initialized() == was_up
+    # a pretrained tower or tokenizer that cannot be loaded names its setting (it was HF's own
+    # message, from every worker, exit 1), and so does a missing image checkpoint file
+    (tmp_path / "notamodel").mkdir()
+    for model, says in (
+            ("text_model: " + str(tmp_path / "nope"), f"model.text_model '{tmp_path / 'nope'}'"
+             " cannot be loaded: a directory saved with save_pretrained, or a hub name"),
+            ("text_model: " + str(tmp_path / "notamodel"), "model.text_model '"),
+            ("tokenizer: " + str(tmp_path / "notamodel"), "model.tokenizer '"),
+            ("image_pretrained: " + str(tmp_path / "w.safetensors"),
+             f"model.image_pretrained '{tmp_path / 'w.safetensors'}': no such file")):
+        y.write_text("model: {preset: tiny, " + model + "}\n")
+        assert main(base + ["--config", str(y)]) == 2, model
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, err
+        assert ray.is_initialized() == was_up
     assert not (tmp_path / "run").exists()
 
 
