@@ -8,6 +8,7 @@ clear message instead of hanging:
   once, every shard file whole and named by its marker;
 * mid-training: Ray Train restores the group from the last checkpoint (a replacement node
   joins), and the step count, ``samples_seen`` and the bad-image count are exact;
+* mid-filter: every row once, kept or dropped with the reason the rules give;
 * mid-index: the index holds every row once, in corpus order;
 * too few nodes left: ``align-ray train`` exits 3 within its start timeout, naming what the
   worker group waits for;
@@ -111,6 +112,53 @@ def test_download_survives_losing_a_download_node(cluster, web, tmp_path):
     on_disk = {f"{d}/{f.name}" for d in ("parquet", "webdataset", "dropped")
                for f in (out / d).iterdir()}
     assert on_disk == live
+
+
+def test_filter_survives_losing_a_node_while_it_writes(cluster, tmp_path):
+    """``align-ray filter`` (global plan: Ray task shuffles whose blocks live on the worker
+    nodes, then per-partition writer tasks) with the node of a writer killed after the first
+    shard is written.  Ray reruns the lost tasks and rebuilds lost shuffle blocks from lineage:
+    every row ends up once, in the output or in ``dropped/`` with the reason the rules give."""
+    import random
+
+    from tests.filter import crafted
+
+    ensure(cluster, cpu_worker=1, gpu_train=2)
+    rng, corpus, want = random.Random(0), crafted.Corpus(), {}
+    words = [f"w{i}" for i in range(400)]
+    for i in range(4000):   # rules decided by each row alone, so the reasons are known
+        n_words, w = rng.randint(2, 8), rng.choice([150, 300, 900])
+        corpus.add(f"img{i}", " ".join(rng.choice(words) for _ in range(n_words)), None, w=w,
+                   h=300)
+        want[corpus.rows[-1]["key"]] = ("image_too_small" if w == 150 else "aspect_ratio"
+                                        if w == 900 else "too_few_tokens" if n_words < 3
+                                        else None)
+    stats1 = crafted.write_stage1(corpus, tmp_path / "stage", shard_size=50)
+    out, log = tmp_path / "out", tmp_path / "filter.log"
+    proc = _start(["-m", "align_ray.cli", "filter", "--input", str(tmp_path / "stage"),
+                   "--output", str(out), "--ray-address", cluster.address], cluster, log)
+    markers = out / "_shards"
+
+    def writing():
+        done = list(markers.glob("*.json")) if markers.exists() else []
+        nodes = [n for n in cluster.node_of_title("_apply_groups") if n.type != "head"]
+        return nodes if done and nodes else None
+
+    victim = _wait_for(writing, proc, log, 240, "a written shard and a writer task")[0]
+    done_at_kill = len(list(markers.glob("*.json")))
+    cluster.kill(victim)
+    cluster.add(victim.type)                      # what an autoscaler does for a lost node
+    _finish(proc, log, 300)
+    assert proc.returncode == 0, log.read_text()[-4000:]
+    assert done_at_kill < 80, "the run had written every shard before the kill"
+    keys = list(want) + [f"9{s:05d}0000000{i}" for s in range(80) for i in range(2)]
+    samples, dropped = accounting(out, keys)      # every key once; rows add up; complete
+    assert stats1["dropped"] == {"http_404": 160}
+    got = {k: (dropped[k]["reason"] if k in dropped else None) for k in want}
+    assert got == want
+    assert all(dropped[k]["reason"] == "http_404" for k in keys[len(want):])
+    print(f"filter: node {victim.name} killed after {done_at_kill} of 80 shards; "
+          f"{len(samples)} kept, {len(dropped)} dropped, each as the rules say")
 
 
 def test_index_survives_losing_an_encoder_node(cluster, tiny_model, tmp_path):
