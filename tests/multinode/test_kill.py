@@ -67,6 +67,25 @@ def _finish(proc: subprocess.Popen, log: Path, timeout: float) -> str:
     return out
 
 
+def _kill_mid_run(cluster, proc: subprocess.Popen, log: Path, folder: Path, pattern: str,
+                  title: str, what: str, finish_s: float) -> tuple:
+    """Once ``folder`` holds a ``pattern`` file and a worker node runs a process whose title
+    has ``title``, SIGKILL that node, add a replacement of its type (what an autoscaler does
+    for a lost node) and wait for the stage to succeed: (the node, files there at the kill)."""
+    def ready():
+        written = list(folder.glob(pattern)) if folder.exists() else []
+        nodes = [n for n in cluster.node_of_title(title) if n.type != "head"]
+        return nodes if written and nodes else None
+
+    victim = _wait_for(ready, proc, log, 240, what)[0]
+    at_kill = len(list(folder.glob(pattern)))
+    cluster.kill(victim)
+    cluster.add(victim.type)
+    _finish(proc, log, finish_s)
+    assert proc.returncode == 0, log.read_text()[-4000:]
+    return victim, at_kill
+
+
 def test_download_survives_losing_a_download_node(cluster, web, tmp_path):
     ensure(cluster, cpu_worker=1, gpu_train=2)
     # 80 rows in 16 shards; each image answers after 0.6 s and an actor fetches 2 at a time,
@@ -137,19 +156,9 @@ def test_filter_survives_losing_a_node_while_it_writes(cluster, tmp_path):
     out, log = tmp_path / "out", tmp_path / "filter.log"
     proc = _start(["-m", "align_ray.cli", "filter", "--input", str(tmp_path / "stage"),
                    "--output", str(out), "--ray-address", cluster.address], cluster, log)
-    markers = out / "_shards"
-
-    def writing():
-        done = list(markers.glob("*.json")) if markers.exists() else []
-        nodes = [n for n in cluster.node_of_title("_apply_groups") if n.type != "head"]
-        return nodes if done and nodes else None
-
-    victim = _wait_for(writing, proc, log, 240, "a written shard and a writer task")[0]
-    done_at_kill = len(list(markers.glob("*.json")))
-    cluster.kill(victim)
-    cluster.add(victim.type)                      # what an autoscaler does for a lost node
-    _finish(proc, log, 300)
-    assert proc.returncode == 0, log.read_text()[-4000:]
+    victim, done_at_kill = _kill_mid_run(cluster, proc, log, out / "_shards", "*.json",
+                                         "_apply_groups", "a written shard and a writer task",
+                                         300)
     assert done_at_kill < 80, "the run had written every shard before the kill"
     keys = list(want) + [f"9{s:05d}0000000{i}" for s in range(80) for i in range(2)]
     samples, dropped = accounting(out, keys)      # every key once; rows add up; complete
@@ -177,18 +186,8 @@ def test_index_survives_losing_an_encoder_node(cluster, tiny_model, tmp_path):
                    "--concurrency", "2", "--num-cpus", "1", "--batch-size", "32",
                    "--ray-address", cluster.address], cluster, log)
     shards = out / "shards"
-
-    def mid_run():
-        written = list(shards.glob("*.parquet")) if shards.exists() else []
-        nodes = [n for n in cluster.node_of_title("_EmbedBatch") if n.type != "head"]
-        return nodes if written and nodes else None
-
-    victim = _wait_for(mid_run, proc, log, 240, "a shard file and an encoder actor")[0]
-    written_at_kill = len(list(shards.glob("*.parquet")))
-    cluster.kill(victim)
-    cluster.add(victim.type)                      # what an autoscaler does for a lost node
-    _finish(proc, log, 420)
-    assert proc.returncode == 0, log.read_text()[-4000:]
+    _, written_at_kill = _kill_mid_run(cluster, proc, log, shards, "*.parquet", "_EmbedBatch",
+                                       "a shard file and an encoder actor", 420)
     manifest = json.loads((out / "index.json").read_text())
     total = 2 * dev.num_rows
     assert manifest["count"] + manifest["dropped"] == total
