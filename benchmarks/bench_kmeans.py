@@ -13,6 +13,11 @@ near-duplicate pairs (cosine > 0.95 and > 0.90) whose two rows share a cluster (
 can still find), the largest cluster, and the fit's seconds (median of ``--runs``, warm Ray).
 
     .venv/bin/python benchmarks/bench_kmeans.py --out benchmarks/results/kmeans-dev.json
+
+``--synthetic N D K`` times the fit instead, on N random rows of dimension D around K centres
+in 16 blocks (what a pass costs; the data says nothing about quality):
+
+    .venv/bin/python benchmarks/bench_kmeans.py --synthetic 500000 256 50 --out ...
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--passes", type=int, nargs="+", default=[0, 5, 50])
+    ap.add_argument("--synthetic", type=int, nargs=3, metavar=("N", "D", "K"))
     args = ap.parse_args()
 
     import ray
@@ -63,6 +69,8 @@ def main() -> None:
 
     ray.init(log_to_driver=False, logging_level="ERROR")
     ray.data.DataContext.get_current().enable_progress_bars = False
+    if args.synthetic:
+        return timing(args, *args.synthetic)
     x = dev_vectors()
     d = x.shape[1]
     table = pa.table({"key_id": pa.array(np.arange(len(x)) * 2654435761 % (1 << 40), pa.int64()),
@@ -92,6 +100,35 @@ def main() -> None:
             print(row, flush=True)
             rows.append(row)
     write_json(args.out, {"rows": len(x), "dim": d, "k": k, "runs": args.runs,
+                          "machine": machine(), "results": rows})
+
+
+def timing(args, n: int, d: int, k: int) -> None:
+    import ray.data
+
+    from align_ray.filter import kmeans, semdedup
+
+    rng = np.random.default_rng(0)
+    centres = kmeans.unit(rng.normal(size=(k, d)))
+    x = kmeans.unit(centres[rng.integers(0, k, n)] + 2.4 * rng.normal(size=(n, d)) / np.sqrt(d))
+    cuts = np.linspace(0, n, 17).astype(int)
+    ds = ray.data.from_arrow([pa.table({
+        "key_id": pa.array(np.arange(a, b) * 2654435761 % (1 << 40), pa.int64()),
+        semdedup.EMB_COL: semdedup.packed(pa.FixedSizeListArray.from_arrays(
+            pa.array(x[a:b].ravel(), pa.float32()), d))}) for a, b in zip(cuts, cuts[1:])])
+    ds = ds.materialize()
+    rows = []
+    for passes in args.passes:
+        secs = []
+        for _ in range(args.runs):
+            t = time.perf_counter()
+            _, fit = kmeans.fit(ds, k, semdedup.emb_rows, 200_000, passes, 4)
+            secs.append(time.perf_counter() - t)
+        rows.append({"passes_asked": passes, "passes_run": fit["passes"],
+                     "sample_rows": fit["train_rows"], "mean_cosine": fit["mean_cosine"],
+                     "fit_seconds_median": round(statistics.median(secs), 2)})
+        print(rows[-1], flush=True)
+    write_json(args.out, {"synthetic": {"rows": n, "dim": d, "k": k}, "runs": args.runs,
                           "machine": machine(), "results": rows})
 
 
