@@ -7,7 +7,8 @@
       S = per cluster, the blocks' partial sums added           [task shuffle on cluster]
       C = S / |S| (spherical k-means: the mean direction); a cluster no row chose keeps its
           centroid
-    and it stops early once no centroid moved by more than ``TOL`` (1 - cosine).
+    and it stops early once a pass gained less than ``GAIN`` in the rows' mean cosine to their
+    centroid, or no centroid moved by more than ``TOL`` (1 - cosine).
 
 Why the passes over every row, and not the sample alone: the sample bounds the one-task start,
 but at the auto k (one cluster per ~10 k rows) a bounded sample leaves too few points per
@@ -32,6 +33,10 @@ from align_ray.filter.shuffle import map_groups, partition_ids
 
 SEED = 1234
 TOL = 1e-6  # largest centroid move (1 - cosine) that still counts as "moved"
+# smallest gain in mean cosine worth another pass (each costs a full assignment); a start
+# with thousands of sampled rows per centroid gains ~1e-4 in its first pass, one with a
+# single row per centroid ~0.05 (BENCHMARKS.md, "SemDeDup's k-means")
+GAIN = 1e-4
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -154,7 +159,7 @@ def fit(ds: ray.data.Dataset, k: int, rows_of, sample_rows: int, passes: int,
     for _ in range(passes):
         centroids, mean_cos, moved = lloyd_step(ds, centroids, rows_of, num_partitions)
         history.append(round(mean_cos, 6))
-        if moved <= TOL:
+        if moved <= TOL or (len(history) > 1 and history[-1] - history[-2] < GAIN):
             break
     return centroids, {"clusters": k, "train_rows": n_sample, "passes": len(history),
                        "mean_cosine": history}
