@@ -97,8 +97,8 @@ def _partial(batch: pa.Table, centroids: np.ndarray, rows_of) -> pa.Table:
 def _binary(rows: np.ndarray) -> pa.Array:
     """float64 rows as fixed-size binary (the task shuffle carries no list columns)."""
     rows = np.ascontiguousarray(rows, np.float64)
-    return pa.Array.from_buffers(pa.binary(max(8, rows.shape[1] * 8) if rows.ndim == 2 else 8),
-                                 len(rows), [None, pa.py_buffer(rows.tobytes())])
+    return pa.Array.from_buffers(pa.binary(rows.shape[1] * 8), len(rows),
+                                 [None, pa.py_buffer(rows.tobytes())])
 
 
 def _rows(col: pa.Array | pa.ChunkedArray, d: int) -> np.ndarray:
@@ -109,10 +109,8 @@ def _rows(col: pa.Array | pa.ChunkedArray, d: int) -> np.ndarray:
 
 def _reduce(group: pa.Table, d: int) -> pa.Table:
     """One cluster: its blocks' partials added in the order of their tags."""
-    group = group.sort_by("tag")
-    total = np.zeros((1, d), np.float64)
-    for row in _rows(group.column("sum"), d):   # in order: no pairwise-sum reordering
-        total[0] += row
+    group = group.sort_by("tag")   # a fixed order, so the same partials sum bit for bit
+    total = _rows(group.column("sum"), d).sum(axis=0, keepdims=True)
     return pa.table([pa.array([group.column("cluster")[0].as_py()], pa.int64()),
                      pa.array([sum(group.column("n").to_pylist())], pa.int64()),
                      pa.array([float(np.sum(group.column("cos").to_numpy()))]),
@@ -133,8 +131,8 @@ def lloyd_step(ds: ray.data.Dataset, centroids: np.ndarray, rows_of,
         sums = pa.concat_tables(parts)
         idx = sums.column("cluster").to_numpy()
         new[idx] = unit(_rows(sums.column("sum"), d))
-        n, cos = float(np.sum(sums.column("n").to_numpy())), float(np.sum(sums.column("cos")
-                                                                           .to_numpy()))
+        n = float(np.sum(sums.column("n").to_numpy()))
+        cos = float(np.sum(sums.column("cos").to_numpy()))
     new = new.astype(np.float32)
     moved = 1.0 - np.sum(unit(np.asarray(centroids, np.float64)) * unit(new.astype(np.float64)),
                          axis=1)

@@ -59,7 +59,9 @@ def check_towers(cfg: ModelConfig) -> None:
     from align_ray.model.tokenizer import load_tokenizer
 
     for key, name, load in (("text_model", cfg.text_model, AutoConfig.from_pretrained),
-                            ("tokenizer", cfg.tokenizer or cfg.text_model, load_tokenizer)):
+                            # without its own tokenizer a text_model brings its vocabulary
+                            ("tokenizer" if cfg.tokenizer else "text_model",
+                             cfg.tokenizer or cfg.text_model, load_tokenizer)):
         if name is None:
             continue
         try:
