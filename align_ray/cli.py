@@ -237,7 +237,7 @@ def _run_train(args: argparse.Namespace) -> int:
         summary = run(cfg, address=args.ray_address)
     except (ValueError, FileNotFoundError) as e:
         return _error("train", e)
-    except OSError as e:  # a text_model or tokenizer that cannot be loaded, storage failing
+    except OSError as e:  # storage failing mid-run (unloadable towers are refused by run.check)
         return _error("train", e, 1)
     print(json.dumps(summary, default=str))
     return 0

@@ -3,7 +3,7 @@
 # against Ray clusters they start themselves with `ray start` (tests/multinode, and the CLI
 # stages on a 2-CPU head: tests/test_cli_stages.py), beside the rest (mostly on the session's
 # in-process Ray; tests/score/test_cli.py starts its own 2-CPU head there too: it moved to this
-# half because the cluster half was the longer one, 19.5 against 17.7 min in CI on e78c911).
+# half because the cluster half was the longer one, BENCHMARKS.md "CI time").
 # The same tests as `pytest -q` in one process.
 #
 # Why two processes: each half alone leaves a 2-core box about a third idle (the multi-node
