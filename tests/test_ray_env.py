@@ -44,13 +44,15 @@ def test_read_parquet_uses_the_v1_datasource_and_reads_the_same_rows(ray_cluster
     ctx = ray.data.DataContext.get_current()
     monkeypatch.delenv("RAY_DATA_USE_DATASOURCE_V2", raising=False)
     assert ctx.use_datasource_v2                       # Ray's default, left alone
-    ours = read_parquet(files, columns=["k"], include_paths=True)
-    assert _ops(ours) == ["ReadParquet"]
-    assert ctx.use_datasource_v2
-    v2 = ray.data.read_parquet(files, columns=["k"], include_paths=True)
-    assert "ListFiles" in _ops(v2)
+    # set before the datasets exist: each copies the context when it is created (set after,
+    # the order held on a quiet box and not on a loaded one)
     ctx.execution_options.preserve_order = True
     try:
+        ours = read_parquet(files, columns=["k"], include_paths=True)
+        assert _ops(ours) == ["ReadParquet"]
+        assert ctx.use_datasource_v2
+        v2 = ray.data.read_parquet(files, columns=["k"], include_paths=True)
+        assert "ListFiles" in _ops(v2)
         a, b = ours.take_all(), v2.take_all()
     finally:
         ctx.execution_options.preserve_order = False
