@@ -10,6 +10,7 @@ clear message instead of hanging:
   joins), and the step count, ``samples_seen`` and the bad-image count are exact;
 * mid-filter: every row once, kept or dropped with the reason the rules give;
 * mid-index: the index holds every row once, in corpus order;
+* mid-score: every row once, scored as the model scores it;
 * too few nodes left: ``align-ray train`` exits 3 within its start timeout, naming what the
   worker group waits for;
 * elastic: the group shrinks to the nodes left and grows back when a node joins, with the same
@@ -175,12 +176,10 @@ def test_index_survives_losing_an_encoder_node(cluster, tiny_model, tmp_path):
     """``align-ray index`` with 2 encoder actors on worker nodes; the node of one of them dies
     after the first shard file is written.  Ray Data restarts the actor and reruns its blocks:
     the index holds every row exactly once, in corpus order (ids follow the input)."""
-    import pyarrow as pa
-
     ensure(cluster, cpu_worker=1, gpu_train=2)
     dev = pq.read_table(DEV_SET, columns=["image", "text"])
-    src = tmp_path / "corpus.parquet"             # 2 x the dev set: a run long enough to
-    pq.write_table(pa.concat_tables([dev] * 2), src)    # kill a node in the middle of
+    src = tmp_path / "corpus.parquet"             # the dev set: ~45 shard files, the kill
+    pq.write_table(dev, src)                      # comes after the first
     out, log = tmp_path / "index", tmp_path / "index.log"
     proc = _start(["-m", "align_ray.cli", "index", "--model", tiny_model, "--data", str(src),
                    "--image-col", "image", "--text-col", "text", "--output", str(out),
@@ -190,16 +189,48 @@ def test_index_survives_losing_an_encoder_node(cluster, tiny_model, tmp_path):
     _, written_at_kill = _kill_mid_run(cluster, proc, log, shards, "*.parquet", "_EmbedBatch",
                                        "a shard file and an encoder actor", 420)
     manifest = json.loads((out / "index.json").read_text())
-    total = 2 * dev.num_rows
+    total = dev.num_rows
     assert manifest["count"] + manifest["dropped"] == total
     assert manifest["dropped"] == 0               # every dev image decodes
     meta = pq.read_table(out / "metadata.parquet", columns=["id", "text"])
     assert meta.column("id").to_pylist() == list(range(total))
-    assert meta.column("text").to_pylist() == dev.column("text").to_pylist() * 2
+    assert meta.column("text").to_pylist() == dev.column("text").to_pylist()
     written = len(list(shards.glob("*.parquet")))
     assert written_at_kill < written, "the run had finished writing before the kill"
     print(f"index: node killed after {written_at_kill} of {written} shard files; "
           f"{manifest['count']} rows, in order")
+
+
+def test_score_survives_losing_a_scorer_node(cluster, tiny_model, tmp_path):
+    """``align-ray score`` with 2 scorer actors on worker nodes (one shard per call); the node
+    of one dies after the first shard is scored.  Ray Data restarts the actor and reruns its
+    shard: every row once, in the output or in ``dropped/``, and the rerun shard's scores are
+    the model's own: the input is the same rows twice, and each pair of copies scores alike
+    whichever actor, before or after the kill, scored it."""
+    import numpy as np
+    import pyarrow as pa
+
+    ensure(cluster, cpu_worker=1, gpu_train=2)
+    half = pq.read_table(DEV_SET, columns=["image", "text"]).slice(0, 300)
+    n = 2 * half.num_rows
+    keys = [f"{i:06d}" for i in range(n)]
+    src = tmp_path / "corpus.parquet"             # row groups of 25: 24 shards of 25 rows
+    pq.write_table(pa.concat_tables([half, half]).append_column("key", pa.array(keys)), src,
+                   row_group_size=25)
+    out, log = tmp_path / "scored", tmp_path / "score.log"
+    proc = _start(["-m", "align_ray.cli", "score", "--model", tiny_model, "--input", str(src),
+                   "--output", str(out), "--shard-rows", "25", "--concurrency", "2",
+                   "--num-cpus", "1", "--batch-size", "25", "--ray-address", cluster.address],
+                  cluster, log)
+    victim, done_at_kill = _kill_mid_run(cluster, proc, log, out / "_shards", "*.json",
+                                         "ShardScorer", "a scored shard and a scorer actor", 420)
+    assert done_at_kill < 24, "the run had scored every shard before the kill"
+    samples, dropped = accounting(out, keys)      # every key once; rows add up; complete
+    assert not dropped                            # every dev image decodes
+    score = {k: r["pair_score"] for k, r in samples.items()}
+    np.testing.assert_allclose([score[k] for k in keys[:n // 2]],
+                               [score[k] for k in keys[n // 2:]], atol=1e-5)
+    print(f"score: node {victim.name} killed after {done_at_kill} of 24 shards")
 
 
 @pytest.mark.timeout(900)   # a loaded CI box: up to 420 s to a registered checkpoint, 300 after
