@@ -56,7 +56,7 @@ def test_read_parquet_uses_the_v1_datasource_and_reads_the_same_rows(ray_cluster
         a, b = ours.take_all(), v2.take_all()
     finally:
         ctx.execution_options.preserve_order = False
-    # the same rows and paths (V2 here put part-2 first despite preserve_order); ours in order
+    # the same rows and paths as V2 (whose order is not what is tested here); ours in order
     assert sorted((r["k"], r["path"]) for r in a) == sorted((r["k"], r["path"]) for r in b)
     assert [(r["k"], r["path"]) for r in a] == [(k, files[k // 50]) for k in range(150)]
 

@@ -178,7 +178,7 @@ def test_index_survives_losing_an_encoder_node(cluster, tiny_model, tmp_path):
     the index holds every row exactly once, in corpus order (ids follow the input)."""
     ensure(cluster, cpu_worker=1, gpu_train=2)
     dev = pq.read_table(DEV_SET, columns=["image", "text"])
-    src = tmp_path / "corpus.parquet"             # the dev set: ~45 shard files, the kill
+    src = tmp_path / "corpus.parquet"             # the dev set: ~48 shard files, the kill
     pq.write_table(dev, src)                      # comes after the first
     out, log = tmp_path / "index", tmp_path / "index.log"
     proc = _start(["-m", "align_ray.cli", "index", "--model", tiny_model, "--data", str(src),
@@ -212,25 +212,25 @@ def test_score_survives_losing_a_scorer_node(cluster, tiny_model, tmp_path):
 
     ensure(cluster, cpu_worker=1, gpu_train=2)
     half = pq.read_table(DEV_SET, columns=["image", "text"]).slice(0, 300)
-    n = 2 * half.num_rows
-    keys = [f"{i:06d}" for i in range(n)]
-    src = tmp_path / "corpus.parquet"             # row groups of 25: 24 shards of 25 rows
+    n, per_shard = 2 * half.num_rows, 25
+    shards, keys = n // per_shard, [f"{i:06d}" for i in range(n)]
+    src = tmp_path / "corpus.parquet"             # a shard is a run of whole row groups
     pq.write_table(pa.concat_tables([half, half]).append_column("key", pa.array(keys)), src,
-                   row_group_size=25)
+                   row_group_size=per_shard)
     out, log = tmp_path / "scored", tmp_path / "score.log"
     proc = _start(["-m", "align_ray.cli", "score", "--model", tiny_model, "--input", str(src),
-                   "--output", str(out), "--shard-rows", "25", "--concurrency", "2",
+                   "--output", str(out), "--shard-rows", str(per_shard), "--concurrency", "2",
                    "--num-cpus", "1", "--batch-size", "25", "--ray-address", cluster.address],
                   cluster, log)
     victim, done_at_kill = _kill_mid_run(cluster, proc, log, out / "_shards", "*.json",
                                          "ShardScorer", "a scored shard and a scorer actor", 420)
-    assert done_at_kill < 24, "the run had scored every shard before the kill"
+    assert done_at_kill < shards, "the run had scored every shard before the kill"
     samples, dropped = accounting(out, keys)      # every key once; rows add up; complete
     assert not dropped                            # every dev image decodes
     score = {k: r["pair_score"] for k, r in samples.items()}
     np.testing.assert_allclose([score[k] for k in keys[:n // 2]],
                                [score[k] for k in keys[n // 2:]], atol=1e-5)
-    print(f"score: node {victim.name} killed after {done_at_kill} of 24 shards")
+    print(f"score: node {victim.name} killed after {done_at_kill} of {shards} shards")
 
 
 @pytest.mark.timeout(900)   # a loaded CI box: up to 420 s to a registered checkpoint, 300 after
