@@ -11,6 +11,7 @@ steps -> eval -> index -> serve on the dev set, then one request to every endpoi
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import requests
@@ -150,11 +152,13 @@ def index(ray2, trained, work) -> Path:
     return work / "index"
 
 
-def test_index_and_serve_answer_every_endpoint(ray2, trained, index, work):
+@contextlib.contextmanager
+def serving(*args: str, cwd: Path) -> Iterator[str]:
+    """``align-ray serve ARGS`` as a subprocess: yields its base URL once it prints it (120 s at
+    most), then SIGINT, and it must exit 0 within 60 s."""
     port = free_port()
-    cmd = [sys.executable, "-m", "align_ray.cli", "serve", "--model", str(trained["model"]),
-           "--index", str(index), "--port", str(port), "--ray-address", ray2]
-    proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    cmd = [sys.executable, "-m", "align_ray.cli", "serve", *args, "--port", str(port)]
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     lines: list[str] = []
     try:
@@ -171,6 +175,19 @@ def test_index_and_serve_answer_every_endpoint(ray2, trained, index, work):
             lines.append(line)
             if line.startswith("align-ray serve: http"):
                 base = line.split()[2].rstrip("/")
+        yield base
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            assert proc.wait(60) == 0
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail("serve did not stop within 60 s of SIGINT")
+
+
+def test_index_and_serve_answer_every_endpoint(ray2, trained, index, work):
+    with serving("--model", str(trained["model"]), "--index", str(index), "--ray-address", ray2,
+                 cwd=work) as base:
         image = base64.b64encode(_first_image()).decode()
         post = lambda path, body: requests.post(base + path, json=body, timeout=60)  # noqa: E731
         assert requests.get(base + "/healthz", timeout=30).status_code == 200
@@ -186,13 +203,54 @@ def test_index_and_serve_answer_every_endpoint(ray2, trained, index, work):
         assert r.status_code == 200, r.text
         assert requests.get(base + "/", timeout=30).status_code == 200
         assert post("/v1/search", {"k": 5}).status_code == 422   # bad request: 4xx, not 5xx
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            assert proc.wait(60) == 0
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            pytest.fail("serve did not stop within 60 s of SIGINT")
+
+
+def test_serve_a_published_align_answers_every_endpoint(ray2, work):
+    """Issue 14's acceptance as its command line: ``align-ray serve --model HF_ALIGN_DIR`` (a
+    transformers ``AlignModel`` + ``AlignProcessor`` saved with ``save_pretrained``, tiny and
+    random here) answers every route, with the library's own embeddings.  The same model
+    through the app's Python API, checked more closely: tests/serve/test_external_models.py."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from align_ray.model.transforms import decode_rgb
+    from tests.model.external_models import assert_embeds_like, build_align, captions, png, reference
+
+    model = build_align(work / "hf-align")
+    texts = captions(6)
+    images = [png(300 + i) for i in range(6)]
+    pq.write_table(pa.table({"image": images, "text": texts}), work / "hf-pairs.parquet")
+    cli("index", "--model", model, "--data", str(work / "hf-pairs.parquet"), "--output",
+        str(work / "hf-index"), address=ray2, timeout=120, cwd=work)
+    ref_img, ref_txt = reference(model, [decode_rgb(b) for b in images], texts)
+    with serving("--model", model, "--index", str(work / "hf-index"), "--ray-address", ray2,
+                 cwd=work) as base:
+        def post(path: str, body: dict) -> object:
+            r = requests.post(base + path, json=body, timeout=60)
+            assert r.status_code == 200, (path, r.status_code, r.text[:500])
+            return r.json()
+
+        b64 = [base64.b64encode(b).decode() for b in images]
+        assert requests.get(base + "/healthz", timeout=30).json()["status"] == "ok"
+        assert_embeds_like(post("/v1/embed/text", {"texts": texts})["embeddings"], ref_txt, "text")
+        assert_embeds_like(post("/v1/embed/image", {"images": b64})["embeddings"], ref_img, "image")
+        hits = post("/v1/search", {"text": texts[2], "k": 3})["results"]
+        brute = ref_img @ ref_txt[2]    # the top 3 of a brute force (near-ties may swap)
+        np.testing.assert_allclose(brute[[h["id"] for h in hits]], np.sort(brute)[::-1][:3], atol=1e-4)
+        thumb = requests.get(f"{base}/v1/image/{hits[0]['id']}", timeout=30)
+        assert thumb.status_code == 200 and thumb.content[:2] == b"\xff\xd8"
+        labels = post("/v1/classify", {"image": b64[0], "labels": ["cat", "dog"]})["labels"]
+        assert sorted(labels) == ["cat", "dog"]
+        page = requests.get(base + "/", timeout=30)
+        assert page.status_code == 200 and "<html" in page.text.lower()
+        (name,) = requests.get(base + "/indices-list", timeout=30).json()
+        knn = post("/knn-service", {"text": texts[2], "modality": "image", "num_images": 3,
+                                    "indice_name": name})
+        assert [x["id"] for x in knn] == [h["id"] for h in hits]
+        meta = post("/metadata", {"ids": [hits[0]["id"]], "indice_name": name})
+        assert meta[0]["metadata"]["caption"] == texts[hits[0]["id"]]
+        assert requests.post(base + "/v1/search", json={"k": 3}, timeout=60).status_code == 422
 
 
 def _first_image() -> bytes:

@@ -241,6 +241,22 @@ def reference(spec: str, images: list[Image.Image], texts: list[str]) -> tuple[n
         return unit(model.get_image_features(**pix)), unit(model.get_text_features(**enc))
 
 
+def assert_embeds_like(ours, ref, what: str = "") -> None:
+    """``ours`` is the library's embedding ``ref`` row by row, judged against how far apart the
+    library puts *different* inputs. A cosine bound alone (say >= 0.9999) proves little on a tiny
+    random model whose embeddings all point almost one way (this CLIP's images sit at cosine
+    0.94-0.99 of each other), so each row's error must be a small fraction of the distance from
+    its reference to the nearest other one, and those distances must not be tiny."""
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    assert ours.shape == ref.shape, what
+    gaps = np.linalg.norm(ref[:, None] - ref[None], axis=2)
+    np.fill_diagonal(gaps, np.inf)
+    nearest = gaps.min(1)
+    assert nearest.min() > 0.05, f"{what}: the library embeds different inputs alike ({nearest.min():.3g})"
+    err = np.linalg.norm(ours - ref, axis=1)
+    assert (err <= 1e-3 * nearest).all(), f"{what}: error / nearest gap {(err / nearest).max():.3g}"
+
+
 _BUILT: dict[str, str] = {}
 
 

@@ -118,11 +118,13 @@ def _loss(spec: str, pairs: dict, siglip: bool) -> float:
 
 
 T0 = 0.2   # the sources' temperature: far from every library's default (0.07, SigLIP's 0.1)
+B0 = -3.0  # the SigLIP sources' logit bias: far from SigLIP's published init and ours (-10)
 
 
 def _set_temperature(src: str) -> None:
     """Rewrite the saved source's temperature parameter to ``T0`` (in the library's own terms:
-    our log temperature, ALIGN's temperature, the others' logit scale = log(1 / T))."""
+    our log temperature, ALIGN's temperature, the others' logit scale = log(1 / T)), and a
+    SigLIP's logit bias to ``B0``."""
     import math
 
     from safetensors.torch import load_file, save_file
@@ -139,6 +141,8 @@ def _set_temperature(src: str) -> None:
                                           ("temperature", T0),
                                           ("logit_scale", math.log(1 / T0))) if k in state)
     state[key] = torch.full_like(state[key], value)
+    if "logit_bias" in state:
+        state["logit_bias"] = torch.full_like(state["logit_bias"], B0)
     save_file(state, path, metadata={"format": "pt"})
 
 
@@ -207,6 +211,9 @@ def test_finetune_each_kind(name, ray_cluster, pairs, tmp_path, hub_snapshot):
     assert not all(torch.equal(before[k], after[k]) for k in free)
 
     siglip = name in ("siglip", "siglip2")
+    if siglip:  # the loss trains the source's own bias: not a fresh one of its own (-10)
+        b0, b1 = float(before["logit_bias"]), float(after["logit_bias"])
+        assert b0 == pytest.approx(B0) and b1 != b0 and abs(b1 - b0) < 0.1, (b0, b1)
     assert cfg.loss == ("siglip" if siglip else "infonce")
     start, end = _loss(src, pairs, siglip), _loss(out, pairs, siglip)
     assert end < start, (start, end)
