@@ -13,8 +13,8 @@ ignored):
   of the decoded image (16 hex digits, exact match; the ``phash`` column printed as hex).
   Checked after the download: reason ``optout_hash``.
 
-None of these reasons is retryable.  Redirect targets are not checked against the URL/domain
-lists (a blocked image reached through a redirect is still caught by the hash list).
+None of these reasons is retryable.  Redirect targets are checked against the URL and domain
+lists too, before they are requested (``politeness.Politeness.check_hop``).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import asyncio
 import email.utils
 import time
 from dataclasses import dataclass
+from typing import Awaitable, Callable
 
 import aiohttp
 from yarl import URL
@@ -65,6 +66,9 @@ class Fetcher:
         self.cfg = cfg
         self.policy = AddressPolicy(tuple(cfg.allow_cidr), cfg.allow_private_network)
         self.disallow = {t.lower() for t in cfg.robots_disallow}
+        # called with every redirect target before it is requested; raises the row's Drop to
+        # refuse it (the download stage's politeness: robots.txt and the opt-out lists)
+        self.hop_check: Callable[[str], Awaitable[None]] | None = None
         connector = aiohttp.TCPConnector(
             resolver=GuardedResolver(self.policy, cfg.resolve),
             limit=cfg.threads, limit_per_host=0, ttl_dns_cache=300,
@@ -138,14 +142,15 @@ class Fetcher:
     async def _fetch_once(self, url: str) -> Fetched:
         seen = {url}
         current = url
-        for _ in range(self.cfg.max_redirects + 1):
+        for hop in range(self.cfg.max_redirects + 1):
             target = self._parse(current)
+            if hop and self.hop_check is not None:
+                await self.hop_check(current)
             try:
                 async with self.session.get(target, allow_redirects=False) as resp:
-                    if resp.status in _REDIRECTS:
-                        current = self._next_hop(target, resp, seen)
-                        continue
-                    return await self._read(resp, current)
+                    if resp.status not in _REDIRECTS:
+                        return await self._read(resp, current)
+                    current = self._next_hop(target, resp, seen)
             except Drop:
                 raise
             except aiohttp.ConnectionTimeoutError as e:

@@ -8,8 +8,10 @@ takes a download slot:
    :mod:`align_ray.data.hostgate`), whose ticket the fetch then holds;
 
 and, after the download, the hash opt-out list (``optout_hash``).  A row any of these refuses
-is dropped with that reason and no image request is made for it.  All state is per download
-actor.  A URL that does not parse is let through: the fetcher gives it its usual reason.
+is dropped with that reason and no image request is made for it.  Every redirect target is
+checked against 1 and 2 as well before it is requested (the hop's request still counts against
+the first host's gate).  All state is per download actor.  A URL that does not parse is let
+through: the fetcher gives it its usual reason.
 """
 
 from __future__ import annotations
@@ -28,10 +30,19 @@ class Politeness:
         self.gate = HostGate(cfg)
         self.blocklists = Blocklists(cfg)
         self.robots = RobotsCache(cfg, fetcher, self.gate) if cfg.respect_robots_txt else None
+        fetcher.hop_check = self.check_hop
 
     async def admit(self, url: str) -> Ticket | None:
         """Raise the row's Drop, or return the host ticket the fetch must hold (None when the
         URL does not parse; the fetcher then refuses it with its own reason)."""
+        host = await self.check_hop(url, gated=True)
+        return None if host is None else await self.gate.enter(host)
+
+    async def check_hop(self, url: str, gated: bool = False) -> str | None:
+        """The opt-out lists and robots.txt for ``url``: raise its Drop, else return its host
+        (None when it does not parse).  A redirect hop's robots.txt is fetched without waiting
+        for its host's gate (``gated=False``): the row already holds its first host's ticket,
+        and waiting for a second one could deadlock two hosts that redirect to each other."""
         try:
             target = URL(url)
         except (ValueError, TypeError):
@@ -41,8 +52,8 @@ class Politeness:
         host = normalize_host(target.raw_host)
         self.blocklists.check_request(url, host)
         if self.robots is not None:
-            await self.robots.check(target, host)
-        return await self.gate.enter(host)
+            await self.robots.check(target, host, gated)
+        return host
 
     def check_content(self, sha256_hex: str, phash: int) -> None:
         if self.blocklists.checks_hashes:

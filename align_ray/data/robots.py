@@ -57,7 +57,7 @@ class RobotsCache:
         self._origins: OrderedDict[str, asyncio.Task] = OrderedDict()
         self.fetches = 0   # robots.txt requests made (for tests and stats)
 
-    async def check(self, url: URL, host: str) -> None:
+    async def check(self, url: URL, host: str, gated: bool = True) -> None:
         """Raise ``Drop("robots_txt")`` if the origin's robots.txt forbids ``url`` for us, or
         ``Drop("robots_txt_error")`` if it could not be read (retryable)."""
         origin = str(url.origin())   # scheme://host[:port], IPv6 literals bracketed
@@ -66,7 +66,7 @@ class RobotsCache:
                 and task.exception() is None and task.result().expires <= _now():
             task = None   # an "unreachable" answer has expired: ask again
         if task is None:
-            task = asyncio.ensure_future(self._load(origin, host))
+            task = asyncio.ensure_future(self._load(origin, host, gated))
             self._origins[origin] = task
             while len(self._origins) > MAX_ORIGINS:
                 self._origins.popitem(last=False)
@@ -84,8 +84,8 @@ class RobotsCache:
             raise Drop("robots_txt", f"{origin}/robots.txt disallows {url.path_qs}",
                        retryable=False)
 
-    async def _load(self, origin: str, host: str) -> _Rules:
-        ticket = await self.gate.enter(host)
+    async def _load(self, origin: str, host: str, gated: bool) -> _Rules:
+        ticket = await self.gate.enter(host) if gated else None
         try:
             self.fetches += 1
             return await asyncio.wait_for(self._get(origin + "/robots.txt"),
@@ -97,7 +97,8 @@ class RobotsCache:
                 return self._unreachable(f"robots.txt: {d.reason} {d.detail}".strip())
             return ALLOW_ALL
         finally:
-            ticket.leave()
+            if ticket is not None:
+                ticket.leave()
 
     def _unreachable(self, why: str) -> _Rules:
         return _Rules(error=why + " (disallow all for now)",

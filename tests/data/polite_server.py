@@ -30,13 +30,14 @@ def jpeg(i: int) -> bytes:
 
 class Host:
     """One host on ``addr``: ``/img/<i>.jpg`` (after ``delay`` s, or ``status`` with
-    ``Retry-After``), ``/robots.txt`` (``robots``: a body, or an int status; None: 404; after
+    ``Retry-After``; a 302 for a path in ``redirects``), ``/robots.txt`` (``robots``: a body, or an int status; None: 404; after
     ``robots_delay`` s)."""
 
     def __init__(self, addr: str, delay: float = 0.0, robots: str | int | None = None,
                  robots_delay: float = 0.0) -> None:
         self.addr, self.delay, self.robots, self.robots_delay = addr, delay, robots, robots_delay
         self.status = 200                 # image answer; e.g. 429 for a rate-limit storm
+        self.redirects: dict[str, str] = {}   # path -> a 302 to this URL
         self.retry_after: str | None = None
         self.lock = threading.Lock()
         self.active = self.peak = 0
@@ -79,6 +80,8 @@ class Host:
                     if isinstance(host.robots, str):
                         return self._send(200, host.robots.encode(), "text/plain")
                     return self._send(host.robots or 404, b"no\n", "text/plain")
+                if self.path in host.redirects:
+                    return self._send(302, b"", "text/plain", {"Location": host.redirects[self.path]})
                 if host.delay:
                     time.sleep(host.delay)
                 if host.status != 200:

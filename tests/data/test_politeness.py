@@ -172,6 +172,27 @@ def test_robots_txt_goes_through_the_ssrf_guard_and_its_size_cap(tmp_path):
         assert dropped["k0000"][0] == "robots_txt" and h.paths("/img/") == ["/img/0.jpg"]
 
 
+def test_a_redirect_hop_is_checked_as_the_url_given(tmp_path):
+    """robots.txt and the opt-out lists apply to every redirect target too: a hop they refuse
+    is never requested, and its row drops with their reason."""
+    domains = tmp_path / "domains.txt"
+    domains.write_text("optout.test\n")
+    with Host("127.0.0.2") as a, Host("127.0.0.3", robots="User-agent: *\nDisallow: /img/1\n") as b:
+        a.redirects = {"/img/0.jpg": b.url("/img/0.jpg"),                     # allowed there
+                       "/img/1.jpg": b.url("/img/1.jpg"),                     # b's robots.txt: no
+                       "/img/2.jpg": f"http://optout.test:{b.port}/img/2.jpg",  # opted out
+                       "/img/3.jpg": a.url("/img/4.jpg")}                     # same host: fine
+        samples, dropped, _, _ = download(tmp_path, [a.url(f"/img/{i}.jpg") for i in range(4)],
+                                          resolve={"optout.test": "127.0.0.3"},
+                                          blocklist_domains=str(domains))
+        assert set(samples) == {"k0000", "k0003"}
+        assert {k: v[:2] for k, v in dropped.items()} == {"k0001": ("robots_txt", False),
+                                                          "k0002": ("optout_domain", False)}
+        assert "127.0.0.3" in dropped["k0001"][2]
+        assert b.paths("/img/") == ["/img/0.jpg"] and b.paths("/robots.txt") == ["/robots.txt"]
+        assert sorted(a.paths("/img/")) == [f"/img/{i}.jpg" for i in range(5)]
+
+
 def test_blocklists_each_with_its_reason(tmp_path):
     with Host("127.0.0.2") as h:
         port = h.port
