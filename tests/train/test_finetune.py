@@ -25,7 +25,7 @@ from align_ray.model.external import resolve_spec
 from align_ray.model.pretrained import load_embedder
 from align_ray.train.config import TrainConfig
 from align_ray.train.run import run
-from tests.model.external_models import BUILDERS, OPEN_CLIP_CFG, captions, png
+from tests.model.external_models import BUILDERS, OPEN_CLIP_CFG, assert_embeds_like, captions, png
 
 N = 8
 # kind -> the towers locked (LiT image locking; text locking; unlocking the head of CLIP's image)
@@ -255,29 +255,34 @@ def test_malformed_init_from_exits_2(pairs, tmp_path, capsys):
     exit_2(["--lock-image-unlocked-groups", "2"], "needs lock_image")
 
 
-def test_siglip2_square_crops_are_what_its_processor_makes(tmp_path):
-    """SigLIP 2 trains on square crops (the ingest's), cut into NaFlex patches by
-    ``NaFlexPacking.from_square``: on a square image of the training side, the trainable
-    model's image embedding equals the library's processor + ``get_image_features``."""
+@pytest.mark.parametrize("name", ["align", "clip", "siglip", "siglip2", "open_clip"])
+def test_training_pixels_are_what_the_librarys_processor_makes(name, tmp_path):
+    """A fine-tune keeps the model's preprocessing: the ingest's square crops at the training
+    side, normalised with the mean and std ``finetune.prepare`` found for the model, give the
+    trainable model the image embedding the library's own processor (or open_clip's transform)
+    + feature function gives.  SigLIP 2's crops are cut into NaFlex patches by
+    ``NaFlexPacking.from_square``."""
     import numpy as np
     from PIL import Image
 
     from align_ray.model.external import load_external
 
-    spec = BUILDERS["siglip2"](tmp_path / "siglip2")
+    spec = BUILDERS[name](tmp_path / name)
     cfg = TrainConfig(data=["x"], output=str(tmp_path / "o"), init_from=spec)
     finetune.prepare(cfg)
     S = cfg.model.image_size
-    assert S == 8 * 4                                  # 8 px patches, at most 16: a 4 x 4 grid
+    if name == "siglip2":
+        assert S == 8 * 4                              # 8 px patches, at most 16: a 4 x 4 grid
     model = finetune.build_model(cfg, 0).eval()
     lib = load_external(spec)
     rng = np.random.default_rng(0)
-    for _ in range(3):
-        arr = rng.integers(0, 256, (S, S, 3), dtype=np.uint8)
-        mean = torch.tensor(cfg.model.image_mean).view(3, 1, 1)
-        std = torch.tensor(cfg.model.image_std).view(3, 1, 1)
-        px = (torch.from_numpy(arr).permute(2, 0, 1).float() - 255 * mean) / (255 * std)
-        with torch.no_grad():
-            ours = model.encode_image(px[None])
-            theirs = lib.model.encode_image(lib.image_transform(Image.fromarray(arr))[None])
-        assert torch.nn.functional.cosine_similarity(ours, theirs).item() > 0.9999
+    arrs = [rng.integers(0, 256, (S, S, 3), dtype=np.uint8) for _ in range(4)]
+    mean = torch.tensor(cfg.model.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.model.image_std).view(1, 3, 1, 1)
+    px = (torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float() - 255 * mean) / (255 * std)
+    with torch.no_grad():
+        ours = torch.nn.functional.normalize(model.encode_image(px), dim=-1)
+        theirs = lib.model.encode_image(torch.stack([lib.image_transform(Image.fromarray(a))
+                                                     for a in arrs]))
+        theirs = torch.nn.functional.normalize(theirs, dim=-1)
+    assert_embeds_like(ours.numpy(), theirs.numpy(), name)
