@@ -128,6 +128,7 @@ class ShardConfig:
     target_ongoing_requests: float = 8.0
     upscale_delay_s: float = 3.0
     downscale_delay_s: float = 60.0
+    look_back_period_s: float = 30.0   # as EncoderConfig's
     num_cpus: float = 0.5
     max_ongoing_requests: int = 64
 
@@ -137,7 +138,8 @@ class ShardConfig:
         return dict(autoscaling_config=dict(
             min_replicas=self.min_replicas, max_replicas=self.max_replicas,
             target_ongoing_requests=self.target_ongoing_requests,
-            upscale_delay_s=self.upscale_delay_s, downscale_delay_s=self.downscale_delay_s),
+            upscale_delay_s=self.upscale_delay_s, downscale_delay_s=self.downscale_delay_s,
+            look_back_period_s=self.look_back_period_s),
             ray_actor_options={"num_cpus": self.num_cpus},
             max_ongoing_requests=self.max_ongoing_requests)
 

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 
-from align_ray.serve.app import wait_running
+from align_ray.serve.app import app_builder, wait_running
 from align_ray.serve.search import topk_exact
 from tests.serve.conftest import TEST_LIMITS
 
@@ -287,3 +287,73 @@ def test_hot_swap_answers_every_query(sharded, small_index):
     assert after["index_version"] == before["index_version"] + 1 and after["index_error"] is None
     want = [(h["id"], h["score"], h["text"]) for h in IndexStore(small_index).search(vec, "image", 44)]
     assert _hits(_post(url, "/v1/search", body)) == want
+
+
+def _running(app: str, name: str) -> int:
+    from ray import serve
+
+    states = serve.status().applications[app].deployments[name].replica_states
+    return int(states.get("RUNNING", 0))
+
+
+def test_shards_scale_on_their_own(serve_app, tiny_model, small_index):
+    """Each ``IndexShard`` deployment scales on its own load, as the encoders do.  An app of its
+    own (the module's app has loaded three indexes into its shards, which scaling would see as
+    load): encoders and shards may each scale from 1 to 2 replicas.  Sustained vector queries
+    (a search with no encoder work) take both shards to 2 while the encoders stay at 1, and
+    every query is answered.  A shard's search of 29 rows is short and the Router sends it
+    batches of queries, so a shard sees well under one request in flight: hence the low
+    target."""
+    from ray import serve
+
+    client, cfg = serve_app
+    app, prefix = "align-shard-scale", "/shard-scale"
+    enc = dict(min_replicas=1, max_replicas=2, num_cpus=0.05, max_batch_size=8,
+               batch_wait_timeout_s=0.01, max_ongoing_requests=16, target_ongoing_requests=4)
+    shard = dict(min_replicas=1, max_replicas=2, num_cpus=0.05, target_ongoing_requests=0.5,
+                 max_ongoing_requests=16, upscale_delay_s=1.0, downscale_delay_s=2.0,
+                 look_back_period_s=2.0)
+    args = dict(model=tiny_model, index=small_index, index_shards=2, index_shard=shard,
+                image_encoder=enc, text_encoder=enc, router={"num_cpus": 0.05},
+                limits=TEST_LIMITS, app_name=app)
+    serve.run_many([serve.RunTarget(app_builder(args), name=app, route_prefix=prefix)],
+                   wait_for_applications_running=False)
+    deps = ("IndexShard0", "IndexShard1", "TextEncoder", "ImageEncoder")
+    url = f"http://{cfg.host}:{cfg.port}{prefix}"
+    try:
+        wait_running(app, 180)
+        t0, since = time.monotonic(), None      # the warm-up loads are over: all at 1 for 3 s
+        while since is None or time.monotonic() - since < 3:
+            assert time.monotonic() - t0 < 60, [_running(app, d) for d in deps]
+            at_one = [_running(app, d) for d in deps] == [1, 1, 1, 1]
+            since = (since or time.monotonic()) if at_one else None
+            time.sleep(0.25)
+        vecs = np.random.default_rng(5).standard_normal((32, 128)).tolist()
+        stop, codes = threading.Event(), []
+
+        def client_loop(i: int) -> None:
+            with requests.Session() as sess:
+                while not stop.is_set():
+                    body = {"embedding": vecs[i % 32], "k": 10, "modality": "image"}
+                    codes.append(sess.post(url + "/v1/search", json=body, timeout=60).status_code)
+                    i += 16
+
+        threads = [threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(16)]
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        try:
+            counts = []
+            while time.monotonic() - t0 < 90 and counts[:2] != [2, 2]:
+                time.sleep(0.25)
+                counts = [_running(app, d) for d in deps]
+            scaled_s = time.monotonic() - t0
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(60)
+        print(f"both shards at 2 replicas {scaled_s:.1f} s into the load; {len(codes)} queries")
+        assert counts == [2, 2, 1, 1], counts
+        assert codes and set(codes) == {200}
+    finally:
+        serve.delete(app)
