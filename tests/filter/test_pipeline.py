@@ -1,5 +1,6 @@
 """The whole filter stage on a real local Ray cluster: a crafted corpus with hand-computed
-answers for every rule, then the noisy web end to end through ``align-ray data --filter``."""
+answers for every rule, then the noisy web end to end through ``align-ray data --filter``, and
+scored, through every newer rule."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from align_ray.filter.evalset import image_phash
 from tests.data.test_fetcher import FAST
 from tests.data.test_resizer import encode, picture
 from tests.filter import crafted
+from tests.score.conftest import corpus, tiny_model  # noqa: F401  (fixtures)
 
 
 def read_dir(out: Path, sub: str, pattern: str = "*.parquet") -> pa.Table:
@@ -133,8 +135,11 @@ def test_a_scored_plain_parquet_is_refused_naming_the_missing_columns(tmp_path, 
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
-def test_noisy_web_end_to_end_through_the_cli(ray_cluster, web, tmp_path):
-    """`align-ray data --filter` on the built-in noisy web: every input row accounted for."""
+@pytest.fixture(scope="module")
+def noisy_web(ray_cluster, web, tmp_path_factory) -> tuple[Path, Path, dict]:
+    """`align-ray data --filter` on the built-in noisy web (300 rows, 10 % faults): the data
+    stage's dir, the filter's dir, and the process's output."""
+    tmp_path = tmp_path_factory.mktemp("noisy-web")
     rows = web.url_rows(300, noise=True, faults=True, fault_fraction=0.1)
     src = web.write_url_list(tmp_path / "urls.parquet", rows)
     out = tmp_path / "web"
@@ -151,8 +156,13 @@ def test_noisy_web_end_to_end_through_the_cli(ray_cluster, web, tmp_path):
          "--ray-address", ray_cluster.get_runtime_context().gcs_address],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "align-ray filter:" in proc.stdout
-    fout = Path(f"{out}_filtered")
+    return out, Path(f"{out}_filtered"), {"stdout": proc.stdout}
+
+
+def test_noisy_web_end_to_end_through_the_cli(noisy_web):
+    """`align-ray data --filter` on the built-in noisy web: every input row accounted for."""
+    _, fout, proc = noisy_web
+    assert "align-ray filter:" in proc["stdout"]
     stats = json.loads((fout / "stats.json").read_text())
     assert stats["input_rows"] == 300 == stats["output_rows"] + sum(stats["dropped"].values())
     keys = set(read_dir(fout, "parquet").column("key").to_pylist())
@@ -165,3 +175,35 @@ def test_noisy_web_end_to_end_through_the_cli(ray_cluster, web, tmp_path):
     assert set(filtered["dropped"]) <= set(RULES) and sum(filtered["dropped"].values()) > 0
     assert filtered["input_rows"] == stats["stages"]["data"]["output_rows"]
     assert 0 < stats["output_rows"] < filtered["input_rows"]
+
+
+def test_the_new_rules_on_the_scored_noisy_web(noisy_web, tiny_model, tmp_path):
+    """`align-ray score` on the noisy web's downloaded rows, then the filter with the newer
+    rules on beside ALIGN's: the global score cut, SemDeDup, pHash near-duplicates over the
+    whole corpus and MetaCLIP balancing.  Each rule that drops is counted in stats.json with
+    the rows in dropped/ under its name, and every row is accounted for."""
+    from align_ray.score import pipeline as score_pipeline
+    from align_ray.score.config import ScoreConfig
+
+    data, _, _ = noisy_web
+    scored = tmp_path / "scored"
+    score_pipeline.run(ScoreConfig(model=tiny_model, input=str(data), output=str(scored),
+                                   batch_size=32, concurrency=1, num_cpus=1))
+    n = json.loads((scored / "stats.json").read_text())["output_rows"]
+    words = Counter(w for t in read_dir(scored, "parquet").column("text").to_pylist()
+                    for w in t.lower().split() if len(w) > 3)
+    entries = tmp_path / "entries.txt"
+    entries.write_text("".join(f"{w}\n" for w, _ in words.most_common(30)))
+    cfg = FilterConfig(input=str(scored), output=str(tmp_path / "out"), min_side=40,
+                       score_keep_fraction=0.8, semdedup=True, semdedup_clusters=4,
+                       semdedup_eps=0.2, near_dup_distance=6, balance_entries=str(entries),
+                       balance_cap=5, num_partitions=2, write_webdataset=False)
+    stats = pipeline.run(cfg)
+    recorded = json.loads((tmp_path / "out" / "stats.json").read_text())
+    print("noisy web, every rule:", n, "scored rows ->", recorded["stages"]["filter"]["dropped"])
+    assert recorded["input_rows"] == n == recorded["output_rows"] + sum(recorded["dropped"].values())
+    dropped = read_dir(tmp_path / "out", "dropped")
+    assert Counter(dropped.column("reason").to_pylist()) == Counter(recorded["dropped"])
+    assert recorded["dropped"] == stats["dropped"]
+    new = ("score_keep_fraction", "semantic_duplicate", "near_duplicate", "metaclip_balance")
+    assert all(recorded["stages"]["filter"]["dropped"].get(r, 0) > 0 for r in new), recorded
