@@ -8,12 +8,15 @@ ignores it and every token becomes ``[UNK]`` (env pitfall 13).
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Iterable, Iterator
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
     from align_ray.model.config import ModelConfig
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -69,6 +72,8 @@ def train_wordpiece(
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
@@ -78,6 +83,8 @@ def train_wordpiece(
 
 def load_tokenizer(name_or_dir: str, max_length: int | None = None) -> PreTrainedTokenizerBase:
     """A saved or hub tokenizer (``AutoTokenizer``; fast when available)."""
+    from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(name_or_dir)
     if max_length is not None:
         tok.model_max_length = max_length
@@ -104,3 +111,40 @@ def build_tokenizer(cfg: "ModelConfig", texts: Iterable[str] | None = None) -> P
     if texts is None:
         raise ValueError("a WordPiece tokenizer is trained on the training texts: pass texts=")
     return train_wordpiece(texts, cfg.vocab_size, cfg.max_length)
+
+
+class CaptionEncoder:
+    """``tokenizer(texts, padding="max_length", truncation=True, max_length=L)`` of a saved
+    fast tokenizer, run by the ``tokenizers`` library alone from its ``tokenizer.json``: the
+    ``input_ids`` and ``attention_mask`` transformers gives (tests/model/test_tokenizer.py), for
+    the training ingest's Ray Data workers, which then never import transformers (nor the torch
+    and timm that transformers imports on start): seconds of CPU per worker process."""
+
+    def __init__(self, tokenizer_json: str, max_length: int, pad_token: str) -> None:
+        self.tok = Tokenizer.from_str(tokenizer_json)
+        pad_id = self.tok.token_to_id(pad_token)
+        if pad_id is None:
+            raise ValueError(f"pad token {pad_token!r} is not in the vocabulary")
+        self.tok.enable_truncation(max_length)
+        self.tok.enable_padding(length=max_length, pad_id=pad_id, pad_token=pad_token)
+
+    @classmethod
+    def from_files(cls, files: dict[str, bytes], max_length: int) -> "CaptionEncoder | None":
+        """From ``save_pretrained``'s files; None where only transformers can reproduce the
+        tokenizer: no ``tokenizer.json`` (a slow-only tokenizer), no pad token, left padding
+        or truncation, or tokens added outside ``tokenizer.json``."""
+        if "tokenizer.json" not in files or "tokenizer_config.json" not in files:
+            return None
+        conf = json.loads(files["tokenizer_config.json"])
+        pad = conf.get("pad_token")
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+        if not isinstance(pad, str) or "added_tokens.json" in files \
+                or conf.get("padding_side", "right") != "right" \
+                or conf.get("truncation_side", "right") != "right":
+            return None
+        return cls(files["tokenizer.json"].decode(), max_length, pad)
+
+    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        encs = self.tok.encode_batch(texts)
+        return (np.asarray([e.ids for e in encs], dtype=np.int64),
+                np.asarray([e.attention_mask for e in encs], dtype=np.int64))

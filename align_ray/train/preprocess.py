@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 import ray
 
-from align_ray.model.tokenizer import load_tokenizer
+from align_ray.model.tokenizer import CaptionEncoder, load_tokenizer
 from align_ray.model.transforms import decode_rgb, eval_transform, train_transform
 from align_ray.train.selection import Selection, row_id, value_id
 
@@ -57,6 +57,23 @@ def tokenizer_from_files(files: dict[str, bytes], max_length: int | None = None)
     return load_tokenizer(d, max_length=max_length)
 
 
+def caption_encoder(files: dict[str, bytes], max_length: int):
+    """captions -> (input_ids, attention_mask), int64 [n, max_length]: the ``tokenizers``
+    library alone where it can reproduce the saved tokenizer (:class:`CaptionEncoder`), else
+    the transformers tokenizer."""
+    fast = CaptionEncoder.from_files(files, max_length)
+    if fast is not None:
+        return fast
+    tok = tokenizer_from_files(files, max_length)
+
+    def encode(captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        enc = tok(captions, padding="max_length", truncation=True, max_length=max_length,
+                  return_tensors="np", return_token_type_ids=False)
+        return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+
+    return encode
+
+
 @ray.remote(num_cpus=0)
 class BadImageCounter:
     """Distinct row_ids of undecodable images (a named actor, fire-and-forget adds)."""
@@ -86,7 +103,7 @@ class Preprocess:
         self.match_col, self.with_match, self.size = match_col, with_match, image_size
         self.max_length, self.max_pixels, self.counter = max_length, max_pixels, counter
         # a library model (train --init-from) brings its own tokenizer: model/finetune.py
-        self.tok = None if text_spec else tokenizer_from_files(tokenizer, max_length)
+        self.tok = None if text_spec else caption_encoder(tokenizer, max_length)
         if text_spec:
             from align_ray.model.finetune import text_tokenizer
 
@@ -156,10 +173,7 @@ class Preprocess:
         if n and self.tok is None:
             out["input_ids"], out["attention_mask"] = self.text_tok(captions)
         elif n:
-            enc = self.tok(captions, padding="max_length", truncation=True,
-                           max_length=L, return_tensors="np", return_token_type_ids=False)
-            out["input_ids"] = enc["input_ids"].astype(np.int64)
-            out["attention_mask"] = enc["attention_mask"].astype(np.int64)
+            out["input_ids"], out["attention_mask"] = self.tok(captions)
         else:
             out["input_ids"] = np.zeros((0, L), np.int64)
             out["attention_mask"] = np.zeros((0, L), np.int64)

@@ -69,3 +69,43 @@ def test_same_captions_give_the_same_vocabulary_in_every_process():
                              check=True, timeout=120).stdout for _ in range(2)]
     assert len(json.loads(vocabs[0])) > 1000
     assert vocabs[1] == vocabs[0]
+
+
+def _bert_fast():
+    """A BERT WordPiece fast tokenizer as a pretrained text tower (MiniLM, ...) saves it."""
+    from transformers import BertTokenizerFast
+
+    words = "grinning face with smiling eyes red heart cat dog flag of the a".split()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, "##s", "##ing"]
+    return BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+
+
+@pytest.mark.parametrize("which", ["trained", "bert"])
+def test_caption_encoder_gives_what_transformers_gives(which, tokenizer, dev_rows):
+    """The training ingest's workers encode captions with ``tokenizers`` alone
+    (``CaptionEncoder``): ids and masks equal the transformers tokenizer's, padded and
+    truncated to max_length, on real captions, empty ones, odd Unicode and long ones; and the
+    module that runs it imports no transformers."""
+    from align_ray.model.tokenizer import CaptionEncoder
+    from align_ray.train.preprocess import caption_encoder, tokenizer_files
+
+    tok = tokenizer if which == "trained" else _bert_fast()
+    files = tokenizer_files(tok)
+    texts = dev_rows["text"][:200] + ["", "Ünïcode naïve café 🙂", "GRINNING   Face\twith\n eyes",
+                                      " ".join(dev_rows["text"][:40])]
+    for L in (8, 64):
+        enc = caption_encoder(files, L)
+        assert isinstance(enc, CaptionEncoder)
+        ids, mask = enc(texts)
+        want = tok(texts, padding="max_length", truncation=True, max_length=L, return_tensors="np",
+                   return_token_type_ids=False)
+        assert ids.shape == mask.shape == (len(texts), L) and ids.dtype == mask.dtype == "int64"
+        assert (ids == want["input_ids"]).all() and (mask == want["attention_mask"]).all()
+        assert mask[-1].all() and not mask[len(texts) - 4].all()   # truncated / padded rows
+    # no tokenizer.json (a slow-only tokenizer): transformers does it
+    slow = {k: v for k, v in files.items() if k != "tokenizer.json"}
+    assert CaptionEncoder.from_files(slow, 8) is None
+    code = ("import sys; import align_ray.train.preprocess; "
+            "print(sorted(m for m in ('transformers', 'torch', 'timm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
