@@ -135,8 +135,14 @@ def plot(report: dict, out_dir_uri: str, thumbs: dict | None = None) -> list[str
 
     def save(fig, name):
         import io
+        import warnings
         buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        with warnings.catch_warnings():
+            # a crawl's captions (the score examples, the top tokens) are in every script; a
+            # glyph the font lacks is drawn as a box, and matplotlib's warning per missing glyph
+            # would bury the stage's own output
+            warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+            fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
         plt.close(fig)
         storage.write_bytes(fs, storage.join(root, name), buf.getvalue())
         names.append(name)
