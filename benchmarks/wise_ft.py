@@ -61,6 +61,25 @@ def interpolate(model_dir: Path, alpha: float, out: Path, text_alpha: float = 1.
     return {"image_tensors_mixed": n[PREFIX], "text_tensors_mixed": n[TEXT_PREFIX]}
 
 
+def scores(model: Path, renderings: list[str], text_col: str = "alt_text") -> dict:
+    """R@10 in multiples of chance (i->t, t->i) of ``model`` on the dev set's val split and on
+    each rendering's val and train concepts, by ``align-ray eval``'s own ``evaluate``."""
+    from align_ray.train.eval_parquet import EvalConfig, evaluate
+
+    def score(path: str, split: str) -> dict:
+        ev = evaluate(EvalConfig(model=str(model), data=[path], image_col="image",
+                                 text_col=text_col, match_col="concept",
+                                 split_col="dev_split", split=split))
+        return {d: round(ev[d]["R@10"] / ev["chance"]["R@10"], 2)
+                for d in ("image_to_text", "text_to_image")}
+
+    row = {"dev_val": score(str(DEV_SET), "val")}
+    for p in renderings:
+        for split in ("val", "train"):
+            row[f"{Path(p).stem}_{split}"] = score(p, split)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True)
@@ -72,27 +91,13 @@ def main() -> None:
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
 
-    from align_ray.train.eval_parquet import EvalConfig, evaluate
-
-    def x(ev: dict) -> dict:
-        return {d: round(ev[d]["R@10"] / ev["chance"]["R@10"], 2)
-                for d in ("image_to_text", "text_to_image")}
-
-    def score(model: Path, path: str, split: str) -> dict:
-        return x(evaluate(EvalConfig(model=str(model), data=[path], image_col="image",
-                                     text_col=args.text_col, match_col="concept",
-                                     split_col="dev_split", split=split)))
-
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="wise-ft-"))
     for alpha, text_alpha in ((a, t) for t in args.text_alphas for a in args.alphas):
         model = tmp / f"a{alpha}-t{text_alpha}"
         info = interpolate(Path(args.model), alpha, model, text_alpha)
         row = {"alpha": alpha, "text_alpha": text_alpha, **info,
-               "dev_val": score(model, str(DEV_SET), "val")}
-        for p in args.renderings:
-            for split in ("val", "train"):
-                row[f"{Path(p).stem}_{split}"] = score(model, p, split)
+               **scores(model, args.renderings, args.text_col)}
         print(json.dumps(row), flush=True)
         rows.append(row)
     shutil.rmtree(tmp, ignore_errors=True)
