@@ -21,8 +21,11 @@ served by the benchmark's web server, all with the same settings as ``bench_down
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -91,8 +94,6 @@ def main() -> int:
     p = build_parser()
     p.description = __doc__.split("\n\n")[0]
     args = p.parse_args()
-    import tempfile
-    import shutil
     work = Path(tempfile.mkdtemp(prefix="executor-ab-"))
     env = prepare_env(work)
     logs = work / "logs"
@@ -113,7 +114,6 @@ def main() -> int:
                 if tool == "img2dataset":
                     res = run_img2dataset(args, web.url_list, out, env, logs)
                 else:
-                    import subprocess
                     cmd = exe[tool] + [
                         "data", "--input", str(web.url_list), "--output", str(out),
                         "--image-size", "256", "--resize-mode", "center_crop",
