@@ -139,7 +139,7 @@ def main() -> int:
     ours = [r for r in dl["runs"] if r["tool"] == "ours-cli"]
     i2d_wall = statistics.median(r["wall_s"] for r in dl["runs"] if r["tool"] == "img2dataset")
     server = statistics.median(r["server_cpu_s"] for r in ours)
-    actors = 2
+    actors = dl["settings"]["processes"]   # the download actors bench_download started
     floor = args.rows * image["per_image_ms"] / 1000 + ray_core_s + actors * import_s + server
     fastest = floor / cores
     report = {
