@@ -8,6 +8,11 @@ Projection: ALIGN projects the text [CLS] state to the image tower's width and u
 features as they are. Here ``embed_dim`` is configurable and both towers get a ``Linear`` projection
 into it; ``project_image=False`` reproduces ALIGN exactly (then ``embed_dim`` must equal the image
 tower's feature width, e.g. 1280 for ``efficientnet_b0``; see :meth:`ModelConfig.align`).
+``project_text=False`` is the same on the text side: the pooled text state is the embedding, so
+with ``embed_dim`` = the text width and ``lock_text`` a pretrained sentence encoder's own space
+(all-MiniLM-L6-v2's 384-d, mean-pooled) is the shared space and the image tower learns into it.
+A trainable projection can bend the text space around the training captions; the encoder's own
+space keeps unseen captions where the encoder put them.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ class ModelConfig:
     temperature_init: float = 1.0
     temperature_min: float = 0.01
     project_image: bool = True
+    project_text: bool = True
     loss: str = "clip"
     label_smoothing: float = 0.1
     siglip_bias_init: float = -10.0

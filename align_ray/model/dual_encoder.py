@@ -1,8 +1,8 @@
 """The ALIGN dual encoder: a timm image tower and a Hugging Face text encoder in one space.
 
 Image: ``timm.create_model(name, num_classes=0)`` -> globally pooled features -> ``Linear`` (or identity
-with ``project_image=False``, ALIGN-exact) -> L2 norm. Text: encoder ``[CLS]`` state -> ``Linear`` ->
-L2 norm. One learnable temperature, stored as its log and clamped below at ``temperature_min``
+with ``project_image=False``, ALIGN-exact) -> L2 norm. Text: encoder ``[CLS]`` (or mean-pooled)
+state -> ``Linear`` (or identity with ``project_text=False``: the encoder's own space) -> L2 norm. One learnable temperature, stored as its log and clamped below at ``temperature_min``
 (``logits = sim / temperature``). With ``cfg.loss == "siglip"`` the model also owns the SigLIP
 ``logit_bias`` so DDP syncs it, the optimiser sees it and ``save_pretrained`` stores it.
 """
@@ -71,6 +71,12 @@ def check_towers(cfg: ModelConfig) -> None:
             raise ValueError(f"model.{key} {name!r} cannot be loaded: a directory saved with "
                              "save_pretrained, or a hub name (offline: one in the Hugging "
                              f"Face cache). {first}") from None
+    if not cfg.project_text:
+        width = (AutoConfig.from_pretrained(cfg.text_model).hidden_size if cfg.text_model
+                 else BertConfig(**cfg.text_config).hidden_size)
+        if width != cfg.embed_dim:
+            raise ValueError(f"model.project_text false needs model.embed_dim equal to the text "
+                             f"tower's width ({width}), got {cfg.embed_dim}")
 
 
 def _drop_pooler(model: nn.Module) -> nn.Module:
@@ -134,7 +140,12 @@ class DualEncoder(nn.Module):
             raise ValueError(f"project_image=False needs embed_dim == image width ({img_width})")
         else:
             self.image_proj = nn.Identity()
-        self.text_proj = nn.Linear(txt_width, cfg.embed_dim)
+        if cfg.project_text:
+            self.text_proj: nn.Module = nn.Linear(txt_width, cfg.embed_dim)
+        elif txt_width != cfg.embed_dim:
+            raise ValueError(f"project_text=False needs embed_dim == text width ({txt_width})")
+        else:
+            self.text_proj = nn.Identity()
         self.log_temperature = nn.Parameter(torch.tensor(math.log(cfg.temperature_init)))
         self._log_tmin = math.log(cfg.temperature_min)
         if cfg.loss == "siglip":

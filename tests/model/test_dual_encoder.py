@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import timm
 import torch
 from transformers import BertConfig, BertModel
 
-from align_ray.model import DualEncoder, build_tokenizer, train_wordpiece
-from align_ray.model.dual_encoder import unwrap
+from align_ray.model import (DualEncoder, build_tokenizer, load_pretrained, locking, save_pretrained,
+                             train_wordpiece)
+from align_ray.model.dual_encoder import check_towers, unwrap
 from tests.model.helpers import tiny_cfg
 
 
@@ -65,6 +67,39 @@ def test_text_tower_from_local_pretrained_dir(tmp_path):
     for k, v in model.text_tower.state_dict().items():
         assert torch.equal(v, ref[k]), k
     assert model.text_proj.in_features == 64
+
+
+def test_text_tower_in_its_own_space(tmp_path):
+    """``project_text=False``: the text embedding is the encoder's own normalised mean-pooled
+    state (a sentence encoder's output), and locking the text tower whole freezes all of it."""
+    torch.manual_seed(5)
+    bert = BertModel(BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=128, max_position_embeddings=64))
+    bert.save_pretrained(tmp_path / "bert")
+    cfg = tiny_cfg(text_model=str(tmp_path / "bert"), text_pooling="mean", embed_dim=64, project_text=False)
+    model = DualEncoder(cfg, 300).eval()
+    assert isinstance(model.text_proj, torch.nn.Identity)
+    pixels, ids, mask = _inputs(3, 300)
+    with torch.no_grad():
+        h = bert.eval()(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).float()
+        want = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+        img, txt, _ = model(pixels, ids, mask)
+    assert img.shape == (3, 64)
+    assert torch.allclose(txt, want, atol=1e-6)
+    tok = train_wordpiece(["a red car", "a blue boat on the sea"] * 20, vocab_size=300)
+    save_pretrained(model, tok, model.cfg, tmp_path / "saved")   # config.json says project_text
+    back, _, back_cfg = load_pretrained(tmp_path / "saved")
+    assert not back_cfg.project_text and isinstance(back.text_proj, torch.nn.Identity)
+    with torch.no_grad():
+        assert torch.allclose(back.encode_text(ids, mask), want, atol=1e-6)
+    locked = locking.lock(model, "ours", "text", 0)
+    assert set(locked) == {n for n, _ in model.named_parameters() if n.startswith("text_tower.")}
+    with pytest.raises(ValueError, match="embed_dim equal to the text tower's width \\(64\\)"):
+        check_towers(tiny_cfg(text_model=str(tmp_path / "bert"), project_text=False))
+    with pytest.raises(ValueError, match="project_text=False needs embed_dim"):
+        DualEncoder(tiny_cfg(project_text=False, embed_dim=32), 300)   # the tiny BERT is 128 wide
+    check_towers(cfg)
 
 
 def test_image_tower_from_local_timm_checkpoint(tmp_path):
