@@ -118,6 +118,15 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def _projection(on: bool, width: int, embed_dim: int, tower: str) -> nn.Module:
+    """``Linear(width, embed_dim)``, or with ``project_<tower>=False`` the tower's own space."""
+    if on:
+        return nn.Linear(width, embed_dim)
+    if width != embed_dim:
+        raise ValueError(f"project_{tower}=False needs embed_dim == {tower} width ({width})")
+    return nn.Identity()
+
+
 class DualEncoder(nn.Module):
     """``forward(pixels, input_ids, attention_mask) -> (img [B,D], txt [B,D], temperature [])``."""
 
@@ -134,18 +143,8 @@ class DualEncoder(nn.Module):
         self.text_tower = build_text_tower(cfg, vocab_size, init_pretrained, text_config)
         img_width = int(self.image_tower.num_features)
         txt_width = int(self.text_tower.config.hidden_size)
-        if cfg.project_image:
-            self.image_proj: nn.Module = nn.Linear(img_width, cfg.embed_dim)
-        elif img_width != cfg.embed_dim:
-            raise ValueError(f"project_image=False needs embed_dim == image width ({img_width})")
-        else:
-            self.image_proj = nn.Identity()
-        if cfg.project_text:
-            self.text_proj: nn.Module = nn.Linear(txt_width, cfg.embed_dim)
-        elif txt_width != cfg.embed_dim:
-            raise ValueError(f"project_text=False needs embed_dim == text width ({txt_width})")
-        else:
-            self.text_proj = nn.Identity()
+        self.image_proj = _projection(cfg.project_image, img_width, cfg.embed_dim, "image")
+        self.text_proj = _projection(cfg.project_text, txt_width, cfg.embed_dim, "text")
         self.log_temperature = nn.Parameter(torch.tensor(math.log(cfg.temperature_init)))
         self._log_tmin = math.log(cfg.temperature_min)
         if cfg.loss == "siglip":
