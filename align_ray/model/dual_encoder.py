@@ -2,7 +2,8 @@
 
 Image: ``timm.create_model(name, num_classes=0)`` -> globally pooled features -> ``Linear`` (or identity
 with ``project_image=False``, ALIGN-exact) -> L2 norm. Text: encoder ``[CLS]`` (or mean-pooled)
-state -> ``Linear`` (or identity with ``project_text=False``: the encoder's own space) -> L2 norm. One learnable temperature, stored as its log and clamped below at ``temperature_min``
+state -> ``Linear`` (or identity with ``project_text=False``: the encoder's own space) -> L2 norm.
+One learnable temperature, stored as its log and clamped below at ``temperature_min``
 (``logits = sim / temperature``). With ``cfg.loss == "siglip"`` the model also owns the SigLIP
 ``logit_bias`` so DDP syncs it, the optimiser sees it and ``save_pretrained`` stores it.
 """
