@@ -59,6 +59,7 @@ def check_towers(cfg: ModelConfig) -> None:
                          "file, or 'hub')")
     from align_ray.model.tokenizer import load_tokenizer
 
+    text_cfg = BertConfig(**cfg.text_config)   # the random-init tower's; a text_model's below
     for key, name, load in (("text_model", cfg.text_model, AutoConfig.from_pretrained),
                             # without its own tokenizer a text_model brings its vocabulary
                             ("tokenizer" if cfg.tokenizer else "text_model",
@@ -66,15 +67,16 @@ def check_towers(cfg: ModelConfig) -> None:
         if name is None:
             continue
         try:
-            load(name)
+            loaded = load(name)
         except (OSError, ValueError) as e:   # HF: OSError, or HFValidationError (a ValueError)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValueError(f"model.{key} {name!r} cannot be loaded: a directory saved with "
                              "save_pretrained, or a hub name (offline: one in the Hugging "
                              f"Face cache). {first}") from None
+        if load is not load_tokenizer:   # the text_model's config
+            text_cfg = loaded
     if not cfg.project_text:
-        width = (AutoConfig.from_pretrained(cfg.text_model).hidden_size if cfg.text_model
-                 else BertConfig(**cfg.text_config).hidden_size)
+        width = text_cfg.hidden_size
         if width != cfg.embed_dim:
             raise ValueError(f"model.project_text false needs model.embed_dim equal to the text "
                              f"tower's width ({width}), got {cfg.embed_dim}")
