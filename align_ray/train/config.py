@@ -117,6 +117,10 @@ class TrainConfig:
     lock_image_unlocked_groups / lock_text_unlocked_groups: leave the last N groups of a locked
         tower trainable, counted from its head (1 = final norm + projection, 2 = also the last
         block, ...; like open_clip's lock_image_unlocked_groups).
+    layer_decay: layer-wise learning-rate decay (1, the default: off).  Each tower's groups (as
+        locking cuts them: stem, blocks, head) train at ``lr x layer_decay ** d``, d counting
+        groups below the head (the head, the temperature and SigLIP's bias at ``lr``), so a
+        pretrained tower's early features move least (BEiT / ELECTRA fine-tuning; optim.py).
     shuffle_buffer: rows of one shuffle window of a rank's training stream (order.DataOrder):
         every epoch a seeded new order of file slices, dealt to the ranks; a window's rows (at
         least 8 slices, of randomly drawn files) are shuffled together, deterministically, so a
@@ -195,6 +199,7 @@ class TrainConfig:
     lock_image: bool = False
     lock_text: bool = False
     lock_image_unlocked_groups: int = 0
+    layer_decay: float = 1.0
     lock_text_unlocked_groups: int = 0
     min_workers: int = 0
     elastic_resize_interval_s: float = 60.0
@@ -245,6 +250,8 @@ class TrainConfig:
             raise ValueError("caption_word_drop must be a probability in [0, 1)")
         if not 0.0 <= self.style_aug <= 1.0:
             raise ValueError("style_aug must be a probability in [0, 1]")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"layer_decay must be in (0, 1] (1: off), got {self.layer_decay}")
         if self.stream_epochs < 0:
             raise ValueError("stream_epochs must be >= 0 (0 = auto)")
         if self.warmup_steps < 0 or self.eval_every < 0 or self.max_failures < -1:

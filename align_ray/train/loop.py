@@ -173,7 +173,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         log.info("train: %(trainable)d trainable, %(locked)d locked parameter tensors", counts)
     ddp = ray.train.torch.prepare_model(model)
     core = unwrap(ddp)
-    optimizer = build_optimizer(core, cfg)
+    optimizer = build_optimizer(core, cfg, finetune.kind_of(cfg))
     scheduler = build_scheduler(optimizer, cfg)
     loss_fn = build_loss(cfg.model, core)
     G = cfg.global_batch

@@ -4,6 +4,12 @@ Weight decay applies to weight matrices/kernels only: biases, norm parameters, t
 the SigLIP bias (every parameter with ``ndim <= 1``, or named ``*.bias`` / ``*norm*``) get none.
 LAMB's own global-norm clipping is off (``max_grad_norm=None``): the loop clips once, with
 ``grad_clip``.
+
+``layer_decay`` < 1 splits the groups further by learning-rate scale: within each tower, the
+groups that locking cuts (stem, blocks, head: model/locking.py) get ``layer_decay ** d``, d
+counting groups below the head.  Each group's ``lr`` is the base lr times its scale, so the
+schedule (a ``LambdaLR`` multiplies every group's initial lr) keeps the ratios.  At 1 the two
+groups are exactly as before, so checkpoints of earlier runs resume.
 """
 
 from __future__ import annotations
@@ -20,17 +26,39 @@ def no_decay(name: str, p: torch.Tensor) -> bool:
             or "logit_bias" in low)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, skip = [], []
+def layer_scales(model: nn.Module, kind: str, layer_decay: float) -> dict[str, float]:
+    """Learning-rate scale of each tower parameter (name -> ``layer_decay ** d``); parameters
+    not named (the temperature, SigLIP's bias) train at scale 1."""
+    from align_ray.model import locking
+
+    scales: dict[str, float] = {}
+    for tower in ("image", "text"):
+        gs = locking.groups(model, kind, tower)
+        for depth, names in enumerate(reversed(gs)):
+            scales.update(dict.fromkeys(names, layer_decay ** depth))
+    return scales
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr: float = 1.0,
+                 scales: dict[str, float] | None = None) -> list[dict]:
+    """AdamW/LAMB groups: decayed and not, then (with ``scales``) one pair per lr scale, the
+    largest first; every group carries its own ``lr`` (``lr`` x scale)."""
+    scales = scales or {}
+    buckets: dict[tuple[float, bool], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (skip if no_decay(name, p) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": skip, "weight_decay": 0.0}]
+            key = (scales.get(name, 1.0), no_decay(name, p))
+            buckets.setdefault(key, []).append(p)
+    buckets.setdefault((1.0, False), [])
+    buckets.setdefault((1.0, True), [])
+    return [{"params": buckets[(scale, skip)], "lr": lr * scale,
+             "weight_decay": 0.0 if skip else weight_decay}
+            for scale, skip in sorted(buckets, key=lambda k: (-k[0], k[1]))]
 
 
-def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+def build_optimizer(model: nn.Module, cfg, kind: str = "ours") -> torch.optim.Optimizer:
+    scales = layer_scales(model, kind, cfg.layer_decay) if cfg.layer_decay < 1 else None
+    groups = param_groups(model, cfg.weight_decay, cfg.lr, scales)
     if cfg.optimizer == "lamb":
         from timm.optim import Lamb
 

@@ -9,7 +9,7 @@ import torch
 from align_ray.config import load
 from align_ray.model import DualEncoder, ModelConfig
 from align_ray.train.config import TrainConfig
-from align_ray.train.optim import build_optimizer, lr_factor, param_groups
+from align_ray.train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
 
 
 def test_defaults_learn_and_yaml_presets(tmp_path):
@@ -85,6 +85,38 @@ def test_no_weight_decay_on_biases_norms_temperature():
     assert not any("norm" in names[id(p)].lower() or p.ndim < 2 for p in decay["params"])
     opt = build_optimizer(model, TrainConfig(optimizer="lamb", model=ModelConfig.tiny()))
     assert type(opt).__name__ == "Lamb" and opt.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_layer_decay_scales_each_towers_groups_from_the_head_down():
+    """``layer_decay: d``: a parameter d groups below its tower's head trains at lr x d**d, through
+    warm-up and decay; at 1 the optimizer has the two groups it always had (old checkpoints
+    resume)."""
+    from align_ray.model import locking
+
+    model = DualEncoder(ModelConfig.tiny(embed_dim=16, vocab_size=100), 100)
+    assert len(build_optimizer(model, TrainConfig(model=ModelConfig.tiny())).param_groups) == 2
+    cfg = TrainConfig(model=ModelConfig.tiny(), layer_decay=0.5, lr=0.1, warmup_steps=2, steps=10)
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg)
+    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+    names = dict(model.named_parameters())
+    for tower in ("image", "text"):
+        gs = locking.groups(model, "ours", tower)
+        assert len(gs) >= 3       # stem, blocks, head: the decay has something to do
+        for depth, group in enumerate(reversed(gs)):
+            lrs = sorted({group_of[id(names[n])]["initial_lr"] for n in group})
+            assert lrs == pytest.approx([0.1 * 0.5 ** depth])
+    assert group_of[id(names["log_temperature"])]["initial_lr"] == pytest.approx(0.1)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(names)
+    base = [g["initial_lr"] for g in opt.param_groups]
+    for _ in range(4):            # past warm-up, into the decay: every group keeps its ratio
+        opt.step()
+        sched.step()
+    factor = lr_factor(4, total=10, warmup=2, schedule="linear")
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([b * factor for b in base])
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="layer_decay"):
+            TrainConfig(layer_decay=bad)
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
