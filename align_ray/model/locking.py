@@ -99,12 +99,32 @@ def _keep_eval(model: nn.Module) -> None:
             mod.register_forward_pre_hook(_stay_eval)
 
 
+def freeze_bn_stats(model: nn.Module, kind: str) -> int:
+    """Keep the image tower's BatchNorm layers in eval mode through training (the pre-hook of
+    :func:`_keep_eval`): they normalise with the running statistics they were loaded with and
+    never update them, while their scale and shift still train.  Why: statistics re-estimated
+    on one corpus's images fit that corpus; a pretrained tower's (ImageNet's) are broader.
+    Returns how many layers it holds."""
+    prefixes = IMAGE_PREFIXES[kind]
+    held = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and f"{name}.".startswith(prefixes):
+            held += 1
+            if not getattr(mod, "_align_locked", False):
+                mod._align_locked = True
+                mod.register_forward_pre_hook(_stay_eval)
+    return held
+
+
 def apply_locks(model: nn.Module, kind: str, cfg) -> dict[str, int]:
-    """``cfg``'s ``lock_image`` / ``lock_text`` (TrainConfig) on ``model``; returns counts of
-    locked and trainable parameter tensors (logged by the training loop)."""
+    """``cfg``'s ``lock_image`` / ``lock_text`` and ``freeze_bn_stats`` (TrainConfig) on
+    ``model``; returns counts of locked and trainable parameter tensors (logged by the training
+    loop)."""
     if cfg.lock_image:
         lock(model, kind, "image", cfg.lock_image_unlocked_groups)
     if cfg.lock_text:
         lock(model, kind, "text", cfg.lock_text_unlocked_groups)
+    held = freeze_bn_stats(model, kind) if cfg.freeze_bn_stats else 0
     ps = list(model.parameters())
-    return {"locked": sum(not p.requires_grad for p in ps), "trainable": sum(p.requires_grad for p in ps)}
+    return {"locked": sum(not p.requires_grad for p in ps), "trainable": sum(p.requires_grad for p in ps),
+            "bn_frozen": held}

@@ -121,6 +121,10 @@ class TrainConfig:
         locking cuts them: stem, blocks, head) train at ``lr x layer_decay ** d``, d counting
         groups below the head (the head, the temperature and SigLIP's bias at ``lr``), so a
         pretrained tower's early features move least (BEiT / ELECTRA fine-tuning; optim.py).
+    freeze_bn_stats: the image tower's BatchNorm layers normalise with the running statistics
+        they were loaded with (a pretrained tower's: ImageNet's) and never update them; their
+        scale and shift still train (model/locking.freeze_bn_stats).  Like open_clip's
+        ``lock_image_freeze_bn_stats``, for a tower that is not locked.
     shuffle_buffer: rows of one shuffle window of a rank's training stream (order.DataOrder):
         every epoch a seeded new order of file slices, dealt to the ranks; a window's rows (at
         least 8 slices, of randomly drawn files) are shuffled together, deterministically, so a
@@ -200,6 +204,7 @@ class TrainConfig:
     lock_text: bool = False
     lock_image_unlocked_groups: int = 0
     layer_decay: float = 1.0
+    freeze_bn_stats: bool = False
     lock_text_unlocked_groups: int = 0
     min_workers: int = 0
     elastic_resize_interval_s: float = 60.0

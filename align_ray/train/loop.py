@@ -171,6 +171,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     counts = finetune.prepare_for_training(model, cfg)  # locks after SyncBN swapped the modules
     if rank == 0:
         log.info("train: %(trainable)d trainable, %(locked)d locked parameter tensors", counts)
+        if cfg.freeze_bn_stats:
+            (log.info if counts["bn_frozen"] else log.warning)(
+                "train: freeze_bn_stats: %d image-tower BatchNorm layers at their loaded "
+                "statistics", counts["bn_frozen"])
     ddp = ray.train.torch.prepare_model(model)
     core = unwrap(ddp)
     optimizer = build_optimizer(core, cfg, finetune.kind_of(cfg))

@@ -86,3 +86,30 @@ def test_locked_tower_keeps_batchnorm_stats_in_train_mode():
     assert all(torch.equal(before[k], after[k]) for k in before)   # weights AND BN statistics
     assert not model.image_tower.training and model.text_tower.training
     assert not torch.equal(text_before, model.text_tower.embeddings.LayerNorm.weight)
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_freeze_bn_stats_keeps_the_loaded_statistics_and_trains_the_rest(freeze):
+    """``freeze_bn_stats``: the image tower trains (its BatchNorm scale and shift included) while
+    every BatchNorm layer normalises with, and keeps, its loaded running statistics; without it
+    a training-mode step moves them (the control)."""
+    torch.manual_seed(0)
+    model = DualEncoder(tiny_cfg(image_size=32), 500)
+    cfg = TrainConfig(data=["x"], output="o", freeze_bn_stats=freeze, model=model.cfg)
+    bns = {n: m for n, m in model.image_tower.named_modules()
+           if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    counts = locking.apply_locks(model, "ours", cfg)
+    assert bns and counts["bn_frozen"] == (len(bns) if freeze else 0) and counts["locked"] == 0
+    stats = {k: v.clone() for k, v in model.image_tower.state_dict().items() if "running" in k}
+    params = {k: v.detach().clone() for k, v in model.image_tower.named_parameters()}
+    model.train()
+    ids = torch.randint(5, 500, (4, 8))
+    img, txt, temp = model(torch.randn(4, 3, 32, 32) * 3, ids, torch.ones_like(ids))
+    (img.sum() + (txt @ img.T).sum() / temp).backward()
+    torch.optim.SGD(model.parameters(), lr=1.0).step()
+    after = model.image_tower.state_dict()
+    kept = [torch.equal(stats[k], after[k]) for k in stats]
+    assert all(kept) if freeze else not any(kept)
+    assert all(m.training != freeze for m in bns.values()) and model.image_tower.training
+    moved = {k for k, p in model.image_tower.named_parameters() if not torch.equal(params[k], p)}
+    assert {f"{n}.weight" for n in bns} <= moved and len(moved) == len(params)
