@@ -86,6 +86,13 @@ def _stay_eval(mod: nn.Module, args) -> None:
     return None  # a pre-hook's non-None return would replace the forward's arguments
 
 
+def _hold_eval(mod: nn.Module) -> None:
+    """Hook ``mod`` once with :func:`_stay_eval`."""
+    if not getattr(mod, "_align_locked", False):
+        mod._align_locked = True
+        mod.register_forward_pre_hook(_stay_eval)
+
+
 def _keep_eval(model: nn.Module) -> None:
     """Keep every module whose parameters are all frozen in eval mode, whatever ``train()`` says
     later: a forward pre-hook re-applies ``eval()`` (so BatchNorm running stats and dropout of a
@@ -93,15 +100,13 @@ def _keep_eval(model: nn.Module) -> None:
     ``ModuleList`` is never called itself, its blocks are."""
     for name, mod in model.named_modules():
         ps = list(mod.parameters())
-        if name and ps and not any(p.requires_grad for p in ps) \
-                and not getattr(mod, "_align_locked", False):
-            mod._align_locked = True
-            mod.register_forward_pre_hook(_stay_eval)
+        if name and ps and not any(p.requires_grad for p in ps):
+            _hold_eval(mod)
 
 
 def freeze_bn_stats(model: nn.Module, kind: str) -> int:
     """Keep the image tower's BatchNorm layers in eval mode through training (the pre-hook of
-    :func:`_keep_eval`): they normalise with the running statistics they were loaded with and
+    :func:`_hold_eval`): they normalise with the running statistics they were loaded with and
     never update them, while their scale and shift still train.  Why: statistics re-estimated
     on one corpus's images fit that corpus; a pretrained tower's (ImageNet's) are broader.
     Returns how many layers it holds."""
@@ -110,9 +115,7 @@ def freeze_bn_stats(model: nn.Module, kind: str) -> int:
     for name, mod in model.named_modules():
         if isinstance(mod, nn.modules.batchnorm._BatchNorm) and f"{name}.".startswith(prefixes):
             held += 1
-            if not getattr(mod, "_align_locked", False):
-                mod._align_locked = True
-                mod.register_forward_pre_hook(_stay_eval)
+            _hold_eval(mod)
     return held
 
 

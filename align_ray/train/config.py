@@ -203,9 +203,9 @@ class TrainConfig:
     lock_image: bool = False
     lock_text: bool = False
     lock_image_unlocked_groups: int = 0
+    lock_text_unlocked_groups: int = 0
     layer_decay: float = 1.0
     freeze_bn_stats: bool = False
-    lock_text_unlocked_groups: int = 0
     min_workers: int = 0
     elastic_resize_interval_s: float = 60.0
     worker_resources: dict[str, float] = field(default_factory=dict)
