@@ -19,6 +19,8 @@ import math
 import torch
 from torch import nn
 
+from align_ray.model import locking
+
 
 def no_decay(name: str, p: torch.Tensor) -> bool:
     low = name.lower()
@@ -29,8 +31,6 @@ def no_decay(name: str, p: torch.Tensor) -> bool:
 def layer_scales(model: nn.Module, kind: str, layer_decay: float) -> dict[str, float]:
     """Learning-rate scale of each tower parameter (name -> ``layer_decay ** d``); parameters
     not named (the temperature, SigLIP's bias) train at scale 1."""
-    from align_ray.model import locking
-
     scales: dict[str, float] = {}
     for tower in ("image", "text"):
         gs = locking.groups(model, kind, tower)
