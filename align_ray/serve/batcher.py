@@ -4,6 +4,11 @@ While one batch is being searched (in a worker thread, so the Router keeps servi
 queries queue up; the next batch takes all of them (up to ``max_batch``) in one call.  No timer:
 an idle server searches a lone query at once, a busy one reads the embedding matrix once per
 batch instead of once per query (the scan is memory-bound, so this is most of the cost at 1M rows).
+
+``in_flight`` batches may run at once (default 1).  A search in the Router's own threads wants 1:
+a second concurrent scan of the same matrix only shares the memory bandwidth.  A sharded search
+wants more: an ``IndexShard`` replica added by the autoscaler can only help if the Router sends
+more than one batch at a time, and Serve only sees a queue (ongoing requests above one) if it does.
 """
 
 from __future__ import annotations
@@ -14,19 +19,25 @@ from typing import Any, Callable
 
 
 class NaturalBatcher:
-    def __init__(self, fn: Callable[[list[Any]], list[Any]], max_batch: int = 32):
+    def __init__(self, fn: Callable[[list[Any]], list[Any]], max_batch: int = 32,
+                 in_flight: int = 1):
+        if in_flight < 1:
+            raise ValueError(f"in_flight must be >= 1, got {in_flight}")
         self.fn = fn
-        self.max_batch = max_batch
+        self.max_batch, self.in_flight = max_batch, in_flight
         self._pending: list[tuple[Any, asyncio.Future]] = []
-        self._task: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
         self.batches = 0
         self.items = 0
 
     async def submit(self, item: Any) -> Any:
         future = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._drain())
+        self._tasks = {t for t in self._tasks if not t.done()}
+        if len(self._tasks) < self.in_flight:
+            # a drain that is busy takes what queued when its batch returns; a free slot
+            # starts a batch now
+            self._tasks.add(asyncio.create_task(self._drain()))
         return await future
 
     async def _drain(self) -> None:

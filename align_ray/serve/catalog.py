@@ -95,7 +95,8 @@ class Catalog:
 
             search = ShardedSearch(self.shards, path, store, cfg.router.call_timeout_s)
             await search.warm()
-            return Served(name, path, store, NaturalBatcher(search.search_many))
+            return Served(name, path, store, NaturalBatcher(
+                search.search_many, in_flight=cfg.index_shard.batches_in_flight()))
         return Served(name, path, store, NaturalBatcher(store.search_many))
 
     def info(self, served: Served) -> dict[str, Any]:

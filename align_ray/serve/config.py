@@ -10,6 +10,7 @@ unknown keys are an error at every level.  A Serve config file's
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,20 +122,33 @@ class RouterConfig:
 @dataclass
 class ShardConfig:
     """The ``IndexShard`` deployments (``index_shards`` > 1): each shard its own deployment,
-    autoscaled on its own like the encoders (a shard's load is its share of every search)."""
+    autoscaled on its own like the encoders (a shard's load is its share of every search).
+
+    A shard's request is a *batch* of queries (the Router's natural batcher), and each Router
+    replica keeps at most :meth:`batches_in_flight` batches out per index, so a shard's ongoing
+    requests count batches: the default target of 1 adds a replica when batches queue behind
+    each other, and a saturated Router (every batch slot busy) takes a shard to
+    ``max_replicas``.  A target of 8 (the encoders') would need 8 batches queued per replica."""
 
     min_replicas: int = 1
     max_replicas: int = 2
-    target_ongoing_requests: float = 8.0
+    target_ongoing_requests: float = 1.0
     upscale_delay_s: float = 3.0
     downscale_delay_s: float = 60.0
     look_back_period_s: float = 30.0   # as EncoderConfig's
     num_cpus: float = 0.5
     max_ongoing_requests: int = 64
 
+    def batches_in_flight(self) -> int:
+        """Batches a Router replica keeps out at once per index: enough that a saturated Router
+        asks for ``max_replicas`` replicas of every shard (Serve asks ongoing / target)."""
+        return max(1, math.ceil(self.max_replicas * self.target_ongoing_requests))
+
     def options(self) -> dict[str, Any]:
         if not 1 <= max(self.min_replicas, 1) <= self.max_replicas:
             raise ValueError("index_shard: need 0 <= min_replicas <= max_replicas, max_replicas >= 1")
+        if not 0 < self.target_ongoing_requests <= self.max_ongoing_requests:
+            raise ValueError("index_shard: need 0 < target_ongoing_requests <= max_ongoing_requests")
         return dict(autoscaling_config=dict(
             min_replicas=self.min_replicas, max_replicas=self.max_replicas,
             target_ongoing_requests=self.target_ongoing_requests,

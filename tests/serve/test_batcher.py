@@ -50,3 +50,36 @@ def test_errors_reach_every_caller_and_the_batcher_recovers():
         return await b.submit("good")
 
     assert asyncio.run(main()) == "good"
+
+
+@pytest.mark.parametrize("in_flight", [1, 2, 3])
+def test_at_most_in_flight_batches_run_at_once_and_a_busy_batcher_uses_them_all(in_flight):
+    """A sharded search keeps several batches out (so an added shard replica gets work); the
+    cap holds, and under a queue every slot is used."""
+    running, peak, calls = 0, 0, []
+
+    async def fn(items):
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        calls.append(list(items))
+        await asyncio.sleep(0.05)
+        running -= 1
+        return [i * 10 for i in items]
+
+    async def main():
+        b = NaturalBatcher(fn, max_batch=4, in_flight=in_flight)
+        out = await asyncio.gather(*(b.submit(i) for i in range(20)))
+        # later, a lone query on an idle batcher is searched at once, alone
+        return out, await b.submit(99), b
+
+    out, lone, b = asyncio.run(main())
+    assert out == [i * 10 for i in range(20)] and lone == 990
+    assert peak == in_flight
+    assert sorted(i for c in calls for i in c) == list(range(20)) + [99]
+    assert calls[-1] == [99] and all(len(c) <= 4 for c in calls)
+
+
+def test_in_flight_must_be_positive():
+    with pytest.raises(ValueError, match="in_flight"):
+        NaturalBatcher(lambda items: items, in_flight=0)

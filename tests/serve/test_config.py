@@ -34,10 +34,23 @@ def test_nested_sections_and_defaults():
     ({"router": 3}, "expected a mapping"),
     ({"image_encoder": {"graceful_shutdown_timeout_s": -1}}, "graceful_shutdown_timeout_s"),
     ({"startup_timeout_s": 0}, "startup_timeout_s must be > 0"),
+    ({"index_shard": {"target_ongoing_requests": 0}}, "index_shard: need 0 < target"),
 ])
 def test_invalid_configs_are_refused(bad, match):
     with pytest.raises(ValueError, match=match):
         ServeConfig.from_dict(bad)
+
+
+@pytest.mark.parametrize("shard, in_flight", [
+    ({}, 2), ({"max_replicas": 4}, 4), ({"target_ongoing_requests": 8}, 16),
+    ({"max_replicas": 3, "target_ongoing_requests": 0.5}, 2)])
+def test_the_router_keeps_enough_shard_batches_out_to_reach_max_replicas(shard, in_flight):
+    """Serve asks ongoing / target replicas: a Router with every batch slot busy asks for
+    ``max_replicas`` of each shard (and no fewer than one batch is ever out)."""
+    cfg = ServeConfig.from_dict({"index_shards": 2, "index_shard": shard}).index_shard
+    assert cfg.batches_in_flight() == in_flight
+    target = cfg.options()["autoscaling_config"]["target_ongoing_requests"]
+    assert -(-in_flight // target) >= cfg.max_replicas
 
 
 def test_gpu_fraction_selects_cuda():

@@ -297,24 +297,34 @@ def _running(app: str, name: str) -> int:
 
 
 def test_shards_scale_on_their_own(serve_app, tiny_model, small_index):
-    """Each ``IndexShard`` deployment scales on its own load, as the encoders do.  An app of its
-    own (the module's app has loaded three indexes into its shards, which scaling would see as
-    load): encoders and shards may each scale from 1 to 2 replicas.  Sustained vector queries
-    (a search with no encoder work) take both shards to 2 while the encoders stay at 1, and
-    every query is answered.  A shard's search of 29 rows is short and the Router sends it
-    batches of queries, one batch in flight at a time, so a shard sees at most one request in
-    flight, and on a loaded machine (CI runs two halves side by side) the Router's own work
-    between batches leaves it in flight well under half the time: hence the low target, which
-    an idle app (no requests at all) still never reaches."""
+    """Each ``IndexShard`` deployment scales on its own load, as the encoders do, at the
+    shipped ``target_ongoing_requests`` (one batch per replica).  An app of its own (the
+    module's app has loaded three indexes into its shards, which scaling would see as load):
+    encoders and shards may each scale from 1 to 2 replicas.
+
+    The load on the shards comes the way a second Router replica sends it: the Router's own
+    sharded search (:class:`ShardedSearch` behind a :class:`NaturalBatcher` with the Router's
+    batches in flight) on this process's handles to the shards, with 16 callers queued on it.
+    Through HTTP alone the shards are not what is busy: a 29-row search is short, and on a
+    loaded box (CI runs two halves side by side) the proxy and the Router's request handling
+    cap the queries per second long before a shard queues, so the autoscaler rightly keeps one.
+    Vector queries over HTTP run meanwhile: every one answered, the encoders (which no vector
+    query reaches) stay at 1 while both shards reach 2."""
+    import asyncio
+
     from ray import serve
+
+    from align_ray.serve.batcher import NaturalBatcher
+    from align_ray.serve.config import ShardConfig
+    from align_ray.serve.shards import ShardedSearch
+    from align_ray.serve.store import IndexStore
 
     client, cfg = serve_app
     app, prefix = "align-shard-scale", "/shard-scale"
     enc = dict(min_replicas=1, max_replicas=2, num_cpus=0.05, max_batch_size=8,
                batch_wait_timeout_s=0.01, max_ongoing_requests=16, target_ongoing_requests=4)
-    shard = dict(min_replicas=1, max_replicas=2, num_cpus=0.05, target_ongoing_requests=0.2,
-                 max_ongoing_requests=16, upscale_delay_s=1.0, downscale_delay_s=2.0,
-                 look_back_period_s=2.0)
+    shard = dict(min_replicas=1, max_replicas=2, num_cpus=0.05, max_ongoing_requests=16,
+                 upscale_delay_s=1.0, downscale_delay_s=2.0, look_back_period_s=2.0)
     args = dict(model=tiny_model, index=small_index, index_shards=2, index_shard=shard,
                 image_encoder=enc, text_encoder=enc, router={"num_cpus": 0.05},
                 limits=TEST_LIMITS, app_name=app)
@@ -330,17 +340,33 @@ def test_shards_scale_on_their_own(serve_app, tiny_model, small_index):
             at_one = [_running(app, d) for d in deps] == [1, 1, 1, 1]
             since = (since or time.monotonic()) if at_one else None
             time.sleep(0.25)
-        vecs = np.random.default_rng(5).standard_normal((32, 128)).tolist()
-        stop, codes = threading.Event(), []
+        vecs = np.random.default_rng(5).standard_normal((32, 128)).astype(np.float32)
+        vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+        stop, codes, searched = threading.Event(), [], []
 
-        def client_loop(i: int) -> None:
+        def http_loop(i: int) -> None:
             with requests.Session() as sess:
                 while not stop.is_set():
-                    body = {"embedding": vecs[i % 32], "k": 10, "modality": "image"}
+                    body = {"embedding": vecs[i % 32].tolist(), "k": 10, "modality": "image"}
                     codes.append(sess.post(url + "/v1/search", json=body, timeout=60).status_code)
+                    i += 4
+
+        async def second_router() -> None:
+            handles = [serve.get_deployment_handle(f"IndexShard{s}", app) for s in range(2)]
+            store = IndexStore(small_index, vectors=False)
+            search = ShardedSearch(handles, small_index, store)
+            batcher = NaturalBatcher(search.search_many,
+                                     in_flight=ShardConfig(**shard).batches_in_flight())
+
+            async def caller(i: int) -> None:
+                while not stop.is_set():
+                    searched.append(len(await batcher.submit((vecs[i % 32], "image", 10, False))))
                     i += 16
 
-        threads = [threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(16)]
+            await asyncio.gather(*(caller(i) for i in range(16)))
+
+        threads = [threading.Thread(target=http_loop, args=(i,), daemon=True) for i in range(4)]
+        threads.append(threading.Thread(target=asyncio.run, args=(second_router(),), daemon=True))
         t0 = time.monotonic()
         for t in threads:
             t.start()
@@ -354,8 +380,10 @@ def test_shards_scale_on_their_own(serve_app, tiny_model, small_index):
             stop.set()
             for t in threads:
                 t.join(60)
-        print(f"both shards at 2 replicas {scaled_s:.1f} s into the load; {len(codes)} queries")
+        print(f"both shards at 2 replicas {scaled_s:.1f} s into the load; {len(codes)} HTTP "
+              f"queries, {len(searched)} through the second router")
         assert counts == [2, 2, 1, 1], counts
         assert codes and set(codes) == {200}
+        assert searched and set(searched) == {10}
     finally:
         serve.delete(app)
