@@ -5,10 +5,12 @@ queries queue up; the next batch takes all of them (up to ``max_batch``) in one 
 an idle server searches a lone query at once, a busy one reads the embedding matrix once per
 batch instead of once per query (the scan is memory-bound, so this is most of the cost at 1M rows).
 
-``in_flight`` batches may run at once (default 1).  A search in the Router's own threads wants 1:
-a second concurrent scan of the same matrix only shares the memory bandwidth.  A sharded search
-wants more: an ``IndexShard`` replica added by the autoscaler can only help if the Router sends
-more than one batch at a time, and Serve only sees a queue (ongoing requests above one) if it does.
+Up to ``in_flight`` batches may run at once (default 1), but a further one goes out only when
+more than ``max_batch`` queries wait per batch already out: below that, one big batch reads the
+matrix once, where two smaller ones on the same replica read it twice (sharded exact search at
+c=32 lost 13-22% of its throughput with two out; BENCHMARKS.md).  A search in the Router's own
+threads keeps 1.  A sharded search allows more: past that queue, an ``IndexShard`` replica added
+by the autoscaler gets work, and Serve sees the queue (ongoing requests above one) that adds it.
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ class NaturalBatcher:
         future = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
         self._tasks = {t for t in self._tasks if not t.done()}
-        if len(self._tasks) < self.in_flight:
-            # a drain that is busy takes what queued when its batch returns; a free slot
-            # starts a batch now
+        live = len(self._tasks)
+        # a busy drain takes what queued when its batch returns; another starts only when that
+        # would still leave a full batch waiting
+        if live == 0 or (live < self.in_flight and len(self._pending) > self.max_batch * live):
             self._tasks.add(asyncio.create_task(self._drain()))
         return await future
 

@@ -125,10 +125,12 @@ class ShardConfig:
     autoscaled on its own like the encoders (a shard's load is its share of every search).
 
     A shard's request is a *batch* of queries (the Router's natural batcher), and each Router
-    replica keeps at most :meth:`batches_in_flight` batches out per index, so a shard's ongoing
-    requests count batches: the default target of 1 adds a replica when batches queue behind
-    each other, and a saturated Router (every batch slot busy) takes a shard to
-    ``max_replicas``.  A target of 8 (the encoders') would need 8 batches queued per replica."""
+    replica keeps at most :meth:`batches_in_flight` batches out per index (a further one only
+    when more than a full batch waits per batch out: :mod:`align_ray.serve.batcher`), so a
+    shard's ongoing requests count batches: the default target of 1 adds a replica when full
+    batches queue behind each other, and a saturated Router (every batch slot busy) takes a
+    shard to ``max_replicas``.  A target of 8 (the encoders') would need 8 batches out per
+    replica."""
 
     min_replicas: int = 1
     max_replicas: int = 2

@@ -52,20 +52,26 @@ def test_errors_reach_every_caller_and_the_batcher_recovers():
     assert asyncio.run(main()) == "good"
 
 
-@pytest.mark.parametrize("in_flight", [1, 2, 3])
-def test_at_most_in_flight_batches_run_at_once_and_a_busy_batcher_uses_them_all(in_flight):
-    """A sharded search keeps several batches out (so an added shard replica gets work); the
-    cap holds, and under a queue every slot is used."""
-    running, peak, calls = 0, 0, []
+def _counting():
+    """An async search that records each batch and the most batches ever out at once."""
+    state = {"running": 0, "peak": 0, "calls": []}
 
     async def fn(items):
-        nonlocal running, peak
-        running += 1
-        peak = max(peak, running)
-        calls.append(list(items))
+        state["running"] += 1
+        state["peak"] = max(state["peak"], state["running"])
+        state["calls"].append(list(items))
         await asyncio.sleep(0.05)
-        running -= 1
+        state["running"] -= 1
         return [i * 10 for i in items]
+
+    return fn, state
+
+
+@pytest.mark.parametrize("in_flight", [1, 2, 3])
+def test_at_most_in_flight_batches_run_at_once_and_a_deep_queue_uses_them_all(in_flight):
+    """A sharded search may keep several batches out (so an added shard replica gets work): the
+    cap holds, and a queue of many full batches uses every slot."""
+    fn, state = _counting()
 
     async def main():
         b = NaturalBatcher(fn, max_batch=4, in_flight=in_flight)
@@ -74,10 +80,27 @@ def test_at_most_in_flight_batches_run_at_once_and_a_busy_batcher_uses_them_all(
         return out, await b.submit(99), b
 
     out, lone, b = asyncio.run(main())
+    calls = state["calls"]
     assert out == [i * 10 for i in range(20)] and lone == 990
-    assert peak == in_flight
+    assert state["peak"] == in_flight
     assert sorted(i for c in calls for i in c) == list(range(20)) + [99]
     assert calls[-1] == [99] and all(len(c) <= 4 for c in calls)
+
+
+def test_no_second_batch_while_one_batch_holds_the_queue():
+    """Up to a full batch waiting, one batch goes out: one big batch reads the matrix once where
+    two small ones would read it twice."""
+    fn, state = _counting()
+
+    async def main():
+        b = NaturalBatcher(fn, max_batch=4, in_flight=3)
+        first = asyncio.create_task(b.submit(0))
+        await asyncio.sleep(0.01)               # its batch is out; 4 more queue behind it
+        rest = asyncio.gather(*(b.submit(i) for i in range(1, 5)))
+        return [await first, *await rest]
+
+    assert asyncio.run(main()) == [0, 10, 20, 30, 40]
+    assert state["peak"] == 1 and state["calls"] == [[0], [1, 2, 3, 4]]
 
 
 def test_in_flight_must_be_positive():

@@ -304,7 +304,8 @@ def test_shards_scale_on_their_own(serve_app, tiny_model, small_index):
 
     The load on the shards comes the way a second Router replica sends it: the Router's own
     sharded search (:class:`ShardedSearch` behind a :class:`NaturalBatcher` with the Router's
-    batches in flight) on this process's handles to the shards, with 16 callers queued on it.
+    batches in flight) on this process's handles to the shards, with 96 callers queued on it
+    (more than one full batch of 32 waits, so a second batch goes out).
     Through HTTP alone the shards are not what is busy: a 29-row search is short, and on a
     loaded box (CI runs two halves side by side) the proxy and the Router's request handling
     cap the queries per second long before a shard queues, so the autoscaler rightly keeps one.
@@ -361,9 +362,9 @@ def test_shards_scale_on_their_own(serve_app, tiny_model, small_index):
             async def caller(i: int) -> None:
                 while not stop.is_set():
                     searched.append(len(await batcher.submit((vecs[i % 32], "image", 10, False))))
-                    i += 16
+                    i += 96
 
-            await asyncio.gather(*(caller(i) for i in range(16)))
+            await asyncio.gather(*(caller(i) for i in range(96)))
 
         threads = [threading.Thread(target=http_loop, args=(i,), daemon=True) for i in range(4)]
         threads.append(threading.Thread(target=asyncio.run, args=(second_router(),), daemon=True))
