@@ -133,8 +133,11 @@ def run_backend(backend: str, model: str, index: Path, queries: np.ndarray, trut
     from align_ray.serve.config import ServeConfig
     from bench_serve import texts
 
-    shards = dict(index_shards=args.shards,   # one replica a shard, a quarter CPU each
-                  index_shard=dict(min_replicas=1, max_replicas=1, num_cpus=0.25)) \
+    # one replica a shard, a quarter CPU each; the target sets the Router's batches in flight
+    # per index (ShardConfig.batches_in_flight: ceil(1 x target) here, no replica is added)
+    shards = dict(index_shards=args.shards,
+                  index_shard=dict(min_replicas=1, max_replicas=1, num_cpus=0.25,
+                                   target_ongoing_requests=args.shard_target)) \
         if args.shards > 1 else {}
     cfg = ServeConfig.from_dict(dict(model=model, index=str(index), port=args.port,
                                      backend=backend, app_name="bench-http", index_name="bench",
@@ -218,7 +221,7 @@ def compare_ingresses(args) -> int:
                    "--queries", str(args.queries), "--kind", args.kind, "--seconds",
                    str(args.seconds), "--concurrency", *map(str, args.concurrency), "--rounds", "1",
                    "--backends", *args.backends, "--ingress", ing, "--work", str(work),
-                   "--shards", str(args.shards),
+                   "--shards", str(args.shards), "--shard-target", str(args.shard_target),
                    "--json", str(out)]
             subprocess.run(cmd, check=True)
             child = json.loads(out.read_text())
@@ -250,6 +253,9 @@ def main() -> int:
                    help="Serve's HTTP ingress(es); several: one child process per round and ingress")
     p.add_argument("--shards", type=int, default=1,
                    help="> 1: per-shard ANN indexes, served over that many IndexShard deployments")
+    p.add_argument("--shard-target", type=float, default=1.0,
+                   help="the shards' target_ongoing_requests (max_replicas 1): the Router keeps "
+                        "ceil(target) batches in flight per index")
     p.add_argument("--work", help="reuse an index dir built by an earlier run")
     p.add_argument("--json", required=True)
     args = p.parse_args()
@@ -299,7 +305,7 @@ def main() -> int:
         build_model(str(work / "model"), args.dim, 384, 6)
     manifest = json.loads((work / "index.json").read_text())
     result["ann"] = manifest[section]
-    result["shards"] = args.shards
+    result["shards"], result["shard_target"] = args.shards, args.shard_target
     queries = np.load(work / "queries.npy")[:args.queries]
     _, truth = topk_exact(np.load(work / "image_embeddings.npy", mmap_mode="r"), queries, 10)
 
