@@ -7,8 +7,8 @@ batch instead of once per query (the scan is memory-bound, so this is most of th
 
 Up to ``in_flight`` batches may run at once (default 1), but a further one goes out only when
 more than ``max_batch`` queries wait per batch already out: below that, one big batch reads the
-matrix once, where two smaller ones on the same replica read it twice (sharded exact search at
-c=32 lost 13-22% of its throughput with two out; BENCHMARKS.md).  A search in the Router's own
+matrix once, where two smaller ones on the same replica read it twice (BENCHMARKS.md, "The
+Router's batches in flight per sharded index", has what that cost).  A search in the Router's own
 threads keeps 1.  A sharded search allows more: past that queue, an ``IndexShard`` replica added
 by the autoscaler gets work, and Serve sees the queue (ongoing requests above one) that adds it.
 """
